@@ -1,0 +1,1 @@
+"""Hybrid sliding-window + linear attention: feature map, math, layer, decode cache."""

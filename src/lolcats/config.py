@@ -1,0 +1,77 @@
+"""LolcatsConfig: every knob of the conversion, typed, saved as JSON in the delta folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+KeyMapSharing = Literal["query", "kv"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used."""
+
+
+@dataclass
+class LolcatsConfig:
+    window_size: int = field(
+        default=64,
+        metadata={"help": "Tokens attended with exact softmax (incl. the current one); 0 = pure linear attention."},
+    )
+    feature_dim: int = field(
+        default=64, metadata={"help": "f: Hedgehog projection width; the feature map outputs 2f features."}
+    )
+    init_gamma: float = field(
+        default=0.1, metadata={"help": "Initial window weight gamma = sigmoid(logit) per query head."}
+    )
+    key_map_sharing: KeyMapSharing = field(
+        default="query",
+        metadata={
+            "help": "'query': one key feature map per query head (official LoLCATs, larger state); "
+            "'kv': one per KV head, decode state shared by the query heads of a GQA group."
+        },
+    )
+    softmax_layers: list[int] = field(
+        default_factory=list, metadata={"help": "Layer indices kept as the original softmax attention."}
+    )
+    convert_sliding_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Also linearize layers whose original attention is a sliding window (Gemma local layers). "
+            "They are already constant-memory, so by default they stay softmax."
+        },
+    )
+    chunk_size: int = field(default=64, metadata={"help": "Query chunk length of the chunked (training/prefill) form."})
+    feature_map_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the feature maps' weights and computation."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.window_size < 0:
+            raise ConfigError(f"window_size must be >= 0, got {self.window_size}")
+        if self.feature_dim < 1:
+            raise ConfigError(f"feature_dim must be >= 1, got {self.feature_dim}")
+        if not 0.0 < self.init_gamma < 1.0:
+            raise ConfigError(f"init_gamma must lie strictly between 0 and 1, got {self.init_gamma}")
+        if self.key_map_sharing not in ("query", "kv"):
+            raise ConfigError(f"key_map_sharing must be 'query' or 'kv', got {self.key_map_sharing!r}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LolcatsConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown LolcatsConfig key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
