@@ -1,0 +1,106 @@
+"""What the conversion needs to know about a model family, as a small declarative table.
+
+Every supported family computes attention the same way (project -> optional q/k norm ->
+RoPE -> attention -> o_proj); an adapter only says where those pieces live.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model family has no adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    fused_qkv: str | None = None  # name of a fused q/k/v projection (Phi3: qkv_proj)
+    q_norm: str | None = None  # per-head norms applied before RoPE (Qwen3, Gemma3)
+    k_norm: str | None = None
+    softcap: str | None = None  # attribute holding attention-logit softcapping (Gemma2)
+    layers_path: str = "model.layers"
+    attention_name: str = "self_attn"
+
+    # -- where things live -------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        obj = model
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        return list(obj)
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
+        """(layer index, decoder layer, attention module) for every layer."""
+        return [(i, layer, getattr(layer, self.attention_name)) for i, layer in enumerate(self.decoder_layers(model))]
+
+    @staticmethod
+    def is_sliding(attn: nn.Module) -> bool:
+        """Does this layer use a local (sliding-window) softmax in a model that mixes local and global layers?"""
+        return getattr(attn, "layer_type", None) == "sliding_attention" or bool(getattr(attn, "is_sliding", False))
+
+    def logit_softcap(self, attn: nn.Module) -> float | None:
+        return getattr(attn, self.softcap, None) if self.softcap else None
+
+    @staticmethod
+    def modeling_module(attn: nn.Module):
+        """The transformers modeling file of the family (for its own RoPE and eager attention)."""
+        for cls in type(attn).__mro__:
+            if cls.__module__.startswith("transformers.models."):
+                return sys.modules[cls.__module__]
+        raise UnsupportedModelError(f"{type(attn).__name__} does not come from transformers.models")
+
+    # -- the computation ---------------------------------------------------------------------
+    def project(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], k and v [B, Hk, T, D], with the family's q/k norms, before RoPE."""
+        B, T, _ = x.shape
+        D = attn.head_dim
+        if self.fused_qkv:
+            qkv = getattr(attn, self.fused_qkv)(x)
+            n_q = attn.config.num_attention_heads * D
+            n_kv = attn.config.num_key_value_heads * D
+            q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = (t.view(B, T, -1, D) for t in (q, k, v))
+        if self.q_norm:
+            q = getattr(attn, self.q_norm)(q)
+        if self.k_norm:
+            k = getattr(attn, self.k_norm)(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def apply_rope(self, attn: nn.Module, q, k, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = position_embeddings
+        return self.modeling_module(attn).apply_rotary_pos_emb(q, k, cos, sin)
+
+    def eager_attention(self, attn: nn.Module) -> Callable:
+        return self.modeling_module(attn).eager_attention_forward
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    _REGISTRY[adapter.model_type] = adapter
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model_or_type: nn.Module | str) -> Adapter:
+    if isinstance(model_or_type, str):
+        model_type = model_or_type
+    else:
+        config = getattr(model_or_type, "config", None)
+        model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported; supported types: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]

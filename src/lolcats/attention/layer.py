@@ -1,0 +1,185 @@
+"""LolcatsAttention: the hybrid attention layer that replaces a transformers attention module.
+
+Conversion swaps the class of each attention module for a subclass of it that mixes in
+LolcatsAttention. The module keeps its own frozen q/k/v/o projections, norms and attributes
+under the same parameter names (so PEFT targets and exported state dicts are unchanged),
+gains `lolcats` (feature maps + gamma) and reimplements only the attention step.
+
+Modes:
+  "hybrid"   normal inference/training with the hybrid attention (default);
+  "transfer" stage 1: computes the teacher softmax output and the student hybrid output,
+             records their loss terms, and passes the TEACHER output on, so every layer
+             sees teacher inputs and layers train independently;
+  "softmax"  the original attention (the teacher), without undoing the conversion.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lolcats.attention.cache import hybrid_layer_cache
+from lolcats.attention.feature_map import HedgehogFeatureMap
+from lolcats.attention.hybrid import HybridState, hybrid_attention_quadratic
+from lolcats.compat import attention_function, key_padding_mask
+from lolcats.config import LolcatsConfig
+from lolcats.ops import hybrid_attention, hybrid_decode
+
+MODES = ("hybrid", "transfer", "softmax")
+
+
+class LolcatsParams(nn.Module):
+    """The only new weights of a converted layer: phi_q, phi_k and the window weight gamma."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: LolcatsConfig):
+        super().__init__()
+        dtype = getattr(torch, config.feature_map_dtype)
+        key_heads = num_heads if config.key_map_sharing == "query" else num_kv_heads
+        self.feature_map_q = HedgehogFeatureMap(num_heads, head_dim, config.feature_dim, dtype)
+        self.feature_map_k = HedgehogFeatureMap(key_heads, head_dim, config.feature_dim, dtype)
+        logit = math.log(config.init_gamma / (1.0 - config.init_gamma))
+        self.gamma_logit = nn.Parameter(torch.full((num_heads,), logit, dtype=dtype))
+        self.key_repeat = key_heads // num_kv_heads  # 1 (per KV head) or g (per query head)
+
+    def gamma(self) -> torch.Tensor:
+        return torch.sigmoid(self.gamma_logit)
+
+    def key_features(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, T, Hk, D] -> phi_k [B, T, Hk * kg, 2F]."""
+        if self.key_repeat > 1:
+            k = k.repeat_interleave(self.key_repeat, dim=2)
+        return self.feature_map_k(k)
+
+
+class LolcatsAttention(nn.Module):
+    """Mixin placed in front of a transformers attention class (see `lolcats_attention_class`)."""
+
+    lolcats: LolcatsParams
+    lolcats_mode: str
+    lolcats_losses: dict[str, torch.Tensor] | None
+
+    def lolcats_setup(self, config: LolcatsConfig, adapter: Any) -> None:
+        cfg = self.config
+        param = next(self.parameters())
+        self.lolcats = LolcatsParams(
+            cfg.num_attention_heads, cfg.num_key_value_heads, self.head_dim, config
+        ).to(param.device)
+        self.lolcats_adapter = adapter
+        self.lolcats_window = config.window_size
+        self.lolcats_chunk_size = config.chunk_size
+        self.lolcats_mode = "hybrid"
+        self.lolcats_ce = False
+        self.lolcats_losses = None
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        if self.lolcats_mode == "softmax":
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        # transformers >= 5.2x names the cache `cache`; 5.17 `past_key_values`
+        cache = kwargs.pop("cache", None)
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        adapter = self.lolcats_adapter
+        q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
+        q, k = adapter.apply_rope(self, q, k, position_embeddings)
+        B, _, T, _ = q.shape
+        key_mask = key_padding_mask(attention_mask, T)
+
+        if self.lolcats_mode == "transfer":
+            out = self._transfer(q, k, v, attention_mask, key_mask, **kwargs)
+        else:
+            out = self._hybrid(q, k, v, key_mask, cache)
+        out = out.reshape(B, T, -1).to(hidden_states.dtype)
+        return self.o_proj(out), None
+
+    # ------------------------------------------------------------------------------------
+    def _features(self, q_bthd, k_bthd):
+        return self.lolcats.feature_map_q(q_bthd), self.lolcats.key_features(k_bthd)
+
+    def _hybrid(self, q, k, v, key_mask, cache) -> torch.Tensor:
+        """Student path: [B, H, T, D] inputs -> [B, T, H, Dv] output; uses/updates the cache's state."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        fq, fk = self._features(q, k)
+        common = dict(
+            window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
+            key_mask=key_mask,
+        )
+        if cache is None:
+            out, _ = hybrid_attention(q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size, **common)
+            return out
+        layer_cache = hybrid_layer_cache(cache, self.layer_idx)
+        state: HybridState | None = layer_cache.hybrid_state
+        if state is not None and q.shape[1] == 1:
+            out, state = hybrid_decode(
+                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=self.lolcats.key_features, **common
+            )
+        else:
+            out, state = hybrid_attention(
+                q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
+                initial_state=state, output_final_state=True, key_map=self.lolcats.key_features, **common,
+            )
+        layer_cache.store(state, q.shape[1])
+        return out
+
+    def _transfer(self, q, k, v, attention_mask, key_mask, **kwargs) -> torch.Tensor:
+        """Teacher softmax output goes on; MSE (and CE) between student and teacher is recorded."""
+        with torch.no_grad():
+            teacher_fn = attention_function(self, need_weights=self.lolcats_ce)
+            y_teacher, w_teacher = teacher_fn(
+                self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                sliding_window=getattr(self, "sliding_window", None),
+                softcap=self.lolcats_adapter.logit_softcap(self),
+            )  # [B, T, H, D]
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        fq, fk = self._features(qt, kt)
+        common = dict(
+            window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
+            key_mask=key_mask,
+        )
+        losses: dict[str, torch.Tensor] = {}
+        if self.lolcats_ce:
+            y_student, w_student = hybrid_attention_quadratic(
+                qt, kt, vt, fq, fk, self.lolcats.gamma(), return_weights=True, **common
+            )
+            # cross-entropy of the student's attention distribution against the teacher's
+            p = w_teacher.float()
+            losses["ce"] = -(p * torch.log(w_student.float().clamp_min(1e-12))).sum(-1).mean()
+        else:
+            y_student, _ = hybrid_attention(
+                qt, kt, vt, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size, **common
+            )
+        diff = (y_student.float() - y_teacher.float()) ** 2
+        if key_mask is not None:  # only real query positions count
+            diff = diff[key_mask]
+        losses["mse"] = diff.mean()
+        self.lolcats_losses = losses
+        return y_teacher
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def lolcats_attention_class(base: type) -> type:
+    """The LoLCATs subclass of a transformers attention class (created once per class)."""
+    if issubclass(base, LolcatsAttention):
+        return base
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Lolcats{base.__name__}", (LolcatsAttention, base), {"__module__": __name__})
+    return _CLASSES[base]
+
+
+def set_mode(model: nn.Module, mode: str, *, cross_entropy: bool = False) -> None:
+    """Switch every converted layer of `model` to "hybrid", "transfer" or "softmax"."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    for module in model.modules():
+        if isinstance(module, LolcatsAttention):
+            module.lolcats_mode = mode
+            module.lolcats_ce = cross_entropy
+            module.lolcats_losses = None
+
+
+def converted_layers(model: nn.Module) -> list[LolcatsAttention]:
+    return [m for m in model.modules() if isinstance(m, LolcatsAttention)]
+

