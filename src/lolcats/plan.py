@@ -1,0 +1,134 @@
+"""Memory planner: per-GPU bytes of each linearization stage, before anything is loaded.
+
+Estimates, not measurements: weights and optimizer state are exact counts; activations use the
+usual per-token accounting (Korthikanti et al. 2022, without attention matrices, which the hybrid
+never materialises) plus the hybrid's own intermediates. Good to a few tens of percent.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lolcats.config import LolcatsConfig
+
+GIB = 1024**3
+
+# Shapes of common bases, so planning needs no download: (layers, hidden, heads, kv heads, head_dim, ffn, vocab)
+PRESETS = {
+    "llama3-8b": (32, 4096, 32, 8, 128, 14336, 128256),
+    "llama3-70b": (80, 8192, 64, 8, 128, 28672, 128256),
+    "llama3.1-405b": (126, 16384, 128, 8, 128, 53248, 128256),
+    "smollm2-135m": (30, 576, 9, 3, 64, 1536, 49152),
+}
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        heads = config.num_attention_heads
+        return cls(
+            layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", heads) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            ffn=config.intermediate_size, vocab=config.vocab_size,
+        )
+
+    @property
+    def params(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.ffn
+        return self.layers * (attn + mlp + 2 * self.hidden) + self.hidden + 2 * self.vocab * self.hidden
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    weights: int
+    trainable: int
+    optimizer_and_grads: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer_and_grads + self.activations
+
+    def row(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def plan(
+    shape: ModelShape, *, gpus: int = 1, tokens_per_gpu: int = 4096, config: LolcatsConfig | None = None,
+    lora_r: int = 8, weight_bytes: int = 2, activation_checkpointing: bool = False,
+) -> list[StagePlan]:
+    """Per-GPU bytes for stage 1 (attention transfer) and stage 2 (LoRA) under FSDP over `gpus`."""
+    cfg = config or LolcatsConfig()
+    F2 = 2 * cfg.feature_dim
+    key_heads = shape.heads if cfg.key_map_sharing == "query" else shape.kv_heads
+    phi = shape.layers * (shape.head_dim * cfg.feature_dim * (shape.heads + key_heads) + shape.heads)
+    lora = shape.layers * lora_r * (
+        2 * shape.hidden + 2 * (shape.hidden + shape.kv_heads * shape.head_dim)  # q,o + k,v
+        + (shape.heads * shape.head_dim - shape.hidden)
+    )
+    weights = shape.params * weight_bytes // gpus  # frozen base, sharded
+    adam = 16  # fp32 master value, grad, two moments per trainable parameter
+
+    T, h = tokens_per_gpu, shape.hidden
+    C, w = cfg.chunk_size, cfg.window_size
+    # hybrid intermediates kept for backward, per token and layer (fp32): q/k features,
+    # window scores over C + w keys, intra-chunk linear scores, chunk states amortised over C
+    hybrid = 4 * (shape.heads * F2 * 2 + shape.heads * (C + w) + shape.heads * C
+                  + key_heads * F2 * shape.head_dim // max(C, 1))
+    # stage 1: the student graphs of all layers stay alive until the summed loss is backpropagated
+    # (each hangs off frozen teacher inputs, so nothing else is kept)
+    stage1_act = T * (hybrid * shape.layers + 4 * h * weight_bytes)
+    # stage 2: full backprop through every layer
+    per_layer = T * (h * (34 if not activation_checkpointing else 2) + hybrid)
+    stage2_act = per_layer * shape.layers + T * shape.vocab * 4  # + fp32 logits
+    return [
+        StagePlan("stage1 (attention transfer)", weights, phi, phi * adam // gpus, stage1_act),
+        StagePlan("stage2 (LoRA)", weights, lora, lora * adam // gpus, stage2_act),
+    ]
+
+
+def decode_state_bytes(shape: ModelShape, config: LolcatsConfig | None = None, kv_bytes: int = 2) -> int:
+    """Bytes of the decode state of one sequence: float32 (S, z) + the last w keys/values."""
+    cfg = config or LolcatsConfig()
+    key_heads = shape.heads if cfg.key_map_sharing == "query" else shape.kv_heads
+    F2 = 2 * cfg.feature_dim
+    state = key_heads * (F2 * shape.head_dim + F2) * 4
+    window = 2 * shape.kv_heads * cfg.window_size * shape.head_dim * kv_bytes + cfg.window_size
+    return shape.layers * (state + window)
+
+
+def resolve_shape(model: str | None) -> ModelShape:
+    if model in PRESETS:
+        return ModelShape(*PRESETS[model])
+    from transformers import AutoConfig
+
+    from lolcats.loading import _from_pretrained_args, resolve_source
+
+    _, local = resolve_source(model)
+    where, extra = _from_pretrained_args(local)
+    return ModelShape.from_config(AutoConfig.from_pretrained(where, **extra))
+
+
+def format_plan(rows: list[StagePlan], gpus: int, gpu_gib: float) -> str:
+    lines = [
+        f"| stage | weights | trainable params | optimizer+grads | activations | total per GPU | fits {gpu_gib:.0f} GiB x {gpus} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fits = "yes" if r.total <= gpu_gib * GIB * 0.9 else "NO"
+        lines.append(
+            f"| {r.stage} | {r.weights / GIB:.2f} GiB | {r.trainable:,} | {r.optimizer_and_grads / GIB:.3f} GiB "
+            f"| {r.activations / GIB:.2f} GiB | {r.total / GIB:.2f} GiB | {fits} |"
+        )
+    return "\n".join(lines)
