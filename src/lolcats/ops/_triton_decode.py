@@ -1,0 +1,128 @@
+"""Triton kernel for one batched decode step of the hybrid attention.
+
+Same function as `hybrid_attention_recurrent` for one token: the oldest window slot is evicted
+into (S, z) (its key featurised by key_map, done in PyTorch before the launch), the new key/value
+enters the buffer (oldest first, as HybridState keeps it), and the output is the window softmax over
+the w slots (gamma e^{s - m}, m the max window score) plus the state read, with one normaliser.
+
+One program per (batch, state head, Dv block): it writes its block of the new S (and z), of the
+shifted value buffer (and the key buffer), and the outputs of the query heads that read this state
+(the GQA group when key maps are per KV head, one head otherwise).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lolcats.attention.hybrid import HybridState
+
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked scores (finite, so that m - m stays 0)
+
+
+@triton.jit(do_not_specialize=["H", "Hk", "Hs", "G"])
+def _decode_step(
+    q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, newvalid, gamma,
+    o, kv_out, ksum_out, wk_out, wv_out,
+    scale, cap, H, Hk, Hs, G, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    b = i_bh // Hs
+    hs = i_bh % Hs
+    KG = Hs // Hk
+    hk = hs // KG
+    sl = tl.arange(0, BW)
+    od = tl.arange(0, BD)
+    ov = i_v * BV + tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    dm, vm, fm = od < D, ov < DV, of < F
+    b64 = b.to(tl.int64)
+
+    # evict slot 0 into the state
+    wbase_k = wk + (b64 * Hk + hk) * W * D
+    wbase_v = wv + (b64 * Hk + hk) * W * DV
+    v_old = tl.load(wbase_v + ov, mask=vm, other=0.0).to(tl.float32)
+    val0 = tl.load(wvalid + b64 * W).to(tl.float32)
+    fko = tl.load(fk_old + (b64 * Hs + hs) * F + of, mask=fm, other=0.0).to(tl.float32) * val0
+    soff = (b64 * Hs + hs) * F
+    S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=fm[:, None] & vm[None, :], other=0.0)
+    S = S + fko[:, None] * v_old[None, :]
+    z = tl.load(ksum + soff + of, mask=fm, other=0.0) + fko
+    tl.store(kv_out + soff * DV + of[:, None] * DV + ov[None, :], S, mask=fm[:, None] & vm[None, :])
+    if i_v == 0:
+        tl.store(ksum_out + soff + of, z, mask=fm)
+
+    # the new buffer: old slots 1..w-1, then the new token
+    old = (sl + 1) < W
+    new = (sl + 1) == W
+    kw = tl.load(wbase_k + (sl + 1)[:, None] * D + od[None, :], mask=old[:, None] & dm[None, :], other=0.0)
+    kw += tl.load(k + (b64 * Hk + hk) * D + od[None, :] + sl[:, None] * 0, mask=new[:, None] & dm[None, :], other=0.0)
+    vw = tl.load(wbase_v + (sl + 1)[:, None] * DV + ov[None, :], mask=old[:, None] & vm[None, :], other=0.0)
+    vw += tl.load(v + (b64 * Hk + hk) * DV + ov[None, :] + sl[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
+    sv = tl.load(wvalid + b64 * W + sl + 1, mask=old, other=0)
+    sv += tl.load(newvalid + b + sl * 0, mask=new, other=0)
+    wok = sv != 0
+    if hs % KG == 0:  # one writer per KV head
+        wm = sl < W
+        tl.store(wv_out + (b64 * Hk + hk) * W * DV + sl[:, None] * DV + ov[None, :], vw,
+                 mask=wm[:, None] & vm[None, :])
+        if i_v == 0:
+            tl.store(wk_out + (b64 * Hk + hk) * W * D + sl[:, None] * D + od[None, :], kw,
+                     mask=wm[:, None] & dm[None, :])
+    kwf = kw.to(tl.float32)
+    vwf = vw.to(tl.float32)
+
+    nq = H // Hs  # query heads reading this state: the GQA group (per KV head) or one
+    hq0 = hs * nq
+    for gi in range(nq):
+        hq = hq0 + gi
+        qv = tl.load(q + (b64 * H + hq) * D + od, mask=dm, other=0.0).to(tl.float32)
+        s = tl.sum(kwf * qv[None, :], 1) * scale
+        if cap > 0:
+            s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+        s = tl.where(wok, s, NEG)
+        mx = tl.max(s, 0)
+        e = tl.where(wok, tl.exp(s - mx), 0.0)
+        gam = tl.load(gamma + hq).to(tl.float32)
+        num = tl.sum(e[:, None] * vwf, 0) * gam
+        den = tl.sum(e, 0) * gam
+        fqv = tl.load(fq + (b64 * H + hq) * F + of, mask=fm, other=0.0).to(tl.float32)
+        num += tl.sum(fqv[:, None] * S, 0)
+        den += tl.sum(fqv * z, 0)
+        out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(o + (b64 * H + hq) * DV + ov, out.to(o.dtype.element_ty), mask=vm)
+
+
+def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, softcap: float | None,
+                key_mask: torch.Tensor | None):
+    """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state)."""
+    B, _, H, D = q.shape
+    Hk, DV = k.shape[2], v.shape[-1]
+    kv = state.kv.contiguous()
+    _, _, KG, F, _ = kv.shape
+    Hs = Hk * KG
+    W = state.win_valid.shape[1]
+    acc = kv.dtype
+    fk_old = key_map(state.win_k[:, :, :1].transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
+    newvalid = (torch.ones(B, dtype=torch.int8, device=q.device) if key_mask is None
+                else key_mask[:, 0].to(torch.int8).contiguous())
+    wvalid = state.win_valid.to(torch.int8).contiguous()
+    o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
+    new = dict(device=q.device, memory_format=torch.contiguous_format)  # never empty_like: inputs may be views
+    kv_out = torch.empty(kv.shape, dtype=kv.dtype, **new)
+    ksum_out = torch.empty(state.k_sum.shape, dtype=state.k_sum.dtype, **new)
+    wk_out = torch.empty(state.win_k.shape, dtype=state.win_k.dtype, **new)
+    wv_out = torch.empty(state.win_v.shape, dtype=state.win_v.dtype, **new)
+    BV = min(64, max(16, triton.next_power_of_2(DV)))
+    grid = (triton.cdiv(DV, BV), B * Hs)
+    _decode_step[grid](
+        q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
+        fk_old, kv, state.k_sum.contiguous(), state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid,
+        gamma.contiguous(), o, kv_out, ksum_out, wk_out, wv_out,
+        scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, D, DV, F,
+        BW=max(16, triton.next_power_of_2(W)), BD=max(16, triton.next_power_of_2(D)), BV=BV,
+        BF=max(16, triton.next_power_of_2(F)), num_warps=4,
+    )
+    win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
+    return o, HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid)
