@@ -49,7 +49,12 @@ def _interpreting() -> bool:
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend ("triton" or "torch") that `backend` selects for inputs like x."""
+    """The backend ("triton" or "torch") that `backend` selects for inputs like x.
+
+    LOLCATS_BACKEND=torch|triton in the environment overrides "auto" (e.g. to rule a kernel out).
+    """
+    if backend == "auto":
+        backend = os.environ.get("LOLCATS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "torch":
