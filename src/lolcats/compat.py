@@ -27,7 +27,10 @@ def key_padding_mask(attention_mask, query_length: int) -> torch.Tensor | None:
     """[B, T] bool (True = real token) for the T newest keys, or None when nothing is padded.
 
     transformers hands attention layers a 4D mask [B, 1, T, S] (bool for SDPA, additive float for
-    eager) or None. With left padding, the last query row masks exactly the padded keys.
+    eager) or None. A key is padding iff the query at its own position may not attend to it, so
+    the diagonal of the block [new queries x new keys] gives the padding (with left padding this
+    equals the last query row of a causal mask; unlike that row, it is also right for a
+    sliding-window mask, which Gemma2/3 hand their local layers even when those are converted).
     """
     if attention_mask is None:
         return None
@@ -37,10 +40,38 @@ def key_padding_mask(attention_mask, query_length: int) -> torch.Tensor | None:
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
     if attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, -query_length:]
-        valid = row if row.dtype == torch.bool else row == 0
+        block = attention_mask[:, 0, -query_length:, -query_length:]  # [B, T, T]
+        diag = block.diagonal(dim1=-2, dim2=-1)
+        valid = diag if diag.dtype == torch.bool else diag == 0
     elif attention_mask.dim() == 2:
         valid = attention_mask[:, -query_length:].bool()
     else:
         raise ValueError(f"unexpected attention mask shape {tuple(attention_mask.shape)}")
     return None if bool(valid.all()) else valid
+
+
+def cache_argument_name(model: nn.Module | None = None) -> str:
+    """The forward/generate keyword of the KV cache: "cache" (transformers >= 5.2x) or "past_key_values" (5.17).
+
+    Read from the model's forward signature; for wrappers whose forward takes **kwargs (PEFT), from
+    the installed transformers' output classes.
+    """
+    import inspect
+
+    if model is not None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def output_cache(outputs):
+    """The cache a model's forward returned (`outputs.cache`, or `outputs.past_key_values` before 5.2x)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)

@@ -9,7 +9,7 @@ cache class, and softmax layers of hybrid configs keep their normal KV cache.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, StaticCache, StaticLayer
 
 from lolcats.attention.hybrid import HybridState
 
@@ -23,11 +23,13 @@ class HybridCacheLayer(CacheLayerMixin):
         super().__init__()
         self.hybrid_state: HybridState | None = None
         self.seen_tokens = 0
+        self.device: torch.device | None = None  # where the state lives when not offloaded
 
     # -- what the hybrid layer calls -------------------------------------------------------
     def store(self, state: HybridState, num_new_tokens: int) -> None:
         self.hybrid_state = state
         self.seen_tokens += num_new_tokens
+        self.device = state.kv.device
         self.is_initialized = True
 
     # -- the CacheLayerMixin API -----------------------------------------------------------
@@ -58,7 +60,8 @@ class HybridCacheLayer(CacheLayerMixin):
             self.hybrid_state = self.hybrid_state.map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
-        pass
+        if self.hybrid_state is not None and self.device is not None and self.hybrid_state.kv.device != self.device:
+            self.hybrid_state = self.hybrid_state.map(lambda t: t.to(self.device, non_blocking=True))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.hybrid_state is not None:
@@ -73,9 +76,13 @@ class HybridCacheLayer(CacheLayerMixin):
             self.hybrid_state = self.hybrid_state.map(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
+        # negative: drop that many newest tokens; positive (legacy, transformers 5.17): keep that many
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen_tokens - tokens_to_remove, 0)
+        if drop == 0:
+            return
         raise NotImplementedError(
-            "a linear-attention state cannot be cropped (tokens are summed into it); "
-            "re-run the prompt instead (assisted decoding / contrastive search are not supported)"
+            "a linearized layer's cache cannot be cropped (past tokens are summed into its state), so "
+            "assisted/speculative decoding and prompt-lookup decoding are not supported; re-run the prompt instead"
         )
 
     @property
@@ -93,6 +100,11 @@ def hybrid_layer_cache(cache, layer_idx: int) -> HybridCacheLayer:
     layer = layers[layer_idx]
     if isinstance(layer, HybridCacheLayer):
         return layer
+    if isinstance(layer, StaticLayer) or isinstance(cache, StaticCache):
+        raise ValueError(
+            "linearized models do not support a static cache (cache_implementation='static' / StaticCache): "
+            "their decode state already has a fixed size; use the default dynamic cache"
+        )
     if layer.get_seq_length() > 0:
         raise TypeError(
             f"layer {layer_idx} is linearized but its cache already holds softmax keys/values "
@@ -100,3 +112,28 @@ def hybrid_layer_cache(cache, layer_idx: int) -> HybridCacheLayer:
         )
     layers[layer_idx] = HybridCacheLayer()
     return layers[layer_idx]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of tensors a transformers Cache holds: hybrid states plus the KV of softmax layers.
+
+    For a fully linearized model this does not depend on the number of tokens seen.
+    """
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        inner = getattr(cache, "self_attention_cache", None)  # EncoderDecoderCache
+        return cache_nbytes(inner) if inner is not None else 0
+    total = 0
+    for layer in layers:
+        if isinstance(layer, HybridCacheLayer):
+            total += layer.nbytes
+            continue
+        seen: set[int] = set()
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total

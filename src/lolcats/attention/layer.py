@@ -111,8 +111,9 @@ class LolcatsAttention(nn.Module):
         layer_cache = hybrid_layer_cache(cache, self.layer_idx)
         state: HybridState | None = layer_cache.hybrid_state
         if state is not None and q.shape[1] == 1:
-            out, state = hybrid_decode(
-                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=self.lolcats.key_features, **common
+            out, state = hybrid_decode(  # the window length is the state's buffer length
+                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=self.lolcats.key_features,
+                **{name: val for name, val in common.items() if name != "window"},
             )
         else:
             out, state = hybrid_attention(
