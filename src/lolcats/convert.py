@@ -16,6 +16,8 @@ class LolcatsModelMixin:
     """Put in front of the model's own class: `save_pretrained` writes a delta folder."""
 
     lolcats_config: LolcatsConfig
+    # the decode state cannot be rolled back, so transformers refuses assisted decoding up front
+    _is_stateful = True
 
     def save_pretrained(self, save_directory, **kwargs):  # noqa: D401 (transformers' name)
         from lolcats.checkpoint import save_delta
