@@ -70,9 +70,9 @@ def evaluate_row(model, tokenizer, args, val, wiki, tasks: bool = True) -> dict:
     return row
 
 
-def stage_config(tokens: int, lr: float, args) -> TrainConfig:
+def stage_config(tokens: int, lr: float, args, micro_batch: int | None = None) -> TrainConfig:
     return TrainConfig(
-        lr=lr, max_tokens=tokens, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
+        lr=lr, max_tokens=tokens, micro_batch_size=micro_batch or args.micro_batch, grad_accum=args.grad_accum,
         dtype="bfloat16", warmup_steps=20, schedule="cosine", eval_every=0, log_every=50, seed=0,
     )
 
@@ -80,7 +80,7 @@ def stage_config(tokens: int, lr: float, args) -> TrainConfig:
 def run_stage1(model, data, val, tokens, args):
     loss = TransferLoss(model, mse_weight=1000.0)
     t = time.perf_counter()
-    res = train(model, transfer_parameters(model), loss, data, val, config=stage_config(tokens, 1e-2, args),
+    res = train(model, transfer_parameters(model), loss, data, val, config=stage_config(tokens, 1e-2, args, args.s1_micro_batch),
                 name="stage1")
     lolcats.set_mode(model, "hybrid")
     sec = time.perf_counter() - t
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--lr2", type=float, default=1e-4)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--s1-micro-batch", type=int, default=None, help="stage-1 blocks per step (default --micro-batch)")
+    ap.add_argument("--tag", default="", help="suffix for the row names of LoLCATs variants")
     ap.add_argument("--limit", type=int, default=1000, help="lm-eval items per task (0: skip lm-eval; -1: all)")
     ap.add_argument("--key-maps", default="query")
     ap.add_argument("--window", type=int, default=64)
@@ -140,6 +142,7 @@ def main() -> None:
 
     def record(name, model, extra, tasks=True):
         t = time.perf_counter()
+        name = name if name in ("teacher", "control") else name + args.tag
         rows[name] = {**evaluate_row(model, tok, args, val, wiki, tasks), **extra, "eval_seconds": time.perf_counter() - t}
         print(name, json.dumps(rows[name]), flush=True)
         results_path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
@@ -173,7 +176,7 @@ def main() -> None:
             record("no_transfer", peft, {**info, "tokens": args.stage1_tokens + args.stage2_tokens})
         else:
             raise SystemExit(f"unknown variant {variant}")
-        rows[variant if variant in rows else next(reversed(rows))]["wall_seconds"] = time.perf_counter() - t
+        rows[next(reversed(rows))]["wall_seconds"] = time.perf_counter() - t
         del model
         torch.cuda.empty_cache()
 
