@@ -41,7 +41,11 @@ TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
 
 def load_blocks(folder: Path, split: str) -> TokenBlocks:
     ids = torch.from_numpy(np.load(folder / f"{split}_ids.npy").astype(np.int64))
-    mask = torch.from_numpy(np.load(folder / f"{split}_labels_mask.npy"))
+    packed = folder / f"{split}_mask.npy"  # scripts/gpu/prepare_data.py: np.packbits of the response mask
+    if packed.is_file():
+        mask = torch.from_numpy(np.unpackbits(np.load(packed), axis=1)[:, : ids.shape[1]].astype(bool))
+    else:
+        mask = torch.from_numpy(np.load(folder / f"{split}_labels_mask.npy"))
     return TokenBlocks(input_ids=ids, labels=torch.where(mask, ids, torch.full_like(ids, -100)))
 
 
