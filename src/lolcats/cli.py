@@ -1,0 +1,400 @@
+"""The `lolcats` command line.
+
+    lolcats linearize [MODEL] [--data PATH] [--out DIR] [--config FILE.yaml] ...
+    lolcats generate / chat ...      (lolcats.generation)
+    lolcats eval ...                 (lolcats.eval.cli)
+
+Bad input is reported as one line on stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+import warnings
+from typing import Any
+
+EXIT_USAGE = 2
+
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*$")
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
+
+
+def parse_count(text: str) -> int:
+    """'250000', '250k', '2M', '1.5m' -> int."""
+    m = _COUNT.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a count like 250000, 250k or 2M, got {text!r}")
+    value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}")
+    return int(value)
+
+
+def parse_layers(text: str) -> list[int]:
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5, got {text!r}") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line ('lolcats: error: ...'), exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# linearize
+
+
+def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "linearize",
+        help="linearize a model with LoLCATs (attention transfer + LoRA)",
+        description=(
+            "Convert a softmax-attention LLM into a hybrid sliding-window + linear-attention model: "
+            "stage 1 trains the feature maps to mimic each layer's attention, stage 2 trains LoRA "
+            "with the next-token loss. Writes a delta folder that lolcats.from_pretrained(OUT) loads. "
+            "Defaults depend on the device (small on CPU, the paper's recipe on CUDA)."
+        ),
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="training data: .jsonl, .json, .txt or a folder of .txt (default: ShareGPT package)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output delta folder (default: ./lolcats-<model>)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML file of conversion keys (window_size, feature_dim, ...) and linearize options")
+    g = p.add_argument_group("conversion")
+    g.add_argument("--window", type=int, default=None, metavar="N", dest="window_size",
+                   help="sliding softmax window in tokens (default 64)")
+    g.add_argument("--feature-dim", type=int, default=None, metavar="N", help="feature map width f (default 64)")
+    g.add_argument("--key-maps", choices=["query", "kv"], default=None, dest="key_map_sharing",
+                   help="one key feature map per query head (query, default) or per KV head (kv)")
+    g.add_argument("--softmax-layers", type=parse_layers, default=None, metavar="I,J",
+                   help="layer indices kept as softmax attention, e.g. 0,5")
+    t = p.add_argument_group("training")
+    t.add_argument("--stage1-tokens", type=parse_count, default=None, metavar="N", help="stage 1 token budget (e.g. 2M)")
+    t.add_argument("--stage2-tokens", type=parse_count, default=None, metavar="N", help="stage 2 token budget")
+    t.add_argument("--block-size", type=int, default=None, metavar="N", help="training sequence length")
+    t.add_argument("--eval-tokens", type=parse_count, default=None, metavar="N", help="held-out tokens for perplexity")
+    t.add_argument("--lr1", type=float, default=None, help="stage 1 learning rate")
+    t.add_argument("--lr2", type=float, default=None, help="stage 2 learning rate")
+    t.add_argument("--lora-r", type=int, default=None, metavar="R", help="LoRA rank (default 8)")
+    t.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default 16)")
+    t.add_argument("--micro-batch-size", type=int, default=None, metavar="N", help="blocks per forward pass")
+    t.add_argument("--grad-accum", type=int, default=None, metavar="N", help="micro-batches per optimiser step")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--skip-stage2", action="store_true", default=None, help="stop after attention transfer")
+    o = p.add_argument_group("output")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output delta folder")
+    o.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    o.add_argument("-v", "--verbose", action="store_true", help="log details")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=run_linearize)
+    return p
+
+
+_CONFIG_FLAGS = ("window_size", "feature_dim", "key_map_sharing", "softmax_layers")
+_OPTION_FLAGS = (
+    "stage1_tokens", "stage2_tokens", "block_size", "eval_tokens", "lr1", "lr2", "lora_r", "lora_alpha",
+    "micro_batch_size", "grad_accum", "dtype", "device", "seed", "skip_stage2",
+)
+
+
+def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """linearize() keyword arguments from the parsed flags and the --config file (flags win)."""
+    from lolcats.config import LolcatsConfig
+    from lolcats.linearize import LinearizeError, load_config_file
+
+    cfg_keys: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    if args.config:
+        cfg_keys, options = load_config_file(args.config)
+    for k in _CONFIG_FLAGS:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg_keys[k] = v
+    for k in _OPTION_FLAGS:
+        v = getattr(args, k, None)
+        if v is not None:
+            options[k] = v
+    try:
+        config = LolcatsConfig.from_dict(cfg_keys)
+    except (ValueError, TypeError) as e:
+        raise LinearizeError(" ".join(str(e).split())) from None
+    data = options.pop("data", None)
+    if args.data is not None:
+        data = args.data
+    kwargs = {"model": args.model, "data": data, "config": config, **options,
+              "overwrite": bool(args.overwrite), "resume": bool(args.resume)}
+    kwargs["skip_stage2"] = bool(kwargs.get("skip_stage2") or False)
+    if args.out is not None:
+        kwargs["out"] = args.out
+    else:
+        from lolcats.linearize import default_out_dir
+
+        kwargs["out"] = default_out_dir(args.model)
+    return kwargs
+
+
+class _Display:
+    """Progress for linearize: rich bars on a terminal, plain log lines otherwise."""
+
+    def __init__(self, console, quiet: bool):
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+        self._last_line = 0.0
+        self._t0 = time.monotonic()
+        if self.live:
+            from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+            from rich.text import Text
+
+            class RateColumn(ProgressColumn):
+                def render(self, task):
+                    unit = task.fields.get("unit", "tok")
+                    speed = task.fields.get("rate") or task.speed
+                    return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+                TextColumn("{task.fields[info]}"), RateColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _line(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_line >= 15:
+            self._last_line = now
+            m, sec = divmod(int(now - self._t0), 60)
+            self.console.print(f"[{m:02d}:{sec:02d}] {text}", highlight=False, markup=False)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        kind = event.get("event")
+        if kind == "phase":
+            if self.live:
+                self.progress.console.print(f"[cyan]•[/cyan] {event['message']}")
+            else:
+                self._line(f"• {event['message']}", force=True)
+        elif kind == "start":
+            stage = event["stage"]
+            label = {"stage1": "stage 1 (transfer)", "stage2": "stage 2 (LoRA)"}.get(stage, stage)
+            if self.live:
+                self.tasks[stage] = self.progress.add_task(label, total=event["total_tokens"],
+                                                           completed=event["tokens"], info="", unit="tok")
+            else:
+                self._line(f"  {label}: {event['total_steps']} steps, {event['total_tokens']:,} tokens", force=True)
+        elif kind == "step":
+            stage = event["stage"]
+            info = f"loss {event['loss']:.4g}" if event["loss"] == event["loss"] else "loss nan"
+            if event.get("nonfinite_steps"):
+                info += f" ({event['nonfinite_steps']} skipped)"
+            if self.live and stage in self.tasks:
+                self.progress.update(self.tasks[stage], completed=event["tokens"], info=info)
+            else:
+                total_t = event["total_steps"]
+                rate = event.get("tokens_per_s") or 0.0
+                left = (total_t - event["step"]) * (event["tokens"] / max(event["step"], 1)) / max(rate, 1e-9)
+                self._line(f"  {stage} step {event['step']}/{total_t} {info} {rate:,.0f} tok/s eta {left:,.0f}s",
+                           force=event["step"] == total_t)
+        elif kind == "eval" and not self.live:
+            self._line(f"  {event['stage']} step {event['step']}: val loss {event['val_loss']:.4g}", force=True)
+        elif kind == "eval_progress":
+            name = f"eval: {event['name']}"
+            if self.live:
+                if name not in self.tasks:
+                    self.tasks[name] = self.progress.add_task(name, total=event["total"], info="", unit="batch")
+                self.progress.update(self.tasks[name], completed=event["done"])
+                if event["done"] >= event["total"]:
+                    self.progress.remove_task(self.tasks.pop(name))
+            elif event["done"] == event["total"]:
+                self._line(f"  {name}: done", force=True)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or x != x else f"{x:,.{digits}f}"
+
+
+def print_report(console, metrics: dict[str, Any]) -> None:
+    """The perplexity table and the samples."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    ppl = metrics["perplexity"]
+    resp = metrics.get("response_perplexity", {})
+    tokens = metrics.get("tokens", {})
+    tps = metrics.get("tokens_per_s", {})
+    timing = metrics.get("timing", {})
+    model = str(metrics.get("model"))
+    model = model.rsplit("/", 1)[-1] if "/" in model else model
+    table = Table(title=f"LoLCATs: {model} on {metrics.get('data_source')} "
+                        f"({metrics.get('eval_tokens', 0):,} held-out tokens)")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    table.add_column("response ppl", justify="right")
+    table.add_column("train tokens", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("time", justify="right")
+    table.add_row("teacher (softmax)", _fmt(ppl["teacher"]), _fmt(resp.get("teacher")), "", "", "")
+    table.add_row("after swap", _fmt(ppl["after_swap"]), _fmt(resp.get("after_swap")), "", "", "")
+    table.add_row("after stage 1", _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
+                  f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), f"{timing.get('stage1_s', 0):.0f}s")
+    if ppl.get("after_stage2") is not None:
+        table.add_row("after stage 2", _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
+                      f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), f"{timing.get('stage2_s', 0):.0f}s")
+    console.print(table)
+    for key, title in (("sample_teacher", "teacher"), ("sample", "linearized")):
+        s = metrics.get(key)
+        if s:
+            console.print(Panel(s.get("text") or "(empty)", title=f"{title}: {s.get('prompt')}", title_align="left"))
+    console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {timing.get('total_s', 0):.0f}s "
+                  f"(load with lolcats.from_pretrained)")
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    sys.stderr.flush()
+    print(" ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
+def _quiet_gguf_progress() -> None:
+    """transformers' GGUF loader has its own tqdm bar that ignores disable_progress_bar()."""
+    try:
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def run_linearize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from lolcats.config import ConfigError
+    from lolcats.linearize import LinearizeError, linearize
+    from lolcats.train import ResumeError, TrainError
+
+    console = Console(stderr=True)
+    level = logging.INFO if args.verbose else logging.WARNING
+    root = logging.getLogger()
+    handler = RichHandler(console=console, show_path=False, show_time=False) if console.is_terminal \
+        else logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)
+    root.setLevel(level)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if not args.verbose:
+            hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    _quiet_gguf_progress()
+    try:
+        kwargs = linearize_kwargs(args)
+        with _Display(console, args.quiet) as display:
+            metrics = linearize(**kwargs, progress=display)
+    except (LinearizeError, ConfigError, ResumeError) as e:
+        _error_line(f"lolcats linearize: error: {e}")
+        return EXIT_USAGE
+    except TrainError as e:
+        _error_line(f"lolcats linearize: training failed: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _error_line("lolcats linearize: interrupted; run again with --resume to continue")
+        return 130
+    finally:
+        root.removeHandler(handler)
+    print_report(Console(), metrics)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# other subcommands (registered lazily, by their agreed names)
+
+
+def _unavailable(name: str, error: BaseException):
+    message = f"lolcats {name}: error: this command is unavailable ({type(error).__name__}: {' '.join(str(error).split())})"
+
+    def run(args: argparse.Namespace) -> int:
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+
+    return run
+
+
+def _add_stub(subparsers: Any, name: str, error: BaseException) -> None:
+    p = subparsers.add_parser(name, help=f"(unavailable: {type(error).__name__})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_unavailable(name, error))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lolcats import __version__
+
+    parser = _OneLineParser(prog="lolcats", description="Linearize Hugging Face decoder LLMs with LoLCATs.")
+    parser.add_argument("--version", action="version", version=f"lolcats {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    add_linearize_parser(sub)
+    try:
+        from lolcats.generation import add_parsers as add_generation_parsers
+
+        add_generation_parsers(sub)
+    except Exception as e:  # noqa: BLE001 - ImportError, or a half-written module
+        for name in ("generate", "chat"):
+            if name not in sub.choices:
+                _add_stub(sub, name, e)
+    try:
+        from lolcats.eval.cli import add_parser as add_eval_parser
+
+        add_eval_parser(sub)
+    except Exception as e:  # noqa: BLE001
+        if "eval" not in sub.choices:
+            _add_stub(sub, "eval", e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (exit 2), --help / --version (exit 0)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The `lolcats` command line: parsing, one-line errors (exit 2, nothing written), a tiny run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import lolcats
+from lolcats.cli import build_parser, linearize_kwargs, main, parse_count, parse_layers
+from lolcats.linearize import work_dir_for
+from tiny_models import tiny_model
+
+
+def test_parse_helpers():
+    assert parse_count("250000") == 250_000 and parse_count("250k") == 250_000 and parse_count("1.5M") == 1_500_000
+    assert parse_layers("0,5") == [0, 5] and parse_layers("") == []
+    with pytest.raises(Exception):
+        parse_count("lots")
+
+
+def test_subcommands_registered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"linearize", "generate", "chat", "eval"} <= set(sub.choices)
+
+
+def test_flags_override_config_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("window_size: 16\nfeature_dim: 32\nstage1_tokens: 1000\nlr1: 0.5\n")
+    args = build_parser().parse_args([
+        "linearize", "m", "--config", str(f), "--window", "8", "--softmax-layers", "0,2", "--stage1-tokens", "2k",
+        "--key-maps", "kv",
+    ])
+    kw = linearize_kwargs(args)
+    cfg = kw["config"]
+    assert (cfg.window_size, cfg.feature_dim, cfg.softmax_layers, cfg.key_map_sharing) == (8, 32, [0, 2], "kv")
+    assert kw["stage1_tokens"] == 2000 and kw["lr1"] == 0.5 and kw["out"] == "lolcats-m"
+    assert kw["model"] == "m" and kw["resume"] is False and kw["skip_stage2"] is False
+    kw = linearize_kwargs(build_parser().parse_args(["linearize"]))
+    assert kw["out"] == "lolcats-smollm2" and kw["model"] is None and kw["data"] is None
+
+
+def _one_line_error(capsys, argv, match):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = err.splitlines()  # progress lines ("• loading ...") may come first; the error is one line
+    assert [ln for ln in lines if "error" in ln] == [lines[-1]] and match in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    out = tmp_path / "out"
+    _one_line_error(capsys, ["linearize", str(tmp_path / "missing"), "--data", str(data), "--out", str(out)],
+                    "does not exist")
+    _one_line_error(capsys, ["linearize", str(tmp_path / "m"), "--config", str(tmp_path / "none.yaml"), "--out",
+                             str(out)], "does not exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("window_size: 8\nfeature_dimm: 3\n")
+    _one_line_error(capsys, ["linearize", "--config", str(bad), "--out", str(out)], "feature_dimm")
+    bad.write_text("window_size: -3\n")
+    _one_line_error(capsys, ["linearize", "--config", str(bad), "--out", str(out)], "window_size")
+    out.mkdir()
+    (out / "x").write_text("x")
+    _one_line_error(capsys, ["linearize", "--out", str(out)], "--overwrite")
+    assert (out / "x").read_text() == "x" and not work_dir_for(out).exists()
+    _one_line_error(capsys, ["linearize", "--stage1-tokens", "lots"], "lots")
+
+
+def test_cli_bad_inputs_with_a_model(tmp_path, capsys):
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=64).save_pretrained(base)
+    lolcats.load_tokenizer().save_pretrained(base)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(capsys, ["linearize", str(base), "--data", str(empty), "--out", str(out)], "empty")
+    _one_line_error(capsys, ["linearize", str(base), "--data", str(tmp_path / "no.jsonl"), "--out", str(out)],
+                    "not found")
+    data = tmp_path / "d.txt"
+    data.write_text("some text\n")
+    _one_line_error(capsys, ["linearize", str(base), "--data", str(data), "--out", str(out), "--block-size", "128"],
+                    "max_position_embeddings")
+    _one_line_error(capsys, ["linearize", str(base), "--data", str(data), "--out", str(out), "--softmax-layers", "7",
+                             "--block-size", "8", "--stage1-tokens", "16", "--eval-tokens", "8"], "out of range")
+    assert not out.exists() and not work_dir_for(out).exists()
+
+
+@pytest.mark.slow
+def test_cli_tiny_run_subprocess(tmp_path):
+    """`python -m lolcats linearize` end to end on a tiny model: table on stdout, delta folder written."""
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=128).save_pretrained(base)
+    lolcats.load_tokenizer().save_pretrained(base)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i} what?"},
+                                 {"role": "assistant", "content": f"answer {i} " * 10}]}) + "\n"
+        for i in range(30)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("window_size: 8\nfeature_dim: 8\nchunk_size: 16\neval_tokens: 128\nmax_new_tokens: 4\n"
+                   "micro_batch_size: 4\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lolcats", "linearize", str(base), "--data", str(data), "--out", str(out),
+           "--config", str(cfg), "--stage1-tokens", "512", "--stage2-tokens", "512", "--block-size", "64",
+           "--device", "cpu"]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "COLUMNS": "160",
+           "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("teacher", "after swap", "after stage 1", "after stage 2"):
+        assert row in r.stdout
+    assert (out / "metrics.json").is_file() and (out / "lora").is_dir()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 2 and "--overwrite" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1

