@@ -30,3 +30,13 @@ def test_decode_state_of_the_8b_shape():
     kv = decode_state_bytes(shape, LolcatsConfig(key_map_sharing="kv"))
     q = decode_state_bytes(shape, LolcatsConfig(key_map_sharing="query"))
     assert kv <= 25 * 1024**2 < q  # GQA-compact state meets the 25 MiB target; per-query maps do not
+
+
+def test_plan_cli(capsys):
+    from lolcats.cli import main
+
+    assert main(["plan", "llama3-8b", "--gpus", "2", "--tokens-per-gpu", "2048", "--key-maps", "kv"]) == 0
+    out = capsys.readouterr().out
+    assert "stage2 (LoRA)" in out and "decode state per sequence: 24.1 MiB" in out
+    assert main(["plan", "/nonexistent/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     except Exception as e:  # noqa: BLE001
         if "eval" not in sub.choices:
             _add_stub(sub, "eval", e)
+    from lolcats.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

@@ -132,3 +132,40 @@ def format_plan(rows: list[StagePlan], gpus: int, gpu_gib: float) -> str:
             f"| {r.activations / GIB:.2f} GiB | {r.total / GIB:.2f} GiB | {fits} |"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: lolcats plan MODEL --gpus N
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="estimate per-GPU memory of both stages before running them")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"HF folder, .gguf, or a preset: {', '.join(PRESETS)} (default: the embedded SmolLM2)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gib", type=float, default=141.0)
+    p.add_argument("--tokens-per-gpu", type=int, default=4096, help="tokens per micro-batch on each GPU")
+    p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--key-maps", choices=["query", "kv"], default="query")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    if args.gpus < 1:
+        print("lolcats plan: error: --gpus must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        shape = resolve_shape(args.model)
+    except (OSError, ValueError) as e:
+        print(f"lolcats plan: error: {e}", file=sys.stderr)
+        return 2
+    cfg = LolcatsConfig(window_size=args.window, feature_dim=args.feature_dim, key_map_sharing=args.key_maps)
+    rows = plan(shape, gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, config=cfg,
+                activation_checkpointing=args.activation_checkpointing)
+    print(format_plan(rows, args.gpus, args.gpu_memory_gib))
+    print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB")
+    return 0
