@@ -6,7 +6,7 @@ import logging
 from torch import nn
 
 from lolcats.adapters import get_adapter
-from lolcats.attention.layer import LolcatsAttention, converted_layers, lolcats_attention_class
+from lolcats.attention.layer import LolcatsAttention, converted_layers, lolcats_attention_class, mixin_subclass
 from lolcats.config import LolcatsConfig
 
 logger = logging.getLogger(__name__)
@@ -23,17 +23,6 @@ class LolcatsModelMixin:
         from lolcats.checkpoint import save_delta
 
         return save_delta(self, save_directory, **kwargs)
-
-
-_MODEL_CLASSES: dict[type, type] = {}
-
-
-def _model_class(base: type) -> type:
-    if issubclass(base, LolcatsModelMixin):
-        return base
-    if base not in _MODEL_CLASSES:
-        _MODEL_CLASSES[base] = type(f"Lolcats{base.__name__}", (LolcatsModelMixin, base), {"__module__": __name__})
-    return _MODEL_CLASSES[base]
 
 
 def layers_to_convert(model: nn.Module, config: LolcatsConfig) -> list[int]:
@@ -72,7 +61,7 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
             attn.sliding_window = None
             if hasattr(layer, "attention_type"):
                 layer.attention_type = "full_attention"
-    model.__class__ = _model_class(type(model))
+    model.__class__ = mixin_subclass(LolcatsModelMixin, type(model))
     model.lolcats_config = config
     logger.info("converted %d of %d attention layers", len(todo), len(adapter.attention_modules(model)))
     return model

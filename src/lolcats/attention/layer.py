@@ -158,16 +158,22 @@ class LolcatsAttention(nn.Module):
         return y_teacher
 
 
-_CLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def mixin_subclass(mixin: type, base: type) -> type:
+    """`Lolcats<Base>(mixin, base)`, created once per pair (so isinstance and pickling stay stable)."""
+    if issubclass(base, mixin):
+        return base
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Lolcats{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+    return _SUBCLASSES[key]
 
 
 def lolcats_attention_class(base: type) -> type:
-    """The LoLCATs subclass of a transformers attention class (created once per class)."""
-    if issubclass(base, LolcatsAttention):
-        return base
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"Lolcats{base.__name__}", (LolcatsAttention, base), {"__module__": __name__})
-    return _CLASSES[base]
+    """The LoLCATs subclass of a transformers attention class."""
+    return mixin_subclass(LolcatsAttention, base)
 
 
 def set_mode(model: nn.Module, mode: str, *, cross_entropy: bool = False) -> None:
