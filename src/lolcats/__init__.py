@@ -12,7 +12,7 @@ from lolcats.checkpoint import CheckpointError, from_pretrained, save_delta
 from lolcats.config import ConfigError, LolcatsConfig
 from lolcats.convert import convert, is_converted
 from lolcats.loading import ModelNotFoundError, load_base, load_model_and_tokenizer, load_tokenizer
-from lolcats.linearize import linearize
+from lolcats.linearize import LinearizeError, linearize
 
 __version__ = "0.1.0"
 

@@ -320,6 +320,12 @@ def run_linearize(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover
         pass
     _quiet_gguf_progress()
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C (the last checkpoint stays for --resume)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         kwargs = linearize_kwargs(args)
         with _Display(console, args.quiet) as display:
@@ -335,6 +341,7 @@ def run_linearize(args: argparse.Namespace) -> int:
         return 130
     finally:
         root.removeHandler(handler)
+        signal.signal(signal.SIGTERM, previous)
     print_report(Console(), metrics)
     return 0
 
