@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks (GPU numbers come from `lolcats bench` / scripts/gpu/)."""
