@@ -33,7 +33,7 @@ import lolcats  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
 from lolcats.train import (  # noqa: E402
-    TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters,
+    DistillationLoss, TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters,
 )
 
 TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
@@ -82,7 +82,7 @@ def stage_config(tokens: int, lr: float, args, micro_batch: int | None = None) -
 
 
 def run_stage1(model, data, val, tokens, args):
-    loss = TransferLoss(model, mse_weight=1000.0)
+    loss = TransferLoss(model, mse_weight=1000.0, ce_weight=args.s1_ce_weight)
     t = time.perf_counter()
     res = train(model, transfer_parameters(model), loss, data, val, config=stage_config(tokens, 1e-2, args, args.s1_micro_batch),
                 name="stage1")
@@ -91,16 +91,20 @@ def run_stage1(model, data, val, tokens, args):
     return {"stage1_seconds": sec, "stage1_steps": res.steps, "stage1_tokens_per_s": res.tokens / sec}
 
 
-def run_lora(model, data, val, tokens, args, *, train_phi: bool = False):
+def run_lora(model, data, val, tokens, args, *, train_phi: bool = False, lr: float | None = None,
+             distill: bool = False):
     peft = add_lora(model, r=8, alpha=16)
     params = lora_parameters(peft)
+    loss_fn = causal_lm_loss
+    if distill and args.kd_weight > 0:  # LoLCATs rows only: the control's teacher would be itself
+        loss_fn = DistillationLoss(ce_weight=args.s2_ce_weight, kd_weight=args.kd_weight)
     if train_phi:  # the no-transfer ablation learns phi/gamma together with LoRA
         for n, p in peft.named_parameters():
             if ".lolcats." in n:
                 p.requires_grad_(True)
                 params[n] = p
     t = time.perf_counter()
-    res = train(peft, params, causal_lm_loss, data, val, config=stage_config(tokens, args.lr2, args), name="lora")
+    res = train(peft, params, loss_fn, data, val, config=stage_config(tokens, lr or args.lr2, args), name="lora")
     sec = time.perf_counter() - t
     return peft, {"stage2_seconds": sec, "stage2_steps": res.steps, "stage2_tokens_per_s": res.tokens / sec}
 
@@ -114,6 +118,12 @@ def main() -> None:
     ap.add_argument("--stage1-tokens", type=int, default=2_000_000)
     ap.add_argument("--stage2-tokens", type=int, default=5_000_000)
     ap.add_argument("--lr2", type=float, default=1e-4)
+    ap.add_argument("--lr2-control", type=float, default=None, help="the control's LoRA lr (default --lr2)")
+    ap.add_argument("--feature-dim", type=int, default=64)
+    ap.add_argument("--s1-ce-weight", type=float, default=0.0, help="stage-1 attention cross-entropy weight")
+    ap.add_argument("--kd-weight", type=float, default=0.0, help="stage-2 distillation (KL to the teacher) weight")
+    ap.add_argument("--s2-ce-weight", type=float, default=1.0, help="stage-2 next-token loss weight with --kd-weight")
+    ap.add_argument("--s2-train-phi", action="store_true", help="stage 2 also trains phi/gamma")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--s1-micro-batch", type=int, default=None, help="stage-1 blocks per step (default --micro-batch)")
@@ -140,13 +150,14 @@ def main() -> None:
     if args.max_val_blocks:
         val, wiki = (TokenBlocks(b.input_ids[: args.max_val_blocks], b.labels[: args.max_val_blocks]) for b in (val, wiki))
     softmax_layers = [int(x) for x in args.softmax_layers.split(",") if x]
-    cfg = dict(window_size=args.window, key_map_sharing=args.key_maps, softmax_layers=softmax_layers)
+    cfg = dict(window_size=args.window, key_map_sharing=args.key_maps, softmax_layers=softmax_layers,
+               feature_dim=args.feature_dim)
     rows: dict[str, dict] = {}
     results_path = args.out
 
     def record(name, model, extra, tasks=True):
         t = time.perf_counter()
-        name = name if name in ("teacher", "control") else name + args.tag
+        name = name if name == "teacher" else name + args.tag
         rows[name] = {**evaluate_row(model, tok, args, val, wiki, tasks), **extra, "eval_seconds": time.perf_counter() - t}
         print(name, json.dumps(rows[name]), flush=True)
         results_path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
@@ -160,7 +171,7 @@ def main() -> None:
         if variant == "control":
             for p in model.parameters():
                 p.requires_grad_(False)
-            peft, info = run_lora(model, data, val, args.stage2_tokens, args)
+            peft, info = run_lora(model, data, val, args.stage2_tokens, args, lr=args.lr2_control)
             record("control", peft, {**info, "tokens": args.stage2_tokens})
         elif variant in ("lolcats", "pure_linear"):
             conf = lolcats.LolcatsConfig(**{**cfg, **({"window_size": 0} if variant == "pure_linear" else {})})
@@ -170,7 +181,8 @@ def main() -> None:
             info1 = run_stage1(model, data, val, args.stage1_tokens, args)
             if variant == "lolcats":
                 record("lolcats_s1", model, {**info1, "tokens": args.stage1_tokens})
-            peft, info2 = run_lora(model, data, val, args.stage2_tokens, args)
+            peft, info2 = run_lora(model, data, val, args.stage2_tokens, args, train_phi=args.s2_train_phi,
+                                   distill=True)
             record(variant, peft, {**info1, **info2, "tokens": args.stage1_tokens + args.stage2_tokens})
             if args.save_deltas:
                 lolcats.save_delta(peft, args.save_deltas / variant)
@@ -191,10 +203,11 @@ def main() -> None:
     for name, r in rows.items():
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), (int, float)) and not math.isnan(r[c]) else "-" for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if "control" in rows:
-        c = rows["control"]
+    control = next((n for n in rows if n.startswith("control")), None)
+    if control is not None:
+        c = rows[control]
         for name, r in rows.items():
-            if name != "control":
+            if name != control:
                 print(f"{name}: ppl ratio sharegpt {r['sharegpt_ppl'] / c['sharegpt_ppl']:.3f}, "
                       f"wikitext {r['wikitext_token_ppl'] / c['wikitext_token_ppl']:.3f}"
                       + (f", avg5 {r['avg5'] / c['avg5']:.3f}" if r.get("avg5") and c.get("avg5") else ""))
