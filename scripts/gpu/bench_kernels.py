@@ -12,6 +12,10 @@
     time of one layer's decode step (Triton vs the PyTorch recurrent form) over a batch sweep.
 Times are medians of triton.testing.do_bench (CUDA events). Prints markdown tables and writes
 JSON to --out or $OUT.
+
+Kept as the kernel-development bench (it needs only lolcats.ops + lolcats.attention). The prefill
+comparison (a) and the state bytes (d) now live in the library, `lolcats.bench.prefill` and
+`lolcats.bench.state`, run by `lolcats bench` / scripts/gpu/bench.py with the end-to-end benchmarks.
 """
 from __future__ import annotations
 

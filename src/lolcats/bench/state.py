@@ -1,0 +1,110 @@
+"""Decode-state bytes per sequence of a linearized model, per key-map mode, vs the softmax KV cache.
+
+    result = run_state(preset="llama3-8b")
+
+From the HybridState shapes of every layer (`lolcats.attention.hybrid.empty_state` on the meta
+device: float32 S [Hk, kg, 2F, Dv] and z, the last w keys/values in the model dtype, w validity
+flags), for one sequence. With measure=True a random model of the preset is also built, converted
+and prefilled (`measure_tokens` tokens at batch 1) and the bytes its cache holds are read with
+`lolcats.attention.cache.cache_nbytes` (`measured_bytes_per_sequence`; must equal the shape count).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lolcats.attention.hybrid import empty_state
+from lolcats.bench.common import OnRow, dtype_name, resolve_device
+from lolcats.config import LolcatsConfig
+
+__all__ = ["run_state", "state_table"]
+
+_PARTS = ("S", "z", "win_k", "win_v", "win_valid")
+
+
+def _shape(preset: Any, num_layers: int | None):
+    from lolcats.plan import PRESETS, ModelShape
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        shape = ModelShape(*PRESETS[preset])
+    else:
+        shape = ModelShape.from_config(preset)
+    if num_layers and isinstance(preset, str):  # a config brings its own layer count
+        shape.layers = int(num_layers)
+    return shape
+
+
+def run_state(
+    *, preset: Any = "llama3-8b", num_layers: int | None = None, key_maps: tuple[str, ...] = ("query", "kv"),
+    lolcats_config: dict[str, Any] | None = None, dtype: str | torch.dtype = torch.bfloat16, measure: bool = False,
+    measure_tokens: int | None = None, device: str | torch.device | None = "cpu", on_row: OnRow | None = None,
+) -> dict[str, Any]:
+    """State bytes per layer and per sequence for each key-map mode (see the module doc)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    shape = _shape(preset, num_layers)
+    overrides = {k: v for k, v in (lolcats_config or {}).items() if k != "key_map_sharing"}
+    el = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * shape.kv_heads * shape.head_dim * el * shape.layers
+    rows: list[dict] = []
+    result: dict[str, Any] = {
+        "config": {"preset": preset if isinstance(preset, str) else "custom", "layers": shape.layers,
+                   "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
+                   "dtype": dtype_name(dtype), "lolcats_config": LolcatsConfig(**overrides).to_dict(),
+                   "method": "HybridState shapes" + (" + cache_nbytes after a real prefill" if measure else "")},
+        "kv_cache_bytes_per_token": kv_per_token,
+        "rows": rows,
+    }
+    for mode in key_maps:
+        cfg = LolcatsConfig(**overrides, key_map_sharing=mode)
+        kg = shape.heads // shape.kv_heads if mode == "query" else 1
+        st = empty_state(1, shape.kv_heads, kg, 2 * cfg.feature_dim, shape.head_dim, shape.head_dim,
+                         cfg.window_size, dtype, device="meta")
+        per_layer = st.nbytes
+        row = {
+            "key_maps": mode, "bytes_per_layer": per_layer, "bytes_per_sequence": per_layer * shape.layers,
+            "parts_per_layer": {n: t.numel() * t.element_size() for n, t in zip(_PARTS, st.tensors())},
+            "equivalent_kv_tokens": per_layer * shape.layers / kv_per_token,
+        }
+        if measure:
+            row["measured_bytes_per_sequence"] = _measure(preset, num_layers, cfg, dtype, device, measure_tokens)
+        rows.append(row)
+        if on_row is not None:
+            on_row("state", row)
+    return result
+
+
+def _measure(preset, num_layers, cfg: LolcatsConfig, dtype, device, tokens: int | None) -> int:
+    from lolcats.bench.decode import prefill_hybrid_state
+    from lolcats.bench.models import random_causal_lm
+    from lolcats.convert import convert
+
+    device = resolve_device(device)
+    model = convert(random_causal_lm(preset, dtype=dtype, device=device, num_layers=num_layers), cfg)
+    _, nbytes = prefill_hybrid_state(model, tokens or cfg.window_size + 8)
+    return nbytes
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def state_table(result: dict[str, Any]) -> str:
+    per_tok = result.get("kv_cache_bytes_per_token") or 0
+    measured = any("measured_bytes_per_sequence" in r for r in result.get("rows", []))
+    lines = ["| key maps | state / layer | state / sequence | = softmax KV cache of | measured (cache_nbytes) |"
+             if measured else "| key maps | state / layer | state / sequence | = softmax KV cache of |",
+             "|---|---|---|---|---|" if measured else "|---|---|---|---|"]
+    for r in result.get("rows", []):
+        line = (f"| {r['key_maps']} | {_size(r['bytes_per_layer'])} | {_size(r['bytes_per_sequence'])} "
+                f"| {r['equivalent_kv_tokens']:.0f} tokens |")
+        if measured:
+            m = r.get("measured_bytes_per_sequence")
+            line += f" {'-' if m is None else _size(m)} |"
+        lines.append(line)
+    cfg = result.get("config", {})
+    lines.append(f"\n{cfg.get('layers')} layers; softmax KV cache {_size(per_tok)} per token "
+                 f"({cfg.get('dtype')}).")
+    return "\n".join(lines)
