@@ -13,7 +13,8 @@
 Times are medians of triton.testing.do_bench (CUDA events). Prints markdown tables and writes
 JSON to --out or $OUT.
 
-Kept as the kernel-development bench (it needs only lolcats.ops + lolcats.attention). The prefill
+Kept as the kernel-development bench (chunk-size sweep, unfused feature map, attention kernels
+alone, decode kernel vs the PyTorch step); its SDPA baseline is `lolcats.bench.prefill`'s. The prefill
 comparison (a) and the state bytes (d) now live in the library, `lolcats.bench.prefill` and
 `lolcats.bench.state`, run by `lolcats bench` / scripts/gpu/bench.py with the end-to-end benchmarks.
 """
@@ -32,6 +33,7 @@ from triton.testing import do_bench
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import HybridState, empty_state
 from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
+from lolcats.bench.prefill import flash_gqa_ok, sdpa_fns
 from lolcats.ops import _triton_prefill
 
 H, HK, D, FD, W, LAYERS = 32, 8, 128, 64, 64, 32
@@ -47,44 +49,6 @@ def ms(fn, rep=200):
         fn()
         return 1.0
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def _flash_gqa_ok() -> bool:
-    """Whether SDPA's flash backend takes GQA (enable_gqa) without repeating K/V."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if DEVICE != "cuda":
-        return False
-    x = torch.randn(1, H, 128, D, device=DEVICE, dtype=torch.bfloat16)
-    y = torch.randn(1, HK, 128, D, device=DEVICE, dtype=torch.bfloat16)
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            F.scaled_dot_product_attention(x, y, y, is_causal=True, enable_gqa=True)
-        return True
-    except Exception:
-        return False
-
-
-def sdpa_fns(B, L, dt, gqa):
-    """Flash SDPA on [B, L, H, D] projections viewed as [B, H, L, D]. Without native GQA, K/V are
-    given with H heads (repeated before timing: the baseline is not charged for the repeat)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    hk = HK if gqa else H
-    q = torch.randn(B, L, H, D, device=DEVICE, dtype=dt, requires_grad=True)
-    k = torch.randn(B, L, hk, D, device=DEVICE, dtype=dt, requires_grad=True)
-    v = torch.randn(B, L, hk, D, device=DEVICE, dtype=dt, requires_grad=True)
-    do = torch.randn(B, L, H, D, device=DEVICE, dtype=dt)
-
-    def fwd():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if DEVICE == "cuda" else SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, enable_gqa=gqa).transpose(1, 2)
-
-    def fwd_bwd():
-        fwd().backward(do)
-
-    return fwd, fwd_bwd, [q, k, v]
 
 
 def hybrid_fns(B, L, dt, mode, fused_fm=True, attn_only=False):
@@ -134,16 +98,15 @@ def _set_bt(bt):
 def bench_prefill(Ls, out_rows, modes=("kv", "query"), bts=(64, 128)):
     """SDPA once per L; the hybrid for each key-map mode and chunk size (inference and training)."""
     dt = DT
-    gqa = _flash_gqa_ok()
+    gqa = flash_gqa_ok(torch.device(DEVICE), H, HK, D)
     old = _triton_prefill.CFG.BT, _triton_prefill.CFG.BT_train
     for L in Ls:
         B = max(1, TOKENS // L)
         row = dict(L=L, B=B, sdpa_native_gqa=gqa)
-        f, fb, ps = sdpa_fns(B, L, dt, gqa)
-        with torch.no_grad():
-            row["sdpa_fwd"] = ms(f)
-        row["sdpa_fwd_bwd"] = ms(lambda: (fb(), [setattr(p, "grad", None) for p in ps]))
-        del f, fb, ps
+        f, fb = sdpa_fns(B, L, H, HK, D, dt, torch.device(DEVICE), gqa)  # the same baseline as `lolcats bench`
+        row["sdpa_fwd"] = ms(f)
+        row["sdpa_fwd_bwd"] = ms(fb)
+        del f, fb
         try:
             for bt in bts:
                 _set_bt(bt)

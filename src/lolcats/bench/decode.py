@@ -177,6 +177,18 @@ def _softmax_graph(model, batch, context, *, steps, warmup, device, dtype, bandw
                     bandwidth=bandwidth, state_writes=batch * per_token)
 
 
+def _hf_step(model, cache, batch: int, device, gen) -> Callable[[], None]:
+    """One greedy step through transformers' own forward with `cache`, feeding back the argmax."""
+    kw = {_cache_kwarg(model): cache}
+    ids = [torch.randint(3, model.config.vocab_size, (batch, 1), device=device, generator=gen)]
+
+    def step() -> None:
+        out = model(input_ids=ids[0], use_cache=True, **kw)
+        ids[0] = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return step
+
+
 @torch.no_grad()
 def _softmax_hf(model, batch, context, *, steps, warmup, device, dtype, bandwidth, seed) -> dict:
     row = _row_base("softmax", None, "hf", context, batch)
@@ -187,13 +199,7 @@ def _softmax_hf(model, batch, context, *, steps, warmup, device, dtype, bandwidt
         shape = (batch, attn.config.num_key_value_heads, context, attn.head_dim)
         cache.update(torch.randn(shape, dtype=dtype, device=device, generator=gen),
                      torch.randn(shape, dtype=dtype, device=device, generator=gen), i)
-    kw = {_cache_kwarg(model): cache}
-    ids = [torch.randint(3, model.config.vocab_size, (batch, 1), device=device, generator=gen)]
-
-    def step():
-        out = model(input_ids=ids[0], use_cache=True, **kw)
-        ids[0] = out.logits[:, -1].argmax(-1, keepdim=True)
-
+    step = _hf_step(model, cache, batch, device, gen)
     for _ in range(warmup):
         step()
     per_token = _kv_bytes_per_token(model, dtype)
@@ -227,14 +233,7 @@ def _lolcats_hf(model, batch, context, state1, *, key_maps, steps, warmup, devic
     for i, s in enumerate(state1):
         hybrid_layer_cache(cache, i).store(_expand_state(s, batch), context)
     state_bytes = cache_nbytes(cache)
-    kw = {_cache_kwarg(model): cache}
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = [torch.randint(3, model.config.vocab_size, (batch, 1), device=device, generator=gen)]
-
-    def step():
-        out = model(input_ids=ids[0], use_cache=True, **kw)
-        ids[0] = out.logits[:, -1].argmax(-1, keepdim=True)
-
+    step = _hf_step(model, cache, batch, device, torch.Generator(device=device).manual_seed(seed))
     for _ in range(warmup):
         step()
     row["cuda_graph"] = False

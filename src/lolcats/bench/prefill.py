@@ -32,10 +32,10 @@ from lolcats.ops import hedgehog_feature_map, hybrid_attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prefill_table", "run_prefill"]
+__all__ = ["flash_gqa_ok", "prefill_table", "run_prefill", "sdpa_fns"]
 
 
-def _flash_gqa_ok(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
+def flash_gqa_ok(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether SDPA's flash backend takes GQA (enable_gqa) without repeating K/V."""
     if device.type != "cuda":
         return False
@@ -51,7 +51,9 @@ def _flash_gqa_ok(device: torch.device, heads: int, kv_heads: int, head_dim: int
         return False
 
 
-def _sdpa_fns(B, L, H, Hk, D, dtype, device, gqa: bool):
+def sdpa_fns(B, L, H, Hk, D, dtype, device, gqa: bool):
+    """(forward without autograd, forward + backward) of causal flash SDPA on random [B, L, H, D]
+    inputs; without native GQA the K/V have H heads (the baseline is not charged for a repeat)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     hk = Hk if gqa else H
@@ -143,7 +145,7 @@ def run_prefill(
     for m in key_maps:
         if m not in ("kv", "query"):
             raise ValueError(f"unknown key-map mode {m!r}; expected 'kv' or 'query'")
-    gqa = _flash_gqa_ok(device, heads, kv_heads, head_dim)
+    gqa = flash_gqa_ok(device, heads, kv_heads, head_dim)
     rows: list[dict] = []
     result = {
         "config": {"lengths": list(lengths), "tokens": tokens, "heads": heads, "kv_heads": kv_heads,
@@ -175,7 +177,7 @@ def run_prefill(
                 on_row("prefill", row)
             continue
         row: dict[str, Any] = {"L": L, "B": B, "status": "ok"}
-        f, fb = _sdpa_fns(B, L, heads, kv_heads, head_dim, dtype, device, gqa)
+        f, fb = sdpa_fns(B, L, heads, kv_heads, head_dim, dtype, device, gqa)
         timed(row, "sdpa_fwd_ms", f)
         if backward:
             timed(row, "sdpa_fwd_bwd_ms", fb)
