@@ -126,8 +126,13 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_delta(model: nn.Module, save_directory: str | os.PathLike, *, extra: dict | None = None, **_ignored) -> Path:
-    """Write the delta folder atomically (complete or not at all). LoRA goes through PEFT."""
+def save_delta(
+    model: nn.Module, save_directory: str | os.PathLike, *, extra: dict | None = None,
+    base_fingerprint: dict[str, Any] | None = None, **_ignored,
+) -> Path:
+    """Write the delta folder atomically (complete or not at all). LoRA goes through PEFT.
+
+    `base_fingerprint`: `fingerprint(base)` taken beforehand (needed when the base is sharded)."""
     inner = unwrap_peft(model)
     if getattr(inner, "lolcats_lora_merged", False):
         raise CheckpointError(
@@ -147,7 +152,8 @@ def save_delta(model: nn.Module, save_directory: str | os.PathLike, *, extra: di
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "lolcats": config.to_dict(),
-            "base_model": {"source": getattr(inner, "lolcats_source", None), "fingerprint": fingerprint(inner)},
+            "base_model": {"source": getattr(inner, "lolcats_source", None),
+                           "fingerprint": base_fingerprint or fingerprint(inner)},
             "lora": has_lora,
             **(extra or {}),
         }

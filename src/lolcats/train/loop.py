@@ -20,6 +20,13 @@
   the newest one and ends with the same weights as an uninterrupted run (bit-exact on CPU).
 * A step whose loss or gradients are not finite is skipped (no optimiser step), counted in
   ``TrainResult.nonfinite_steps`` and in the step events; non-finite weights are never saved.
+* Under torchrun (several processes; `lolcats.train.distributed`), data parallel: a micro-batch is
+  ``world_size * micro_batch_size`` blocks of the same seeded order, rank r computing the r-th
+  slice; the trainable gradients, the loss, the logs and the validation loss are averaged across
+  ranks (so N ranks equal one with an N times larger micro-batch, and all take the same skip and
+  best-weights decisions); token counts are of all ranks; rank 0 alone writes checkpoints and all
+  ranks resume from the same one (with the same number of ranks). The model may be FSDP-sharded
+  (`distributed.shard_model`) as long as the trainable parameters are whole.
 
 The loop never prints; progress goes to ``callback(event: dict)`` and to ``logging``.
 """
@@ -46,6 +53,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text
+from lolcats.train import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +132,10 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
-    def total_steps(self, block_size: int) -> int:
+    def total_steps(self, block_size: int, world_size: int = 1) -> int:
         if self.max_steps is not None:
             return int(self.max_steps)
-        per_step = self.micro_batch_size * self.grad_accum * block_size
+        per_step = self.micro_batch_size * self.grad_accum * block_size * world_size  # tokens of all ranks
         return max(1, math.ceil(int(self.max_tokens) / per_step))
 
 
@@ -267,8 +275,11 @@ def _jsonable(x: Any) -> Any:
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = s
+        if distributed.world_size() > 1:  # one GPU per process (ranks share the seed): its own generator only
+            tensors["cuda_current"] = torch.cuda.get_rng_state()
+        else:
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"cuda_{i}"] = s
     py = random.getstate()
     npst = np.random.get_state()
     scalars = {
@@ -285,6 +296,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) ->
         states = [v for _, v in cuda]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+    if "cuda_current" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_current"])
     if "python" in scalars:
         v, st, gauss = scalars["python"]
         random.setstate((v, tuple(st), gauss))
@@ -333,26 +346,46 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 def evaluate(
     model: nn.Module, loss_fn: LossFn, blocks, *, micro_batch_size: int = 1, max_batches: int | None = None,
-    dtype: str = "float32", device: torch.device | str | None = None,
+    dtype: str = "float32", device: torch.device | str | None = None, across_ranks: bool = False,
 ) -> float:
-    """Mean loss over consecutive micro-batches of `blocks` (no gradients, eval mode)."""
+    """Mean loss over consecutive micro-batches of `blocks` (no gradients, eval mode).
+
+    `across_ranks`: every rank of the process group calls this, with its own `micro_batch_size`;
+    as in training, a micro-batch is then ``world_size * micro_batch_size`` blocks, rank r taking
+    the r-th slice, and its loss the block-weighted mean over ranks, so the result is the one
+    process's with the larger micro-batch (the same number on every rank). Every rank runs the
+    same number of forward passes (a spare one is not counted), as FSDP needs.
+    """
     device = torch.device(device) if device is not None else _model_device(model)
     n = len(blocks)
-    starts = list(range(0, n, micro_batch_size))
+    world = distributed.world_size() if across_ranks else 1
+    starts = list(range(0, n, world * micro_batch_size))
     if max_batches is not None:
         starts = starts[: max(1, max_batches)]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    sums = torch.zeros(len(starts), 2, dtype=torch.float64)  # per global micro-batch: sum of loss x blocks, blocks
     try:
         with torch.no_grad(), _autocast(device, dtype):
-            for s in starts:
-                idx = torch.arange(s, min(s + micro_batch_size, n))
+            for i, s in enumerate(starts):
+                if world == 1:
+                    idx = torch.arange(s, min(s + micro_batch_size, n))
+                    loss, _ = loss_fn(model, _batch(blocks, idx, device))
+                    total += float(loss.detach().float())
+                    count += 1
+                    continue
+                lo = min(s + distributed.rank() * micro_batch_size, n)
+                hi = min(lo + micro_batch_size, n, s + world * micro_batch_size)
+                idx = torch.arange(lo, hi) if hi > lo else torch.arange(0, 1)  # empty share: a spare forward
                 loss, _ = loss_fn(model, _batch(blocks, idx, device))
-                total += float(loss.detach().float())
-                count += 1
+                if hi > lo:
+                    sums[i] = torch.tensor([float(loss.detach().float()) * (hi - lo), hi - lo], dtype=torch.float64)
     finally:
         model.train(was_training)
+    if world > 1:
+        sums = torch.tensor(distributed.all_reduce_sum(sums.reshape(-1).tolist()), dtype=torch.float64).view(-1, 2)
+        total, count = float((sums[:, 0] / sums[:, 1]).sum()), len(starts)
     return total / max(count, 1)
 
 
@@ -431,9 +464,19 @@ def train(
     named = _named(trainable)
     params = list(named.values())
     device = torch.device(device) if device is not None else params[0].device
+    # under torchrun: each step takes world * micro_batch_size blocks per micro-batch, rank r the
+    # r-th slice; token counts are of all ranks (distributed.py)
+    world, rank = distributed.world_size(), distributed.rank()
+    distributed.check_replicated(named)
+    sharded = distributed.is_sharded(model)  # FSDP: collectives inside forward/backward, so ranks keep in step
+    if world > 1 and len(train_data) < world * config.micro_batch_size:
+        raise ValueError(
+            f"{name}: {len(train_data)} training blocks are fewer than {world} processes x micro-batch "
+            f"{config.micro_batch_size}; use more data or a smaller micro-batch"
+        )
     block_size = int(train_data.input_ids.shape[1])
-    total_steps = config.total_steps(block_size)
-    tokens_per_micro = min(config.micro_batch_size, len(train_data)) * block_size
+    total_steps = config.total_steps(block_size, world)
+    tokens_per_micro = min(world * config.micro_batch_size, len(train_data)) * block_size
     meta = _jsonable(meta or {})
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     has_val = val_data is not None and len(val_data) > 0 and config.eval_every > 0
@@ -441,7 +484,7 @@ def train(
     opt = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
     )
-    sampler = _Sampler(len(train_data), config.micro_batch_size, config.seed)
+    sampler = _Sampler(len(train_data), world * config.micro_batch_size, config.seed)
     step = tokens = nonfinite = consecutive_nonfinite = 0
     best_val: float | None = None
     best_step: int | None = None
@@ -456,6 +499,7 @@ def train(
 
     # ---- resume ---------------------------------------------------------------------------
     latest = latest_checkpoint(ckdir) if (resume and ckdir is not None) else None
+    latest = distributed.broadcast_object(latest)  # every rank resumes from rank 0's choice
     if latest is not None:
         state = read_checkpoint_state(latest)
         _check_resumable(state, named, config, meta, latest)
@@ -471,9 +515,14 @@ def train(
                                  "resumed_from_step": state["step"], "done_before": True})
             emit({"event": "done_before", "step": res.steps, "tokens": res.tokens, "total_steps": total_steps})
             return res
+        if state.get("world_size", 1) != world:
+            raise ResumeError(
+                f"checkpoint {latest} was made by {state.get('world_size', 1)} process(es), this run has {world}; "
+                f"resume with torchrun --nproc_per_node {state.get('world_size', 1)} or start afresh"
+            )
         opt.load_state_dict(_optimizer_join(_load_tensors(latest / OPTIMIZER_NAME), state["optimizer"]))
         _set_rng_state(_load_tensors(latest / RNG_NAME), state["rng"])
-        sampler = _Sampler(len(train_data), config.micro_batch_size, config.seed, **state["sampler"])
+        sampler = _Sampler(len(train_data), world * config.micro_batch_size, config.seed, **state["sampler"])
         step, tokens = state["step"], state["tokens"]
         nonfinite, consecutive_nonfinite = state["nonfinite_steps"], state.get("consecutive_nonfinite", 0)
         best_val, best_step = state["best_val_loss"], state["best_step"]
@@ -485,12 +534,16 @@ def train(
         if resume and ckdir is not None:
             logger.info("%s: no checkpoint in %s; starting from scratch", name, ckdir)
         torch.manual_seed(config.seed)
+    distributed.broadcast_parameters(params)  # replicas start equal (they already are, by seed or checkpoint)
 
     def save_checkpoint(done: bool = False, result: TrainResult | None = None) -> None:
         if ckdir is None:
             return
         if not _all_finite(params):
             raise TrainError(f"{name}: trainable weights are not finite at step {step}; not saving them")
+        if not distributed.is_main():  # rank 0 writes (the replicas are equal); the others wait for it
+            distributed.barrier()
+            return
         ckdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".{_step_dir_name(step)}.tmp-"))
         try:
@@ -509,7 +562,7 @@ def train(
                 "last_eval_step": last_eval_step, "optimizer": opt_meta, "rng": rng_scalars,
                 "config": config.to_dict(), "meta": meta,
                 "params": {n: list(p.shape) for n, p in named.items()},
-                "done": done, "result": result.to_dict() if result is not None else None,
+                "done": done, "result": result.to_dict() if result is not None else None, "world_size": world,
             }
             atomic_write_text(tmp / STATE_NAME, json.dumps(state, allow_nan=True))
             final = ckdir / _step_dir_name(step)
@@ -521,6 +574,7 @@ def train(
             raise
         for old in _step_dirs(ckdir)[: -max(1, config.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()  # the checkpoint is complete before any rank goes on
 
     def run_eval() -> float | None:
         nonlocal best_val, best_step, best_state, last_eval_step
@@ -528,7 +582,7 @@ def train(
             return None
         val = evaluate(
             model, loss_fn, val_data, micro_batch_size=config.micro_batch_size,
-            max_batches=config.eval_batches, dtype=config.dtype, device=device,
+            max_batches=config.eval_batches, dtype=config.dtype, device=device, across_ranks=world > 1,
         )
         last_eval_step = step
         improved = math.isfinite(val) and (best_val is None or val < best_val)
@@ -559,18 +613,25 @@ def train(
         finite = True
         step_logs = _Running()
         for _ in range(config.grad_accum):
-            batch = _batch(train_data, sampler.next(), device)
+            idx = sampler.next()  # the global micro-batch; this rank's slice of it
+            if world > 1:
+                idx = idx[rank * config.micro_batch_size : (rank + 1) * config.micro_batch_size]
+            batch = _batch(train_data, idx, device)
             with _autocast(device, config.dtype):
                 loss, logs = loss_fn(model, batch)
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 finite = False
-                del loss
-                continue  # the whole step is skipped; keep the data position consistent
+                if not sharded:  # (FSDP's backward has collectives: every rank runs it; the step is skipped)
+                    del loss
+                    continue  # the whole step is skipped; keep the data position consistent
             (loss / config.grad_accum).backward()
             step_loss += loss_value / config.grad_accum
             step_logs.add(logs)
         tokens += config.grad_accum * tokens_per_micro
+        if world > 1:  # mean gradients and loss over ranks; a non-finite rank makes every rank skip
+            loss_sum, finite_ranks = distributed.average_gradients(params, [step_loss, float(finite)])
+            step_loss, finite = loss_sum / world, finite_ranks == world
         grads = [p.grad for p in params if p.grad is not None]
         if finite and grads:
             if config.max_grad_norm is not None:
@@ -583,7 +644,7 @@ def train(
         if finite:
             opt.step()
             consecutive_nonfinite = 0
-            running.add({"loss": step_loss, **step_logs.means(raw=True)})
+            running.add({"loss": step_loss, **distributed.mean_logs(step_logs.means(raw=True))})
             last_loss = step_loss
         else:
             opt.zero_grad(set_to_none=True)
