@@ -3,6 +3,7 @@
     lolcats linearize [MODEL] [--data PATH] [--out DIR] [--config FILE.yaml] ...
     lolcats generate / chat ...      (lolcats.generation)
     lolcats eval ...                 (lolcats.eval.cli)
+    lolcats bench ...                (lolcats.bench.cli)
 
 Bad input is reported as one line on stderr with exit code 2.
 """
@@ -96,6 +97,11 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--skip-stage2", action="store_true", default=None, help="stop after attention transfer")
+    t.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the frozen base over the GPUs (FSDP2), for bases that do not fit one")
+    t.add_argument("--blockwise", type=int, default=None, metavar="K",
+                   help="stage 1 block by block, K decoder layers per block, from stored teacher hidden states "
+                        "(needs disk: about 2 bytes x tokens x hidden size x blocks in bf16)")
     o = p.add_argument_group("output")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output delta folder")
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
@@ -108,7 +114,7 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
 _CONFIG_FLAGS = ("window_size", "feature_dim", "key_map_sharing", "softmax_layers")
 _OPTION_FLAGS = (
     "stage1_tokens", "stage2_tokens", "block_size", "eval_tokens", "lr1", "lr2", "lora_r", "lora_alpha",
-    "micro_batch_size", "grad_accum", "dtype", "device", "seed", "skip_stage2",
+    "micro_batch_size", "grad_accum", "dtype", "device", "seed", "skip_stage2", "blockwise", "fsdp",
 )
 
 
@@ -222,6 +228,17 @@ class _Display:
                 left = (total_t - event["step"]) * (event["tokens"] / max(event["step"], 1)) / max(rate, 1e-9)
                 self._line(f"  {stage} step {event['step']}/{total_t} {info} {rate:,.0f} tok/s eta {left:,.0f}s",
                            force=event["step"] == total_t)
+        elif kind == "blockwise_plan":
+            def size(n: float) -> str:
+                return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+            text = (f"• block-wise stage 1: {event['train_blocks']} blocks of {event['k']} layers "
+                    f"({event['todo_blocks']} to train); the stored hidden states need about "
+                    f"{size(event['bytes'])} in {event['dir']} ({size(event['free_bytes'])} free)")
+            if self.live:
+                self.progress.console.print(text, highlight=False, markup=False)
+            else:
+                self._line(text, force=True)
         elif kind == "eval" and not self.live:
             self._line(f"  {event['stage']} step {event['step']}: val loss {event['val_loss']:.4g}", force=True)
         elif kind == "eval_progress":
@@ -301,10 +318,14 @@ def run_linearize(args: argparse.Namespace) -> int:
 
     from lolcats.config import ConfigError
     from lolcats.linearize import LinearizeError, linearize
-    from lolcats.train import ResumeError, TrainError
+    from lolcats.train import ResumeError, TrainError, distributed
 
     console = Console(stderr=True)
     level = logging.INFO if args.verbose else logging.WARNING
+    main = distributed.is_main()  # under torchrun only rank 0 shows progress, messages and the report
+    say = _error_line if main else (lambda message: None)
+    if not main:
+        level = logging.ERROR
     root = logging.getLogger()
     handler = RichHandler(console=console, show_path=False, show_time=False) if console.is_terminal \
         else logging.StreamHandler(sys.stderr)
@@ -328,21 +349,23 @@ def run_linearize(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         kwargs = linearize_kwargs(args)
-        with _Display(console, args.quiet) as display:
+        with _Display(console, args.quiet or not main) as display:
             metrics = linearize(**kwargs, progress=display)
     except (LinearizeError, ConfigError, ResumeError) as e:
-        _error_line(f"lolcats linearize: error: {e}")
+        say(f"lolcats linearize: error: {e}")
         return EXIT_USAGE
     except TrainError as e:
-        _error_line(f"lolcats linearize: training failed: {e}")
+        say(f"lolcats linearize: training failed: {e}")
         return 1
     except KeyboardInterrupt:
-        _error_line("lolcats linearize: interrupted; run again with --resume to continue")
+        say("lolcats linearize: interrupted; run again with --resume to continue")
         return 130
     finally:
         root.removeHandler(handler)
         signal.signal(signal.SIGTERM, previous)
-    print_report(Console(), metrics)
+        distributed.cleanup()
+    if main:
+        print_report(Console(), metrics)
     return 0
 
 
@@ -391,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     from lolcats.plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    try:
+        from lolcats.bench.cli import add_parser as add_bench_parser
+
+        add_bench_parser(sub)
+    except Exception as e:  # noqa: BLE001
+        if "bench" not in sub.choices:
+            _add_stub(sub, "bench", e)
     return parser
 
 

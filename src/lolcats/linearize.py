@@ -66,6 +66,7 @@ LINEARIZE_OPTIONS = (
     "lora_targets", "micro_batch_size", "grad_accum", "dtype", "device", "seed", "eval_tokens", "data_tokens",
     "mse_weight", "ce_weight", "warmup_steps", "eval_every", "checkpoint_every", "max_grad_norm",
     "weight_decay", "schedule", "skip_stage2", "max_new_tokens", "sample_prompt", "data", "eval_batches",
+    "blockwise", "fsdp",
 )
 
 _CPU_PRESET: dict[str, Any] = {
@@ -401,14 +402,31 @@ def linearize(
     max_new_tokens: int | None = None,
     sample_prompt: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    blockwise: int | None = None,
+    fsdp: bool = False,  # under torchrun: shard the frozen base over the processes (FSDP2)
 ) -> dict[str, Any]:
     """Linearize `model` (path, .gguf, None = embedded SmolLM2, or a loaded transformers model)
     on `data` (path, None = ShareGPT, or a pre-tokenised `lolcats.data.DataSplits`) into the delta
     folder `out`; returns the metrics (also written to `out/metrics.json`). Options left at None
-    take the device's preset (`preset(device)`)."""
+    take the device's preset (`preset(device)`). `blockwise=K` trains stage 1 block by block
+    (K decoder layers each) from stored teacher hidden states (`lolcats.train.blockwise`)."""
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     dev = _device(device)
+    # under torchrun (lolcats.train.distributed): a process group, this rank's device cuda:LOCAL_RANK;
+    # every rank runs all of this, rank 0 alone writes files
+    from lolcats.train import distributed
+
+    try:
+        dev = distributed.init(dev)
+    except distributed.DistributedError as e:
+        raise LinearizeError(_one_line(e)) from None
+    world = distributed.world_size()
+    if fsdp and world < 2:
+        raise LinearizeError("fsdp shards the model over the processes of a torchrun launch; "
+                             "run with torchrun --nproc_per_node N (N >= 2) or drop --fsdp")
+    if blockwise and world > 1:
+        raise LinearizeError("block-wise stage 1 runs in one process; launch without torchrun or drop --blockwise")
     given = {
         "stage1_tokens": stage1_tokens, "stage2_tokens": stage2_tokens, "block_size": block_size, "lr1": lr1,
         "lr2": lr2, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
@@ -422,6 +440,8 @@ def linearize(
     opts = preset(dev)
     opts.update({k: v for k, v in given.items() if v is not None})
     _check_positive(opts)
+    if blockwise is not None and (isinstance(blockwise, bool) or not isinstance(blockwise, int) or blockwise < 1):
+        raise LinearizeError(f"blockwise must be a positive number of decoder layers per block, got {blockwise!r}")
     try:
         if isinstance(config, dict):
             config = LolcatsConfig.from_dict(config)
@@ -461,16 +481,17 @@ def linearize(
 
     _phase(progress, "load", "loading the base model")
     load_dtype = torch.bfloat16 if (opts["dtype"] == "bfloat16" and dev.type == "cuda") else torch.float32
+    load_dev = torch.device("cpu") if fsdp else dev  # FSDP: loaded whole on the host, sharded onto the GPUs below
     try:
         if isinstance(model, nn.Module):
             base = model
             if is_converted(base):
                 raise LinearizeError("the model is already linearized; pass the original (softmax) base model")
             get_adapter(base)
-            base = base.to(dev)
+            base = base.to(load_dev)
             source = getattr(base, "lolcats_source", None)
         else:
-            base = load_base(model, dtype=load_dtype, device=dev)
+            base = load_base(model, dtype=load_dtype, device=load_dev)
             source = base.lolcats_source
             get_adapter(base)
     except (ModelNotFoundError, UnsupportedModelError) as e:
@@ -525,17 +546,22 @@ def linearize(
     if not isinstance(data, DataSplits):
         _phase(progress, "data", "tokenising the training data")
         budget = opts["data_tokens"] or max(opts["stage1_tokens"], opts["stage2_tokens"] if not skip_stage2 else 0)
-        try:
-            splits = build_datasets(
+        try:  # rank 0 tokenises and fills the cache first; the other ranks then read it
+            splits = distributed.main_first(lambda: build_datasets(
                 data, tokenizer, block_size=opts["block_size"], max_tokens=int(budget),
                 max_val_tokens=opts["eval_tokens"], seed=opts["seed"], cache_dir=cache_dir, max_positions=max_pos,
-            )
-        except DataError as e:
+            ))
+        except (DataError, distributed.RankZeroError) as e:
             raise LinearizeError(_one_line(e)) from None
     vocab = base.get_input_embeddings().weight.shape[0]
     top = int(max(splits.train.input_ids.max(), splits.val.input_ids.max()))
     if top >= vocab:
         raise LinearizeError(f"the data has token id {top} but the model's vocabulary has {vocab} entries (other tokenizer?)")
+    if len(splits.train) < world * opts["micro_batch_size"]:
+        raise LinearizeError(
+            f"{len(splits.train)} training blocks are fewer than {world} processes x micro-batch "
+            f"{opts['micro_batch_size']}; use more data, a smaller --micro-batch-size or fewer processes"
+        )
 
     # ---- run identity (checked against a resumed run before anything is written) -----------
     from lolcats.train import TrainConfig
@@ -557,6 +583,10 @@ def linearize(
         "loss": {"mse_weight": opts["mse_weight"], "ce_weight": opts["ce_weight"]},
         "data": _data_hash(splits), "sample": [opts["sample_prompt"], opts["max_new_tokens"]],
     }
+    if blockwise:  # (absent by default, so the hash of other runs is unchanged)
+        identity["blockwise"] = int(blockwise)
+    if world > 1:  # (idem) a step takes world x micro-batch blocks: resume with as many processes
+        identity["world_size"] = world
     chash = _config_hash(identity)
     if run_state is not None:
         if run_state.get("fingerprint") != fp:
@@ -573,20 +603,36 @@ def linearize(
                 "use the same options or start without --resume"
             )
 
+    if blockwise and run_state is None:  # refuse before anything is written if the stored states cannot fit
+        from lolcats.convert import layers_to_convert
+        from lolcats.train.blockwise import BlockwiseError, check_disk_space, estimate_bytes, stored_rows
+
+        try:
+            check_disk_space(work, estimate_bytes(
+                base, blockwise, stored_rows(splits.train, splits.val, tc1), splits.train.block_size,
+                converted=layers_to_convert(base, lcfg)))
+        except BlockwiseError as e:
+            raise LinearizeError(_one_line(e)) from None
+
     # ---- from here on we write (into the work folder only) ----------------------------------
     from lolcats.checkpoint import atomic_write_text
 
+    # (a fresh run starts from an empty work folder: nothing partial to read)
+    partial: dict[str, Any] = (_read_json(work / PARTIAL_NAME) or {}) if (resume and run_state is not None) else {}
+    distributed.barrier()  # every rank has read the work folder before rank 0 rewrites it
     if run_state is None:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
         run_state = {"fingerprint": fp, "config_hash": chash, "identity": identity, "source": source}
-        atomic_write_text(work / RUN_NAME, json.dumps(run_state, indent=2, sort_keys=True, default=str))
-    partial: dict[str, Any] = (_read_json(work / PARTIAL_NAME) or {}) if resume else {}
+        if distributed.is_main():
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            atomic_write_text(work / RUN_NAME, json.dumps(run_state, indent=2, sort_keys=True, default=str))
+    distributed.barrier()
 
     def remember(key: str, value: Any) -> None:
         partial[key] = value
-        atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
+        if distributed.is_main():
+            atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
 
     meta = {"fingerprint": fp, "config_hash": chash}
     evb = opts["micro_batch_size"]
@@ -597,6 +643,8 @@ def linearize(
                  "val_examples": splits.num_examples[1]},
         "config": lcfg.to_dict(), "options": {k: v for k, v in opts.items()}, "seed": opts["seed"],
     }
+    if world > 1:
+        metrics["distributed"] = {"processes": world, "fsdp": bool(fsdp)}
     metrics["timing"] = {"setup_s": time.perf_counter() - t_start}
 
     def ppl(key: str, mdl: nn.Module, label: str) -> dict[str, float]:
@@ -624,6 +672,8 @@ def linearize(
     from lolcats.train import TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters
 
     base.requires_grad_(False)
+    if fsdp:  # each rank keeps 1/world of the frozen base on its GPU; phi/gamma and LoRA stay whole
+        distributed.shard_model(base, device=dev, param_dtype=torch.bfloat16 if opts["dtype"] == "bfloat16" else None)
     ppl_teacher = ppl("ppl_teacher", base, "teacher")
     sample_teacher = sample("sample_teacher", base)
 
@@ -638,10 +688,20 @@ def linearize(
     # ---- stage 1 ---------------------------------------------------------------------------
     _phase(progress, "stage1", "stage 1: attention transfer")
     torch.manual_seed(opts["seed"])
-    loss1 = TransferLoss(base, mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]))
-    res1 = train(base, transfer_parameters(base), loss1, splits.train, splits.val, config=tc1,
-                 checkpoint_dir=work / "stage1", resume=resume, callback=progress, meta=meta, name="stage1",
-                 device=dev)
+    if blockwise:  # block by block from stored teacher states (clips gradients per block)
+        from lolcats.train.blockwise import BlockwiseError, train_blockwise
+
+        try:
+            res1 = train_blockwise(base, blockwise, splits.train, splits.val, config=tc1, work_dir=work / "blockwise",
+                                   mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]),
+                                   resume=resume, callback=progress, meta=meta, name="stage1", device=dev)
+        except BlockwiseError as e:
+            raise LinearizeError(_one_line(e)) from None
+    else:
+        loss1 = TransferLoss(base, mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]))
+        res1 = train(base, transfer_parameters(base), loss1, splits.train, splits.val, config=tc1,
+                     checkpoint_dir=work / "stage1", resume=resume, callback=progress, meta=meta, name="stage1",
+                     device=dev)
     for p in transfer_parameters(base).values():
         p.requires_grad_(False)
     set_mode(base, "hybrid")
@@ -700,22 +760,24 @@ def linearize(
         "stage1_s": res1.wall_time_s, "stage2_s": res2.wall_time_s if res2 else 0.0,
         "eval_s": sum(p["seconds"] for p in (ppl_teacher, ppl_swap, ppl_s1, ppl_s2) if p),
     })
-    _check_out(out_path, overwrite=overwrite)  # nothing appeared there meanwhile
-    staging = work / "final"
-    extra = {"training": {"data_source": splits.source, "tokens": metrics["tokens"],
-                          "perplexity": metrics["perplexity"]}}
-    save_delta(final_model, staging, extra=extra)
-    metrics["timing"]["total_s"] = time.perf_counter() - t_start
-    metrics["timing"]["cpu_s"] = time.process_time() - cpu_start
     metrics["out"] = str(out_path)
-    atomic_write_text(staging / METRICS_NAME, json.dumps(metrics, indent=2, default=_json_default))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
-    replace_dir(staging, out_path)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("linearized model saved to %s (%.0f s)", out_path, metrics["timing"]["total_s"])
+    if distributed.is_main():  # rank 0 writes the delta (the replicas are equal); the others wait below
+        _check_out(out_path, overwrite=overwrite)  # nothing appeared there meanwhile
+        staging = work / "final"
+        extra = {"training": {"data_source": splits.source, "tokens": metrics["tokens"],
+                              "perplexity": metrics["perplexity"]}}
+        save_delta(final_model, staging, extra=extra, base_fingerprint=fp)  # (fp: FSDP shards the embeddings)
+        metrics["timing"]["total_s"] = time.perf_counter() - t_start
+        metrics["timing"]["cpu_s"] = time.process_time() - cpu_start
+        atomic_write_text(staging / METRICS_NAME, json.dumps(metrics, indent=2, default=_json_default))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
+        replace_dir(staging, out_path)
+        shutil.rmtree(work, ignore_errors=True)
+        logger.info("linearized model saved to %s (%.0f s)", out_path, metrics["timing"]["total_s"])
+    distributed.barrier()
     _emit(progress, {"event": "done", "metrics": metrics})
     return metrics
 

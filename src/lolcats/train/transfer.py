@@ -16,7 +16,7 @@ from torch import nn
 from lolcats.attention.layer import converted_layers, set_mode
 from lolcats.convert import lolcats_parameters
 
-__all__ = ["TransferLoss", "decoder_of", "transfer_parameters"]
+__all__ = ["TransferLoss", "decoder_of", "gather_transfer_losses", "transfer_parameters"]
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -39,6 +39,31 @@ def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for p in params.values():
         p.requires_grad_(True)
     return params
+
+
+def gather_transfer_losses(
+    layers: list, mse_weight: float, ce_weight: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Collect (and clear) the losses the converted `layers` recorded in transfer mode during one
+    forward: mse_weight * sum of MSE (+ ce_weight * sum of CE), and the per-layer values as logs."""
+    mse, ce = [], []
+    for m in layers:
+        losses = m.lolcats_losses
+        if losses is None:
+            raise RuntimeError("a converted layer recorded no transfer loss")
+        mse.append(losses["mse"])
+        if ce_weight > 0:
+            ce.append(losses["ce"])
+        m.lolcats_losses = None
+    mse_t = torch.stack(mse)
+    loss = mse_weight * mse_t.sum()
+    logs: dict[str, Any] = {"mse": mse_t.detach().mean(), "mse_layers": mse_t.detach()}
+    if ce:
+        ce_t = torch.stack(ce)
+        loss = loss + ce_weight * ce_t.sum()
+        logs["ce"] = ce_t.detach().mean()
+        logs["ce_layers"] = ce_t.detach()
+    return loss, logs
 
 
 class TransferLoss:
@@ -65,21 +90,4 @@ class TransferLoss:
                 raise RuntimeError("layers are not in transfer mode; set_mode(model, 'transfer') was undone")
             m.lolcats_losses = None
         decoder_of(model)(input_ids=batch["input_ids"], use_cache=False)
-        mse, ce = [], []
-        for m in self.layers:
-            losses = m.lolcats_losses
-            if losses is None:
-                raise RuntimeError("a converted layer recorded no transfer loss")
-            mse.append(losses["mse"])
-            if self.ce_weight > 0:
-                ce.append(losses["ce"])
-            m.lolcats_losses = None
-        mse_t = torch.stack(mse)
-        loss = self.mse_weight * mse_t.sum()
-        logs: dict[str, Any] = {"mse": mse_t.detach().mean(), "mse_layers": mse_t.detach()}
-        if ce:
-            ce_t = torch.stack(ce)
-            loss = loss + self.ce_weight * ce_t.sum()
-            logs["ce"] = ce_t.detach().mean()
-            logs["ce_layers"] = ce_t.detach()
-        return loss, logs
+        return gather_transfer_losses(self.layers, self.mse_weight, self.ce_weight)
