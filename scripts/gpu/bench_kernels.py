@@ -26,7 +26,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
