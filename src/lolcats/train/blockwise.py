@@ -66,6 +66,7 @@ from torch import nn
 
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text, fingerprint
+from lolcats.train import distributed
 from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train
 from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters
 
@@ -147,43 +148,6 @@ def plan_blocks(num_layers: int, k: int, converted: Sequence[int]) -> list[Block
         layers = tuple(range(start, min(start + k, num_layers)))
         out.append(BlockSpec(b, layers, tuple(i for i in layers if i in conv)))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# process group (initialised by the caller, never here); all no-ops in a single process
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            torch.distributed.barrier()
-
-
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (small control data: decisions that read the file system)."""
-    if _rank_world()[1] <= 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    """FSDP2-sharded layers: forward/backward hold collectives, so no early exit and no moves."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _val_rows(val_data, config: TrainConfig) -> int:
@@ -592,9 +556,9 @@ def train_blockwise(
     attn_of = {i: attn for i, _, attn in get_adapter(model).attention_modules(model)}
     specs = plan_blocks(len(layers), k, _converted_indices(model))
     trained = [s for s in specs if s.trains]
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    sharded = _is_sharded(model)
+    sharded = distributed.is_sharded(model)
     work = Path(work_dir)
     device = torch.device(device) if device is not None else next(iter(params_all.values())).device
     teacher_device = model.get_input_embeddings().weight.device  # where the capture's input ids go
@@ -633,11 +597,11 @@ def train_blockwise(
 
     if not resume and main and work.exists():
         shutil.rmtree(work)
-    _barrier()
+    distributed.barrier()
 
     # ---- finished blocks (rank 0 decides; every rank loads them) -----------------------------
     block_params = {s.index: _block_params(model, [attn_of[i] for i in s.converted]) for s in trained}
-    done_ids = _from_rank0([s.index for s in trained if _read_block(block_file(s), block_ident(s),
+    done_ids = distributed.broadcast_object([s.index for s in trained if _read_block(block_file(s), block_ident(s),
                                                                    block_params[s.index]) is not None] if main else None)
     summaries: dict[int, dict[str, Any]] = {}
     for s in trained:
@@ -698,7 +662,7 @@ def train_blockwise(
                     decision = {"missing": missing, "needed": needed, "free": free}
                 except BlockwiseError as e:
                     decision = {"error": str(e)}
-            decision = _from_rank0(decision)
+            decision = distributed.broadcast_object(decision)
             if "error" in decision:
                 raise BlockwiseError(decision["error"])
             missing, needed = decision["missing"], decision["needed"]
@@ -742,7 +706,7 @@ def train_blockwise(
                 shutil.rmtree(ckdir)
             ckdir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, ident_text)
-        _barrier()
+        distributed.barrier()
         logger.info("%s: block %d of %d (layers %d-%d)", name, spec.index + 1, len(specs),
                     spec.layers[0], spec.layers[-1])
         res = train(model, params, loss_fn, train_view, val_view, config=config, checkpoint_dir=ckdir,
@@ -759,7 +723,7 @@ def train_blockwise(
                 "format": BLOCK_FORMAT, "identity": json.dumps(block_ident(spec), sort_keys=True),
                 "result": json.dumps(summaries[spec.index], default=str)})
             shutil.rmtree(ckdir, ignore_errors=True)
-        _barrier()
+        distributed.barrier()
         results[spec.index] = res
 
     # ---- every block's phi/gamma are in the model; tidy up ----------------------------------
@@ -769,7 +733,7 @@ def train_blockwise(
         for stray in work.glob("h*.bin"):  # block inputs left by an earlier run with another k
             if stray.stem[1:].isdigit():
                 _StateFile(work, int(stray.stem[1:])).remove()
-    _barrier()
+    distributed.barrier()
     for p in params_all.values():
         p.requires_grad_(True)
 
@@ -801,7 +765,7 @@ def _capture(model: nn.Module, layers: list[nn.Module], all_ids: torch.Tensor, f
     of forwards (a spare one is not written). Also checks that every micro-batch of a probed shape
     passes the layers the same arguments as the probe (full-length blocks: it must)."""
     t0 = time.perf_counter()
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     rows = int(all_ids.shape[0])
     mb = config.micro_batch_size
@@ -817,7 +781,7 @@ def _capture(model: nn.Module, layers: list[nn.Module], all_ids: torch.Tensor, f
             for layer in missing:
                 files[layer].remove()
                 writers[layer] = _StateWriter(files[layer], {**state_ident, "layer": layer}, create=True)
-        _barrier()
+        distributed.barrier()
         if not main:
             for layer in missing:
                 writers[layer] = _StateWriter(files[layer], {**state_ident, "layer": layer}, create=False)
@@ -843,11 +807,11 @@ def _capture(model: nn.Module, layers: list[nn.Module], all_ids: torch.Tensor, f
                       "tokens": min(s0 + mb, rows) * ids.shape[1]})
         for w in writers.values():
             w.flush()
-        _barrier()
+        distributed.barrier()
         if main:
             for w in writers.values():
                 w.commit()
-        _barrier()
+        distributed.barrier()
     except BaseException:
         for w in writers.values():
             w.mm = None
