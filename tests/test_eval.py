@@ -147,6 +147,30 @@ def test_wikitext_rolling_perplexity(model, tok):
 
 
 @needs_data
+def test_wikitext_windows_run_one_at_a_time_whatever_the_batch_size(model, tok, monkeypatch):
+    """Perplexity windows are full contexts: batching 8 of them at 8K tokens exhausted a 24 GB host."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lolcats.eval.harness import evaluate
+
+    seen = []
+    original = HFLM._loglikelihood_tokens
+
+    def spy(self, requests, disable_tqdm=False, override_bs=None):
+        seen.append(override_bs if override_bs is not None else self.batch_size)
+        return original(self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    one = evaluate(model, tok, ["wikitext"], limit=1, batch_size=4, data_dir=EVALDATA, max_length=64)
+    assert len(seen) > 1 and set(seen) == {1}, seen
+    seen.clear()
+    two = evaluate(model, tok, ["wikitext"], limit=1, batch_size=4, data_dir=EVALDATA, max_length=64,
+                   rolling_batch_size=2)
+    assert max(seen) == 2
+    assert two["tasks"]["wikitext"]["value"] == pytest.approx(one["tasks"]["wikitext"]["value"], rel=1e-4)
+
+
+@needs_data
 def test_wikitext_documents_match_the_document_level_split():
     from lolcats.eval.tasks import split_wikitext_documents
 

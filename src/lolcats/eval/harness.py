@@ -191,6 +191,7 @@ def evaluate(
     device: str | torch.device | None = None,
     max_length: int | None = None,
     bootstrap_iters: int = 100_000,
+    rolling_batch_size: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``model`` zero-shot on ``tasks`` with lm-eval, reading the local data.
 
@@ -207,6 +208,9 @@ def evaluate(
         device: move the model there first (default: leave it where it is).
         max_length: context length for lm-eval (default: derived from the model config).
         bootstrap_iters: lm-eval's bootstrap iterations for stderrs of non-mean metrics.
+        rolling_batch_size: windows per forward for the perplexity tasks (wikitext). Each window
+            is a full ``max_length`` context (8192 tokens for SmolLM2), so ``batch_size`` of them
+            at once can exhaust host memory on CPU (8 x 8192 tokens: ~32 GB); 1 by default.
 
     Returns:
         :func:`summarize`'s dict plus ``"config"`` (limit, batch size, data dir, lm-eval version) and
@@ -232,7 +236,9 @@ def evaluate(
         hf_model = _as_hf_model(model)
         logger.info("evaluating %s on %s (limit=%s, batch_size=%d)", type(model).__name__, names, limit, batch_size)
         with _preserve_state(model):
-            lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            lm = _rolling_batch_lm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size,
+                                         max_length=max_length)
+            lm.rolling_batch_size = max(1, int(rolling_batch_size))
             raw = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=task_objs,
@@ -257,6 +263,24 @@ def evaluate(
     }
     out["lm_eval_results"] = {k: _jsonable(v) for k, v in raw.get("results", {}).items()}
     return out
+
+
+def _rolling_batch_lm(hflm: type) -> type:
+    """HFLM whose rolling-loglikelihood (perplexity) requests run `rolling_batch_size` windows at a
+    time: lm-eval batches full-context windows with the multiple-choice batch size otherwise."""
+
+    class RollingBatchLM(hflm):
+        rolling_batch_size = 1
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            saved = self.batch_size_per_gpu
+            self.batch_size_per_gpu = self.rolling_batch_size
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = saved
+
+    return RollingBatchLM
 
 
 def _jsonable(obj: Any) -> Any:
