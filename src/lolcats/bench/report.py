@@ -128,13 +128,7 @@ def write_plots(results: dict[str, Any], out_dir: str | os.PathLike, stem: str =
             for label, pts in sorted(series.items()):
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch")
-            ax.set_ylabel("tokens/s")
-            ax.set_title(f"decode, context {ctx}" if ctx else "decode")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            _log_axes(ax, "batch", "tokens/s", f"decode, context {ctx}" if ctx else "decode")
         fig.tight_layout()
         path = out_dir / f"{stem}-decode.png"
         fig.savefig(path, dpi=120)
@@ -151,16 +145,21 @@ def write_plots(results: dict[str, Any], out_dir: str | os.PathLike, stem: str =
             pts = [(r["L"], r[key]) for r in prow if r.get(key)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key.removesuffix("_ms"))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (B x L constant)")
-        ax.set_ylabel("ms")
-        ax.set_title("attention-layer prefill")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _log_axes(ax, "sequence length L (B x L constant)", "ms", "attention-layer prefill")
         fig.tight_layout()
         path = out_dir / f"{stem}-prefill.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         out.append(path)
     return out
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes (x in powers of two), labels, grid and legend of every bench plot."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
