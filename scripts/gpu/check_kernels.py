@@ -32,21 +32,14 @@ from lolcats.attention.hybrid import (
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
 )
-from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
+from lolcats.ops import hybrid_attention, hybrid_decode
+from lolcats.ops.testing import hedgehog_errors, rel_error
 
 W = 64
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" + TRITON_INTERPRET=1: a dry run of this script
 UNGATED = ("dgamma0",)  # reported, not gated: d gamma when its exact value is 0 (T <= w), absolute error
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 DT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def rel(a: torch.Tensor, r: torch.Tensor) -> float:
-    a, r = a.double(), r.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    n = r.norm()
-    return ((a - r).norm() / (n if n > 1e-12 else 1.0)).item()
 
 
 def poison():
@@ -99,14 +92,14 @@ def check_prefill(T, D, G, mode, pad, dtype, softcap=None, seed=0):
     with torch.no_grad():
         _, rst = hybrid_attention_chunked(*[x.detach() for x in refs], window=W, key_mask=mask, softcap=softcap,
                                           output_final_state=True)
-    err = {"o": rel(o, ro)}
+    err = {"o": rel_error(o, ro)}
     for name, a, r in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), ins, refs):
-        err[name] = rel(a.grad, r.grad)
+        err[name] = rel_error(a.grad, r.grad)
     if T <= W:  # the whole sequence is in the window: gamma cancels, its exact gradient is 0
         err["dgamma0"] = (ins[5].grad.double() - refs[5].grad).norm().item()  # absolute; not gated
         del err["dgamma"]
-    err["S"], err["z"] = rel(st.kv, rst.kv), rel(st.k_sum, rst.k_sum)
-    err["win"] = max(rel(st.win_k, rst.win_k), rel(st.win_v, rst.win_v),
+    err["S"], err["z"] = rel_error(st.kv, rst.kv), rel_error(st.k_sum, rst.k_sum)
+    err["win"] = max(rel_error(st.win_k, rst.win_k), rel_error(st.win_v, rst.win_v),
                      0.0 if torch.equal(st.win_valid, rst.win_valid) else math.inf)
     del refs, ro, rst
     return err
@@ -132,10 +125,10 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
     with torch.no_grad():
         _, rst = hybrid_attention_chunked(*[x.detach() for x in full], gamma.double(), window=W, key_mask=mask,
                                           softcap=softcap, output_final_state=True)
-    err = {"o": rel(o, ro[:, b])}
+    err = {"o": rel_error(o, ro[:, b])}
     for name, x, r in zip(("dq", "dk", "dv", "dfq", "dfk"), ins, full):
-        err[name] = rel(x.grad, r.grad[:, b])
-    err["S"], err["z"] = rel(st2.kv, rst.kv), rel(st2.k_sum, rst.k_sum)
+        err[name] = rel_error(x.grad, r.grad[:, b])
+    err["S"], err["z"] = rel_error(st2.kv, rst.kv), rel_error(st2.k_sum, rst.k_sum)
     return err
 
 
@@ -156,8 +149,8 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2):
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
                                              key_map=lambda x: key_map(x.to(dtype)).double(),
                                              key_mask=mask[:, T0:], softcap=softcap)
-    err = {"o": rel(o, ro), "S": rel(st_k.kv, rst.kv), "z": rel(st_k.k_sum, rst.k_sum)}
-    err["win"] = max(rel(st_k.win_k, rst.win_k), rel(st_k.win_v, rst.win_v),
+    err = {"o": rel_error(o, ro), "S": rel_error(st_k.kv, rst.kv), "z": rel_error(st_k.k_sum, rst.k_sum)}
+    err["win"] = max(rel_error(st_k.win_k, rst.win_k), rel_error(st_k.win_v, rst.win_v),
                      0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
     return err
 
@@ -175,13 +168,7 @@ def check_hedgehog(hx, hw, dtype, seed=3, fwd_mode=None):
     D, f = 128, 64
     x = torch.randn(2, 777, hx, D, generator=g, device=DEVICE).to(dtype).requires_grad_()
     w = (torch.randn(hw, D, f, generator=g, device=DEVICE) * D**-0.5).requires_grad_()
-    y = hedgehog_feature_map(x, w, backend="triton")
-    dy = torch.randn_like(y)
-    (y * dy).sum().backward()
-    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    y2 = hedgehog(x2.repeat_interleave(hw // hx, dim=-2), w2)
-    (y2 * dy.double()).sum().backward()
-    return {"y": rel(y, y2), "dx": rel(x.grad, x2.grad), "dW": rel(w.grad, w2.grad)}
+    return hedgehog_errors(x, w)
 
 
 def main():

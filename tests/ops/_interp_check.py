@@ -26,6 +26,7 @@ _interp._patch_lang_tensor = _patched
 from lolcats.attention.feature_map import hedgehog  # noqa: E402
 from lolcats.attention.hybrid import hybrid_attention_quadratic, hybrid_attention_recurrent  # noqa: E402
 from lolcats.ops import hybrid_attention, hybrid_decode  # noqa: E402
+from lolcats.ops.testing import hedgehog_errors, rel_error  # noqa: E402
 
 
 def make(B, T, H, Hk, D, Dv, f, sharing, pad=None, seed=0, dtype=torch.float32):
@@ -50,12 +51,6 @@ def make(B, T, H, Hk, D, Dv, f, sharing, pad=None, seed=0, dtype=torch.float32):
     return [x.to(dtype) for x in (q, k, v, fq, fk)] + [gamma, key_map, mask]
 
 
-def rel(a, b):
-    """Relative error; absolute where the reference is 0 (dgamma when w >= T: gamma cancels)."""
-    n = b.double().norm()
-    return ((a.double() - b.double()).norm() / (n if n >= 1e-9 else 1.0)).item()
-
-
 def check_prefill(B, T, H, Hk, D, Dv, f, sharing, window, pad=None, softcap=None, seed=0, tol=1e-5,
                   dtype=torch.float32):
     q, k, v, fq, fk, gamma, key_map, mask = make(B, T, H, Hk, D, Dv, f, sharing, pad, seed, dtype)
@@ -70,11 +65,11 @@ def check_prefill(B, T, H, Hk, D, Dv, f, sharing, window, pad=None, softcap=None
     from lolcats.attention.hybrid import hybrid_attention_chunked
     _, rst = hybrid_attention_chunked(*[x.detach() for x in refs], window=window, key_mask=mask, softcap=softcap,
                                       output_final_state=True)
-    errs = {"o": rel(o, ro)}
+    errs = {"o": rel_error(o, ro)}
     for name, a, r in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), ins, refs):
-        errs[name] = rel(a.grad, r.grad)
+        errs[name] = rel_error(a.grad, r.grad)
     for name, a, r in zip(("S", "z", "win_k", "win_v"), st.tensors(), rst.tensors()):
-        errs[name] = rel(a, r)
+        errs[name] = rel_error(a, r)
     assert torch.equal(st.win_valid, rst.win_valid)
     worst = max(errs.values())
     tag = f"{dtype} T={T} H={H}/{Hk} D={D} Dv={Dv} f={f} {sharing} w={window} pad={pad} cap={softcap}"
@@ -95,14 +90,14 @@ def check_continue(sharing):
     cont, st2 = hybrid_attention(q[:, r], k[:, r], v[:, r], fq[:, r], fk[:, r], gamma, window=W, key_mask=mask[:, r],
                                  initial_state=st, key_map=key_map, softcap=2.0, output_final_state=True,
                                  backend="triton")
-    e1 = rel(cont, ref[:, r])
+    e1 = rel_error(cont, ref[:, r])
     dec, st3 = hybrid_decode(q[:, r], k[:, r], v[:, r], fq[:, r], gamma, state=st, key_map=key_map,
                              key_mask=mask[:, r], softcap=2.0, backend="triton")
-    e2 = rel(dec, ref[:, r])
+    e2 = rel_error(dec, ref[:, r])
     rdec, rst = hybrid_attention_recurrent(q[:, r], k[:, r], v[:, r], fq[:, r], gamma, state=st, key_map=key_map,
                                            key_mask=mask[:, r], softcap=2.0)
-    e3 = max(rel(x, y) for x, y in zip(st3.tensors()[:4], rst.tensors()[:4]))
-    e4 = max(rel(x, y) for x, y in zip(st2.tensors()[:4], rst.tensors()[:4]))
+    e3 = max(rel_error(x, y) for x, y in zip(st3.tensors()[:4], rst.tensors()[:4]))
+    e4 = max(rel_error(x, y) for x, y in zip(st2.tensors()[:4], rst.tensors()[:4]))
     assert torch.equal(st3.win_valid, rst.win_valid) and torch.equal(st2.win_valid, rst.win_valid)
     print(f"continue {sharing}: prefill-from-state {e1:.1e} decode {e2:.1e} decode-state {e3:.1e} "
           f"prefill-state {e4:.1e}", flush=True)
@@ -140,21 +135,13 @@ def main(quick: bool):
     print("ALL OK")
 
 
-
 def check_hedgehog():
-    from lolcats.ops import hedgehog_feature_map
     g = torch.Generator().manual_seed(5)
     cases = ((2, 2, 16, 8, torch.float32), (2, 6, 24, 12, torch.float32), (2, 4, 32, 16, torch.float16))
     for hx, hw, D, f, dt in cases:
         x = torch.randn(3, 37, hx, D, generator=g).to(dt).requires_grad_()
         w = (torch.randn(hw, D, f, generator=g) * 0.5).requires_grad_()
-        y = hedgehog_feature_map(x, w, backend="triton")
-        dy = torch.randn_like(y)
-        (y * dy).sum().backward()
-        x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-        y2 = hedgehog(x2.repeat_interleave(hw // hx, dim=-2), w2)
-        (y2 * dy.double()).sum().backward()
-        e = (rel(y, y2), rel(x.grad, x2.grad), rel(w.grad, w2.grad))
+        e = tuple(hedgehog_errors(x, w).values())  # (y, dx, dW)
         print(f"hedgehog {dt} Hx={hx} Hw={hw}: y {e[0]:.1e} dx {e[1]:.1e} dW {e[2]:.1e}", flush=True)
         assert max(e) < (1e-5 if dt == torch.float32 else 2e-3)
 
