@@ -219,7 +219,28 @@ def task_linearize(out: str, base: str, data: str) -> None:
         {k: m[k] for k in ("perplexity", "tokens", "sample")}))
 
 
-TASKS = {"data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize}
+def task_load_sharded(out: str, base: str) -> None:
+    """Rank 0 alone reads the folder; every rank's sharded model gives the plain model's logits."""
+    from lolcats.loading import load_base
+
+    calls = []
+
+    def load():
+        calls.append(distributed.rank())
+        return load_base(base, device="cpu")
+
+    model = distributed.load_sharded(load, device="cpu")
+    ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    want = load_base(base).eval()(input_ids=ids).logits
+    Path(out, f"load-rank{distributed.rank()}.json").write_text(json.dumps({
+        "calls": calls, "source": getattr(model, "lolcats_source", None), "sharded": distributed.is_sharded(model),
+        "max_diff": (got - want).abs().max().item(), "tied_head": model.config.tie_word_embeddings}))
+
+
+TASKS = {"data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
+         "load_sharded": task_load_sharded}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -351,6 +372,19 @@ def test_linearize_fsdp_two_processes(tiny_base, tmp_path):
     model = lolcats.from_pretrained(out)
     saved = json.loads((out / "config.json").read_text())["base_model"]["fingerprint"]
     assert saved == fingerprint(model)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_load_sharded_reads_the_base_on_rank_zero_only(tmp_path, tie):
+    """distributed.load_sharded: only rank 0 runs the loader; the others build the model on the meta
+    device and receive their shards, buffers (rotary frequencies) included: same logits as a plain load."""
+    base = tmp_path / "base"
+    tiny_model("llama", tie_word_embeddings=tie).save_pretrained(base)
+    spawn("load_sharded", tmp_path, base=str(base))
+    for r in range(WORLD):
+        got = json.loads((tmp_path / f"load-rank{r}.json").read_text())
+        assert got["calls"] == ([0] if r == 0 else []) and got["sharded"] and got["tied_head"] == tie
+        assert got["source"] == str(base.resolve()) and got["max_diff"] < 1e-5, got
 
 
 def test_stage1_benchmark_script_runs_on_cpu(tmp_path):

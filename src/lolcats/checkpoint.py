@@ -94,11 +94,13 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
     The embeddings are never LoRA targets and survive LoRA merging, so the fingerprint of the
     base is the same before and after linearization. Rounding to bf16 makes it independent of
-    the dtype the base was loaded in.
+    the dtype the base was loaded in. On a sharded base it is a collective (all ranks call it).
     """
     model = unwrap_peft(model)
     cfg = model.config
     emb = model.get_input_embeddings().weight.detach()
+    if hasattr(emb, "full_tensor"):  # FSDP2-sharded (a DTensor): gathered, so every rank must call this
+        emb = emb.full_tensor()
     digest = hashlib.sha256(emb.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()
     return {
         "model_type": cfg.model_type,

@@ -482,6 +482,7 @@ def linearize(
     _phase(progress, "load", "loading the base model")
     load_dtype = torch.bfloat16 if (opts["dtype"] == "bfloat16" and dev.type == "cuda") else torch.float32
     load_dev = torch.device("cpu") if fsdp else dev  # FSDP: loaded whole on the host, sharded onto the GPUs below
+    shard_dtype = torch.bfloat16 if opts["dtype"] == "bfloat16" else None
     try:
         if isinstance(model, nn.Module):
             base = model
@@ -490,6 +491,10 @@ def linearize(
             get_adapter(base)
             base = base.to(load_dev)
             source = getattr(base, "lolcats_source", None)
+        elif fsdp:  # rank 0 reads the weights once; each rank receives only its shards
+            base = distributed.load_sharded(lambda: load_base(model, dtype=load_dtype, device=load_dev),
+                                            device=dev, param_dtype=shard_dtype)
+            source = base.lolcats_source
         else:
             base = load_base(model, dtype=load_dtype, device=load_dev)
             source = base.lolcats_source
@@ -498,7 +503,7 @@ def linearize(
         raise LinearizeError(_one_line(e)) from None
     except LinearizeError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, distributed.RankZeroError) as e:
         raise LinearizeError(f"cannot load model '{model}': {_one_line(e)}") from None
     try:
         if tokenizer is None:
@@ -672,8 +677,8 @@ def linearize(
     from lolcats.train import TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters
 
     base.requires_grad_(False)
-    if fsdp:  # each rank keeps 1/world of the frozen base on its GPU; phi/gamma and LoRA stay whole
-        distributed.shard_model(base, device=dev, param_dtype=torch.bfloat16 if opts["dtype"] == "bfloat16" else None)
+    if fsdp and not distributed.is_sharded(base):  # each rank keeps 1/world of the frozen base; phi/gamma, LoRA whole
+        distributed.shard_model(base, device=dev, param_dtype=shard_dtype)
     ppl_teacher = ppl("ppl_teacher", base, "teacher")
     sample_teacher = sample("sample_teacher", base)
 

@@ -40,6 +40,7 @@ __all__ = [
     "DistributedError", "RankZeroError", "env_world", "launched", "init", "cleanup", "is_initialized",
     "world_size", "rank", "local_rank", "is_main", "barrier", "broadcast_object", "all_reduce_sum",
     "average_gradients", "check_replicated", "mean_logs", "broadcast_parameters", "main_first", "shard_model", "is_sharded",
+    "load_sharded",
 ]
 
 T = TypeVar("T")
@@ -305,8 +306,13 @@ def main_first(fn: Callable[[], T]) -> T:
     """
     if world_size() <= 1:
         return fn()
-    error: BaseException | None = None
-    result: Any = None
+    result = _on_main(fn)
+    return result if is_main() else fn()
+
+
+def _on_main(fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 only (None elsewhere); a failure there is raised on every rank."""
+    result, error = None, None
     if is_main():
         try:
             result = fn()
@@ -317,8 +323,6 @@ def main_first(fn: Callable[[], T]) -> T:
         raise error
     if message is not None:
         raise RankZeroError(message)
-    if not is_main():
-        result = fn()
     return result
 
 
@@ -353,6 +357,14 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     return decoder_of(inner), layers
 
 
+def _shard_device(device: str | torch.device | None) -> torch.device:
+    """Where this rank's shards live: `device` (a bare "cuda" means the current GPU), else the comm device."""
+    dev = torch.device(device) if device is not None else _comm_device()
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def shard_model(
     model: nn.Module, *, device: str | torch.device | None = None, param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
@@ -374,9 +386,7 @@ def shard_model(
 
     if is_sharded(model):
         raise DistributedError("the model is already sharded with FSDP")
-    dev = torch.device(device) if device is not None else _comm_device()
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _shard_device(device)
     decoder, layers = _decoder_layers(model)
     if not layers:
         raise DistributedError(f"found no decoder layers to shard in {type(model).__name__}")
@@ -400,3 +410,59 @@ def shard_model(
                     setattr(mod, name, b.to(dev))
     logger.info("sharded %d decoder layers over %d ranks (FSDP2, %s)", len(layers), world_size(), dev)
     return model
+
+
+def load_sharded(
+    load: Callable[[], nn.Module], *, device: str | torch.device | None = None, param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A frozen base that only rank 0 reads from disk, sharded with FSDP2 over all ranks.
+
+    `load()` (e.g. ``lambda: load_base(path, device="cpu")``) runs on rank 0 alone; the other ranks
+    build the same architecture on the meta device from rank 0's config. Every rank shards its
+    model (`shard_model`), allocates only its shards, and receives them from rank 0
+    (`set_model_state_dict(broadcast_from_rank0=True)`, one tensor at a time). So the host holds
+    one copy of the weights instead of one per process: a 70B bf16 base is 140 GB, and a
+    4-process launch that loaded it on every rank would need 560 GB of host memory.
+
+    Buffers that are not in the state dict (rotary frequencies, embedding scales) are copied
+    from rank 0 as well. Rank 0's model attributes that the rest of lolcats reads
+    (``lolcats_source``, the generation config) are set on every rank.
+    """
+    if not is_initialized():
+        raise DistributedError("FSDP needs a process group; launch with torchrun (or call lolcats.train.distributed.init)")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = _on_main(load)  # rank 0: the whole model on the host
+    if full is not None:
+        full.requires_grad_(False)
+        dtypes = {p.dtype for p in full.parameters() if p.is_floating_point()}
+        if len(dtypes) != 1:
+            raise DistributedError(f"load_sharded expects one floating dtype in the base, got {sorted(map(str, dtypes))}")
+        spec = (type(full), full.config, getattr(full, "generation_config", None), dtypes.pop(),
+                getattr(full, "lolcats_source", None))
+    spec = broadcast_object(spec if is_main() else None)
+    cls, config, generation_config, dtype, source = spec
+    with torch.device("meta"):  # the architecture without memory; rank 0 too, so all ranks shard alike
+        model = cls(config).to(dtype)
+    model.requires_grad_(False)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    if source is not None:
+        model.lolcats_source = source
+    shard_model(model, device=device, param_dtype=param_dtype)
+    model.to_empty(device=_shard_device(device))  # each rank allocates only its shards (+ the whole LM head)
+    full_state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # buffers outside the state dict were left uninitialised by to_empty
+        mine = dict(full.named_buffers()) if full is not None else {}
+        for name, buf in model.named_buffers():
+            if name in full_state:
+                continue
+            comm = buf.detach().to(_comm_device())
+            if is_main():
+                comm.copy_(mine[name])
+            torch.distributed.broadcast(comm, src=0)
+            buf.copy_(comm)
+    del full, full_state
+    logger.info("loaded the base on rank 0 and sent each rank its shards (%d ranks)", world_size())
+    return model.eval()
