@@ -15,7 +15,8 @@ from lolcats import LolcatsConfig, convert
 from lolcats.data import DataSplits, TokenBlocks
 from lolcats.linearize import LinearizeError, linearize, work_dir_for
 from lolcats.train import TrainConfig, TransferLoss, train, transfer_parameters
-from lolcats.train.blockwise import BlockwiseError, estimate_bytes, train_blockwise
+from lolcats.train.blockwise import BlockwiseError, estimate_bytes, stored_rows, train_blockwise
+from lolcats.train.loop import visited_rows
 from tiny_models import tiny_model
 
 
@@ -78,6 +79,25 @@ def test_blockwise_equals_joint_llama(tmp_path):
         assert all(p.requires_grad for p in transfer_parameters(model).values())
 
 
+def test_only_the_rows_stage1_reads_are_stored(tmp_path):
+    """A budget under one epoch (4 steps x 2 of 12 blocks) stores 8 rows, not 12, and still equals
+    joint training (the stored rows are found by dataset row); an epoch or more stores all."""
+    def make():
+        return converted("llama", num_hidden_layers=2)
+
+    data = blocks(12, seed=3)
+    assert stored_rows(data, None, CFG) == 8 and stored_rows(blocks(6), None, CFG) == 6
+    read = visited_rows(12, CFG, 32)
+    assert len(read) == 8 and torch.equal(read, read.sort().values)
+    ref, init = joint(make, data), phis(make())
+    model = make()
+    train_blockwise(model, 1, data, config=CFG, work_dir=tmp_path / "bw", keep_states=True)
+    assert_same(phis(model), ref, init)
+    for j in range(2):
+        assert json.loads((tmp_path / "bw" / f"h{j:04d}.json").read_text())["identity"]["rows"] == 8
+        assert (tmp_path / "bw" / f"h{j:04d}.bin").stat().st_size == 8 * 32 * 32 * 4
+
+
 def test_blockwise_equals_joint_gemma3_per_layer_types(tmp_path):
     """Gemma-3: local layers get other RoPE and (with window 8 < 32 tokens) a real sliding mask."""
     def make():
@@ -125,15 +145,17 @@ def test_stored_states_are_the_real_hidden_states(tmp_path, family):
         for n, p in reference.named_parameters():
             if n.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0, 0.1)
-    ids = torch.cat([train_data.input_ids, val_data.input_ids[:2]])  # eval_batches 1 x micro-batch 2
+    read = visited_rows(3, config, 32)  # 1 step x micro-batch 2: two of the three training rows are read
+    assert len(read) == 2
+    ids = torch.cat([train_data.input_ids[read], val_data.input_ids[:2]])  # + eval_batches 1 x micro-batch 2
     with torch.no_grad():
         real = reference(input_ids=ids, output_hidden_states=True).hidden_states
     L = model.config.num_hidden_layers
     for j in range(L):
         meta = json.loads((work / f"h{j:04d}.json").read_text())
         ident = meta["identity"]
-        assert (ident["rows"], ident["block_size"], ident["hidden"], ident["dtype"]) == (5, 32, 32, "float32")
-        raw = np.fromfile(work / f"h{j:04d}.bin", dtype=np.uint8).reshape(5, 32, -1)
+        assert (ident["rows"], ident["block_size"], ident["hidden"], ident["dtype"]) == (4, 32, 32, "float32")
+        raw = np.fromfile(work / f"h{j:04d}.bin", dtype=np.uint8).reshape(4, 32, -1)
         stored = torch.from_numpy(raw).view(torch.float32)
         assert torch.equal(stored, real[j]), f"layer {j}"
     assert not list(work.glob(".*tmp*"))

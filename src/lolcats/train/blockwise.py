@@ -10,10 +10,11 @@ train independently. Block-wise transfer uses that:
    with forward pre-hooks, the exact arguments every decoder layer receives (attention mask,
    position embeddings, position ids, ...: Gemma-3 has other masks and RoPE for its local layers,
    Gemma-2 scales its embeddings inside forward, so the decoder is never re-run from embeddings);
-2. *capture*: the teacher runs once over the training rows (and the validation rows that
-   `evaluate` would use) and the residual-stream input of decoder layer b*k, exactly as the model
-   computes it (model dtype, before any norm), is stored for every block b: one raw memmap per
-   boundary in `work_dir`, written to a temporary file and renamed when complete;
+2. *capture*: the teacher runs once over the training rows that stage 1 will read (all of them
+   when the budget is an epoch or more; `visited_rows`) and the validation rows that `evaluate`
+   would use, and the residual-stream input of decoder layer b*k, exactly as the model computes
+   it (model dtype, before any norm), is stored for every block b: one raw memmap per boundary
+   in `work_dir`, written to a temporary file and renamed when complete;
 3. *train*: each block's converted layers are trained with the shared `train` loop on the stored
    inputs (the dataset holds row indices into the stored states), with its own checkpoints, and the
    block's phi/gamma are written atomically to `work_dir/block-BBBB.safetensors`;
@@ -67,7 +68,7 @@ from torch import nn
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text, fingerprint
 from lolcats.train import distributed
-from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train
+from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train, visited_rows
 from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters
 
 logger = logging.getLogger(__name__)
@@ -160,9 +161,14 @@ def _val_rows(val_data, config: TrainConfig) -> int:
     return n
 
 
+def _train_rows(train_data, config: TrainConfig) -> torch.Tensor:
+    """The training blocks stage 1 reads (all ranks together); only those are stored."""
+    return visited_rows(len(train_data), config, int(train_data.input_ids.shape[1]), distributed.world_size())
+
+
 def stored_rows(train_data, val_data, config: TrainConfig) -> int:
-    """Blocks whose layer inputs are stored: all training blocks + the validation blocks `evaluate` reads."""
-    return len(train_data) + _val_rows(val_data, config)
+    """Blocks whose layer inputs are stored: the training blocks the run reads + the validation blocks `evaluate` reads."""
+    return len(_train_rows(train_data, config)) + _val_rows(val_data, config)
 
 
 def estimate_bytes(model: nn.Module, k: int, rows: int, block_size: int, *,
@@ -409,12 +415,18 @@ class _StateWriter:
 
 
 class _StateReader:
-    def __init__(self, file: _StateFile, ident: dict[str, Any]):
+    """Stored inputs by dataset row (`slots[row]`: its row in the file, -1 if it was not stored)."""
+
+    def __init__(self, file: _StateFile, ident: dict[str, Any], slots: np.ndarray):
         shape, self.dtype = _state_shape(ident)
         self.mm = np.memmap(file.path, dtype=np.uint8, mode="r", shape=shape)
+        self.slots = slots
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
-        raw = np.ascontiguousarray(self.mm[rows])  # a copy, in the order asked
+        stored = self.slots[rows]
+        if (stored < 0).any():  # the sampler and `visited_rows` disagree: a bug, not bad input
+            raise RuntimeError(f"block-wise: rows {rows[stored < 0].tolist()} were not stored")
+        raw = np.ascontiguousarray(self.mm[stored])  # a copy, in the order asked
         return torch.from_numpy(raw).view(self.dtype)  # [b, T, hidden]
 
 
@@ -575,8 +587,17 @@ def train_blockwise(
     n_val = _val_rows(val_data, config)
     if n_val and int(val_data.input_ids.shape[1]) != block_size:
         raise BlockwiseError("training and validation blocks differ in length")
-    all_ids = train_data.input_ids if not n_val else torch.cat([train_data.input_ids, val_data.input_ids[:n_val]])
+    # stored rows: the training blocks the sampler will read (a budget under one epoch reads only part
+    # of the data), then the validation blocks; `slots` maps a dataset row to its stored row
+    train_rows = _train_rows(train_data, config)
+    n_stored_train = len(train_rows)
+    all_ids = train_data.input_ids[train_rows]
+    if n_val:
+        all_ids = torch.cat([all_ids, val_data.input_ids[:n_val]])
     rows = int(all_ids.shape[0])
+    slots = np.full(n_train + n_val, -1, dtype=np.int64)
+    slots[train_rows.numpy()] = np.arange(n_stored_train)
+    slots[n_train:] = np.arange(n_stored_train, rows)
     lcfg = getattr(model, "lolcats_config", None)
     emb = model.get_input_embeddings().weight
     hidden_size = int(getattr(model.config, "hidden_size", emb.shape[1]))
@@ -640,7 +661,7 @@ def train_blockwise(
             stream_dtype = None
             with torch.no_grad(), _autocast(teacher_device, config.dtype):
                 for b in sorted(sizes):
-                    rows_b = all_ids[:b] if b <= n_train else all_ids[n_train : n_train + b]
+                    rows_b = all_ids[:b] if b <= n_stored_train else all_ids[n_stored_train : n_stored_train + b]
                     with _Recorder(layers, keep=keep, last=last, stop=not sharded, check_chain=True) as rec:
                         rec.run(model, rows_b.to(teacher_device))
                     if rec.broken_chain is not None:
@@ -693,7 +714,7 @@ def train_blockwise(
                 layer.to(device)
         attns = [attn_of[i] for i in spec.converted]
         block_calls = {b: [c.to(device) for c in cs[spec.start : stop_layer + 1]] for b, cs in calls.items()}
-        reader = _StateReader(files[spec.start], {**state_ident, "layer": spec.start})
+        reader = _StateReader(files[spec.start], {**state_ident, "layer": spec.start}, slots)
         loss_fn = _BlockLoss(block_layers, attns, block_calls, reader, mse_weight=float(mse_weight),
                              ce_weight=float(ce_weight), early_exit=not sharded)
         params = block_params[spec.index]

@@ -212,6 +212,21 @@ class _Sampler:
         return {"epoch": self.epoch, "offset": self.offset}
 
 
+def visited_rows(n: int, config: "TrainConfig", block_size: int, world_size: int = 1) -> torch.Tensor:
+    """The training blocks (sorted indices) that `train` with `config` reads out of `n`.
+
+    The same sampler as `train`, walked for every micro-batch of the run: a budget smaller than
+    one epoch reads only part of the data (block-wise stage 1 then stores only those rows).
+    """
+    sampler = _Sampler(n, world_size * config.micro_batch_size, config.seed)
+    seen = []
+    for _ in range(config.total_steps(block_size, world_size) * config.grad_accum):
+        seen.append(sampler.next())
+        if sampler.epoch > 0:  # a second (reshuffled) epoch: every block can come up
+            return torch.arange(n)
+    return torch.cat(seen).unique()  # sorted
+
+
 def _batch(blocks, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
     return {
         "input_ids": blocks.input_ids[idx].to(device, non_blocking=True),
