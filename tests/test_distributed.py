@@ -214,9 +214,9 @@ def task_linearize(out: str, base: str, data: str) -> None:
     from lolcats.linearize import linearize
 
     m = linearize(base, data, out=Path(out, "delta"), config=LolcatsConfig(window_size=8, feature_dim=8, chunk_size=16),
-                  cache_dir=Path(out, "cache"), fsdp=True, **LINEARIZE_FAST)
+                  cache_dir=Path(out, "cache"), fsdp=True, activation_checkpointing=True, **LINEARIZE_FAST)
     Path(out, f"metrics-rank{distributed.rank()}.json").write_text(json.dumps(
-        {k: m[k] for k in ("perplexity", "tokens", "sample")}))
+        {k: m[k] for k in ("perplexity", "tokens", "sample", "activation_checkpointing")}))
 
 
 def task_load_sharded(out: str, base: str) -> None:
@@ -358,13 +358,15 @@ def test_torchrun_linearize_cli_writes_one_delta(tiny_base, tmp_path):
 
 
 def test_linearize_fsdp_two_processes(tiny_base, tmp_path):
-    """linearize(fsdp=True) under 2 processes: one delta folder that loads, equal metrics on both ranks."""
+    """linearize(fsdp=True, activation_checkpointing=True) under 2 processes: one delta folder that
+    loads, equal metrics on both ranks."""
     base, data = tiny_base
     spawn("linearize", tmp_path, base=str(base), data=str(data))
     out = tmp_path / "delta"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
     m0, m1 = (json.loads((tmp_path / f"metrics-rank{r}.json").read_text()) for r in range(WORLD))
     assert m0 == m1 and m0["tokens"] == {"stage1": 512, "stage2": 512}
+    assert m0["activation_checkpointing"] == {"stage1": False, "stage2": True}  # not in stage 1 under FSDP
     import lolcats
 
     from lolcats.checkpoint import fingerprint

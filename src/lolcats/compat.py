@@ -75,3 +75,21 @@ def output_cache(outputs):
     """The cache a model's forward returned (`outputs.cache`, or `outputs.past_key_values` before 5.2x)."""
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations during backward instead of keeping them.
+
+    transformers' own per-layer checkpointing (`activation_checkpointing_enable`, called
+    `gradient_checkpointing_enable` in 5.17), non-reentrant: that variant composes with FSDP2 and
+    PEFT and needs no input that requires grad. transformers also hooks the embeddings so their
+    output requires grad (needed only by the reentrant variant); that hook is removed, or stage 1
+    would backpropagate through the whole frozen teacher.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()

@@ -66,7 +66,7 @@ LINEARIZE_OPTIONS = (
     "lora_targets", "micro_batch_size", "grad_accum", "dtype", "device", "seed", "eval_tokens", "data_tokens",
     "mse_weight", "ce_weight", "warmup_steps", "eval_every", "checkpoint_every", "max_grad_norm",
     "weight_decay", "schedule", "skip_stage2", "max_new_tokens", "sample_prompt", "data", "eval_batches",
-    "blockwise", "fsdp",
+    "blockwise", "fsdp", "activation_checkpointing",
 )
 
 _CPU_PRESET: dict[str, Any] = {
@@ -109,7 +109,7 @@ _CUDA_PRESET: dict[str, Any] = {
 _COMMON_DEFAULTS: dict[str, Any] = {
     "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": None, "seed": 0,
     "mse_weight": 1000.0, "ce_weight": 0.0, "max_grad_norm": 1.0, "weight_decay": 0.0, "schedule": "cosine",
-    "max_new_tokens": 40, "sample_prompt": DEFAULT_PROMPT,
+    "max_new_tokens": 40, "sample_prompt": DEFAULT_PROMPT, "activation_checkpointing": False,
 }
 
 
@@ -404,6 +404,7 @@ def linearize(
     cache_dir: str | os.PathLike | None = None,
     blockwise: int | None = None,
     fsdp: bool = False,  # under torchrun: shard the frozen base over the processes (FSDP2)
+    activation_checkpointing: bool | None = None,  # recompute decoder layers in backward (less memory)
 ) -> dict[str, Any]:
     """Linearize `model` (path, .gguf, None = embedded SmolLM2, or a loaded transformers model)
     on `data` (path, None = ShareGPT, or a pre-tokenised `lolcats.data.DataSplits`) into the delta
@@ -435,7 +436,7 @@ def linearize(
         "mse_weight": mse_weight, "ce_weight": ce_weight, "warmup_steps": warmup_steps, "eval_every": eval_every,
         "eval_batches": eval_batches, "checkpoint_every": checkpoint_every, "max_grad_norm": max_grad_norm,
         "weight_decay": weight_decay, "schedule": schedule, "max_new_tokens": max_new_tokens,
-        "sample_prompt": sample_prompt,
+        "sample_prompt": sample_prompt, "activation_checkpointing": activation_checkpointing,
     }
     opts = preset(dev)
     opts.update({k: v for k, v in given.items() if v is not None})
@@ -691,6 +692,14 @@ def linearize(
     ppl_swap = ppl("ppl_swap", base, "after swap")
 
     # ---- stage 1 ---------------------------------------------------------------------------
+    from lolcats.compat import enable_activation_checkpointing
+
+    # Recompute each decoder layer in backward. Not in stage 1 under FSDP: its loss is inside the
+    # layers and no gradient reaches a layer's output, so FSDP's pre-backward hook would not
+    # re-gather the weights that the recompute needs (stage 2 backpropagates through the outputs).
+    checkpointing = bool(opts["activation_checkpointing"]) and not distributed.is_sharded(base)
+    if checkpointing:
+        enable_activation_checkpointing(base)
     _phase(progress, "stage1", "stage 1: attention transfer")
     torch.manual_seed(opts["seed"])
     if blockwise:  # block by block from stored teacher states (clips gradients per block)
@@ -718,6 +727,8 @@ def linearize(
     ppl_s2 = None
     if not skip_stage2 and opts["stage2_tokens"] > 0:
         _phase(progress, "stage2", "stage 2: LoRA fine-tuning")
+        if opts["activation_checkpointing"] and not checkpointing:
+            enable_activation_checkpointing(base)
         torch.manual_seed(opts["seed"] + 1)  # LoRA's init
         try:
             peft_model = add_lora(base, r=opts["lora_r"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"],
@@ -756,6 +767,8 @@ def linearize(
             "after_stage1": ppl_s1["response_ppl"], "after_stage2": ppl_s2["response_ppl"] if ppl_s2 else None,
         },
         "eval_tokens": ppl_teacher["tokens"],
+        "activation_checkpointing": {"stage1": checkpointing,
+                                     "stage2": bool(opts["activation_checkpointing"]) and res2 is not None},
         "stage1": stage_metrics(res1), "stage2": stage_metrics(res2),
         "tokens": {"stage1": res1.tokens, "stage2": res2.tokens if res2 else 0},
         "tokens_per_s": {"stage1": res1.tokens_per_s, "stage2": res2.tokens_per_s if res2 else None},
