@@ -390,17 +390,34 @@ def test_load_sharded_reads_the_base_on_rank_zero_only(tmp_path, tie):
 
 
 def test_stage1_benchmark_script_runs_on_cpu(tmp_path):
-    """scripts/gpu/bench_stage1_multigpu.py --fsdp (meta init, sharded) under torchrun with gloo."""
+    """scripts/gpu/bench_training.py --fsdp (meta init, sharded) under torchrun with gloo."""
     out = tmp_path / "b.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(ROOT / "scripts" / "gpu" / "bench_stage1_multigpu.py"), "--preset", "smollm2-135m", "--layers", "2",
+           str(ROOT / "scripts" / "gpu" / "bench_training.py"), "--preset", "smollm2-135m", "--layers", "2",
            "--device", "cpu", "--steps", "2", "--warmup", "1", "--block-size", "64", "--micro-batch", "1", "--fsdp",
            "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("| smollm2-135m | 2 | 2 | yes |") == 1, proc.stdout
+    assert proc.stdout.count("| 1 | smollm2-135m | 2 | 2 | yes | no |") == 1, proc.stdout
     r = json.loads(out.read_text())
     assert r["config"]["world_size"] == 2 and r["config"]["tokens_per_step"] == 2 * 64 and r["tokens_per_s"] > 0
     assert r["nonfinite_steps"] == 0 and len(r["peak_memory_bytes_per_rank"]) == 2
+
+
+def test_training_benchmark_script_stage2_with_checkpointing_on_cpu(tmp_path):
+    """scripts/gpu/bench_training.py --stage 2 --activation-checkpointing, one process."""
+    out = tmp_path / "b.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu" / "bench_training.py"), "--stage", "2",
+           "--activation-checkpointing", "--preset", "smollm2-135m", "--layers", "2", "--device", "cpu",
+           "--steps", "2", "--warmup", "1", "--block-size", "64", "--micro-batch", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["config"]["stage"] == 2 and r["config"]["activation_checkpointing"] and r["config"]["world_size"] == 1
+    # LoRA r 8 on 2 layers: q, o map 576 -> 576; k, v map 576 -> 192 (3 KV heads of 64)
+    assert r["trainable_parameters"] == 2 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
+    assert r["nonfinite_steps"] == 0 and r["tokens_per_s"] > 0

@@ -8,7 +8,7 @@ teacher and the hybrid student, MSE between them) + `lolcats.train.train` (AdamW
 gamma, gradient clipping; bf16 autocast on CUDA, as `lolcats linearize` does there) on random
 token blocks. Throughput = tokens of the steps after `warmup_steps` / their wall time (the device
 is synchronised at each step's end; the first steps include Triton compilation). Single process;
-multi-GPU scaling is measured by scripts/gpu/bench_stage1_multigpu.py.
+multi-GPU scaling is measured by scripts/gpu/bench_training.py.
 """
 from __future__ import annotations
 

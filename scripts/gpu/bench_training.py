@@ -1,25 +1,29 @@
-"""Stage-1 (attention transfer) throughput and memory on one or several GPUs (data parallel,
-optionally FSDP2), through the real training loop.
+"""Training throughput and memory of stage 1 (attention transfer) or stage 2 (LoRA) on one or
+several GPUs (data parallel, optionally FSDP2), through the real training loop.
 
-    # one GPU, then two (data parallel): Llama-3-8B shapes, random bf16 weights
-    PYTHONPATH=src python3 scripts/gpu/bench_stage1_multigpu.py --out $OUT/stage1_8b_ngpu1.json
-    PYTHONPATH=src torchrun --standalone --nproc_per_node 2 scripts/gpu/bench_stage1_multigpu.py \
+    # stage 1 on one GPU, then two (data parallel): Llama-3-8B shapes, random bf16 weights
+    PYTHONPATH=src python3 scripts/gpu/bench_training.py --out $OUT/stage1_8b_ngpu1.json
+    PYTHONPATH=src torchrun --standalone --nproc_per_node 2 scripts/gpu/bench_training.py \
         --out $OUT/stage1_8b_ngpu2.json
+    # stage 2 (LoRA r 8 on q/k/v/o) with and without activation checkpointing
+    PYTHONPATH=src python3 scripts/gpu/bench_training.py --stage 2 --micro-batch 4 --activation-checkpointing
     # a base that does not fit one GPU: Llama-3-70B shapes sharded over 4 GPUs (FSDP2)
-    PYTHONPATH=src torchrun --standalone --nproc_per_node 4 scripts/gpu/bench_stage1_multigpu.py \
+    PYTHONPATH=src torchrun --standalone --nproc_per_node 4 scripts/gpu/bench_training.py \
         --preset llama3-70b --fsdp --micro-batch 1 --out $OUT/stage1_70b_fsdp4.json
     # check the script on CPU (gloo)
-    PYTHONPATH=src torchrun --standalone --nproc_per_node 2 scripts/gpu/bench_stage1_multigpu.py \
+    PYTHONPATH=src torchrun --standalone --nproc_per_node 2 scripts/gpu/bench_training.py \
         --preset smollm2-135m --layers 2 --device cpu --steps 2 --warmup 1 --block-size 128
 
 Each process builds the same random-weight Llama of the preset's shape (`random_causal_lm`; with
 --fsdp built on the meta device, sharded per decoder layer, then materialised shard by shard),
-`lolcats.convert`s it and runs `lolcats.train.train` with `TransferLoss` (AdamW on phi/gamma,
-gradient clipping, bf16 autocast on CUDA) on random token blocks. A step takes
-world_size x micro-batch x grad-accum blocks (each rank its own micro-batch); gradients are
-averaged across ranks. Throughput = tokens of all ranks over the steps after --warmup, divided by
-their wall time (each step ends with a device sync). Peak memory is per rank
-(torch.cuda.max_memory_allocated). Rank 0 prints a markdown table row and writes JSON to --out.
+`lolcats.convert`s it and runs `lolcats.train.train` on random token blocks: stage 1 with
+`TransferLoss` (AdamW on phi/gamma), stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma
+frozen), gradient clipping, bf16 autocast on CUDA; --activation-checkpointing as in
+`lolcats linearize` (stage 1 not under --fsdp). A step takes world_size x micro-batch x
+grad-accum blocks (each rank its own micro-batch); gradients are averaged across ranks.
+Throughput = tokens of all ranks over the steps after --warmup, divided by their wall time (each
+step ends with a device sync). Peak memory is per rank (torch.cuda.max_memory_allocated). Rank 0
+prints a markdown table row and writes JSON to --out.
 """
 from __future__ import annotations
 
@@ -43,15 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # run from
 
 from lolcats import LolcatsConfig, convert  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
-from lolcats.train import TrainConfig, TransferLoss, train, transfer_parameters  # noqa: E402
+from lolcats.compat import enable_activation_checkpointing  # noqa: E402
+from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train  # noqa: E402
+from lolcats.train import transfer_parameters  # noqa: E402
 from lolcats.train import distributed  # noqa: E402
 
-HEADER = ("| preset | layers | GPUs | FSDP | block x micro-batch x accum | tokens/s (all) | tokens/s per GPU "
-          "| s/step | peak GiB per rank (max) | model GiB per rank |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| stage | preset | layers | GPUs | FSDP | act. ckpt | block x micro-batch x accum | tokens/s (all) | tokens/s per GPU "
+          "| s/step | peak GiB per rank (max) | model GiB per rank |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: attention transfer, 2: LoRA")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute decoder layers in backward (stage 1: not with --fsdp)")
     p.add_argument("--preset", default="llama3-8b", help="model shape (lolcats.plan.PRESETS), default llama3-8b")
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the preset (smoke tests)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -64,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps not measured (Triton compilation, allocator)")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base over the ranks (FSDP2)")
     p.add_argument("--key-maps", choices=["query", "kv"], default="query", help="key feature map per query or KV head")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (stage 1), 1e-4 (stage 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default $OUT/stage1_<preset>_ngpu<N>[_fsdp].json if $OUT is set)")
     args = p.parse_args(argv)
@@ -130,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = torch.cuda.memory_allocated(device) if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    loss_fn = TransferLoss(model)
-    params = transfer_parameters(model)
+    checkpointing = args.activation_checkpointing and not (args.fsdp and args.stage == 1)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    if args.stage == 1:
+        loss_fn, params = TransferLoss(model), transfer_parameters(model)
+    else:
+        model = add_lora(model)  # r 8, alpha 16 on q/k/v/o; phi/gamma frozen
+        loss_fn, params = causal_lm_loss, lora_parameters(model)
     total_steps = args.warmup + args.steps
     n_blocks = world * args.micro_batch * args.grad_accum * total_steps  # every block seen once
     gen = torch.Generator().manual_seed(args.seed)  # the same blocks on every rank; each takes its slice
@@ -146,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             sync(device)  # the step's update is done
             times.append((int(event["tokens"]), time.perf_counter() - t0))
 
-    tc = TrainConfig(lr=args.lr, max_steps=total_steps, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
+    lr = args.lr if args.lr is not None else (1e-2 if args.stage == 1 else 1e-4)
+    tc = TrainConfig(lr=lr, max_steps=total_steps, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
                      dtype=autocast, eval_every=0, checkpoint_every=0, log_every=total_steps, seed=args.seed)
-    res = train(model, params, loss_fn, blocks, None, config=tc, callback=callback, name="stage1", device=device)
+    res = train(model, params, loss_fn, blocks, None, config=tc, callback=callback, name=f"stage{args.stage}",
+                device=device)
     tok0, s0 = times[args.warmup - 1] if args.warmup > 0 else (0, 0.0)
     tok1, s1 = times[-1]
     tokens_per_s = (tok1 - tok0) / max(s1 - s0, 1e-9)
@@ -157,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         result = {
-            "benchmark": "stage1_multigpu",
-            "config": {"preset": args.preset, "layers": args.layers or model.config.num_hidden_layers,
+            "benchmark": "training",
+            "config": {"stage": args.stage, "activation_checkpointing": checkpointing, "preset": args.preset, "layers": args.layers or model.config.num_hidden_layers,
                        "device": device.type, "weights_dtype": str(dtype).replace("torch.", ""), "autocast": autocast,
                        "block_size": args.block_size, "micro_batch_size": args.micro_batch,
                        "grad_accum": args.grad_accum, "warmup_steps": args.warmup, "measured_steps": args.steps,
@@ -176,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{max(peaks) / gib:.1f}" if cuda else "-"
         mod = f"{max(models) / gib:.1f}" if cuda else "-"
         print(HEADER)
-        print(f"| {args.preset} | {result['config']['layers']} | {world} | {'yes' if args.fsdp else 'no'} "
+        print(f"| {args.stage} | {args.preset} | {result['config']['layers']} | {world} | {'yes' if args.fsdp else 'no'} "
+              f"| {'yes' if checkpointing else 'no'} "
               f"| {args.block_size} x {args.micro_batch} x {args.grad_accum} | {tokens_per_s:,.0f} "
               f"| {tokens_per_s / world:,.0f} | {result['seconds_per_step']:.3f} | {peak} | {mod} |", flush=True)
         out = args.out
         if out is None and os.environ.get("OUT"):
-            out = str(Path(os.environ["OUT"]) / f"stage1_{args.preset}_ngpu{world}{'_fsdp' if args.fsdp else ''}.json")
+            out = str(Path(os.environ["OUT"]) / (f"stage{args.stage}_{args.preset}_ngpu{world}{'_fsdp' if args.fsdp else ''}"
+                                                 f"{'_ac' if checkpointing else ''}.json"))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(result, indent=2))
