@@ -210,11 +210,11 @@ LINEARIZE_FAST = dict(stage1_tokens=512, stage2_tokens=512, block_size=64, eval_
                       max_new_tokens=3, checkpoint_every=1, device="cpu")
 
 
-def task_linearize(out: str, base: str, data: str) -> None:
+def task_linearize(out: str, base: str, data: str, **options) -> None:
     from lolcats.linearize import linearize
 
     m = linearize(base, data, out=Path(out, "delta"), config=LolcatsConfig(window_size=8, feature_dim=8, chunk_size=16),
-                  cache_dir=Path(out, "cache"), fsdp=True, activation_checkpointing=True, **LINEARIZE_FAST)
+                  cache_dir=Path(out, "cache"), **options, **LINEARIZE_FAST)
     Path(out, f"metrics-rank{distributed.rank()}.json").write_text(json.dumps(
         {k: m[k] for k in ("perplexity", "tokens", "sample", "activation_checkpointing")}))
 
@@ -357,16 +357,22 @@ def test_torchrun_linearize_cli_writes_one_delta(tiny_base, tmp_path):
     assert "exists and is not empty" in proc.stderr
 
 
-def test_linearize_fsdp_two_processes(tiny_base, tmp_path):
-    """linearize(fsdp=True, activation_checkpointing=True) under 2 processes: one delta folder that
-    loads, equal metrics on both ranks."""
+@pytest.mark.parametrize("options", [dict(fsdp=True, activation_checkpointing=True), dict(blockwise=1),
+                                     dict(fsdp=True, blockwise=2)], ids=["fsdp-ac", "blockwise", "fsdp-blockwise"])
+def test_linearize_fsdp_two_processes(tiny_base, tmp_path, options):
+    """linearize under 2 processes, FSDP with activation checkpointing, block-wise stage 1 data parallel,
+    and both: one delta folder that loads, equal metrics on both ranks."""
     base, data = tiny_base
-    spawn("linearize", tmp_path, base=str(base), data=str(data))
+    spawn("linearize", tmp_path, base=str(base), data=str(data), **options)
     out = tmp_path / "delta"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
     m0, m1 = (json.loads((tmp_path / f"metrics-rank{r}.json").read_text()) for r in range(WORLD))
     assert m0 == m1 and m0["tokens"] == {"stage1": 512, "stage2": 512}
-    assert m0["activation_checkpointing"] == {"stage1": False, "stage2": True}  # not in stage 1 under FSDP
+    if options.get("activation_checkpointing"):
+        assert m0["activation_checkpointing"] == {"stage1": False, "stage2": True}  # not in stage 1 under FSDP
+    from lolcats.linearize import work_dir_for
+
+    assert not work_dir_for(out).exists()  # the work folder (stored states included) is gone
     import lolcats
 
     from lolcats.checkpoint import fingerprint

@@ -426,8 +426,6 @@ def linearize(
     if fsdp and world < 2:
         raise LinearizeError("fsdp shards the model over the processes of a torchrun launch; "
                              "run with torchrun --nproc_per_node N (N >= 2) or drop --fsdp")
-    if blockwise and world > 1:
-        raise LinearizeError("block-wise stage 1 runs in one process; launch without torchrun or drop --blockwise")
     given = {
         "stage1_tokens": stage1_tokens, "stage2_tokens": stage2_tokens, "block_size": block_size, "lr1": lr1,
         "lr2": lr2, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
