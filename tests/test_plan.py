@@ -1,4 +1,10 @@
-"""Memory planner: counts that can be checked by hand, and scaling with the number of GPUs."""
+"""Memory planner: counts that can be checked by hand, scaling with the number of GPUs, and
+agreement with the peaks measured on an H200."""
+import json
+from pathlib import Path
+
+import pytest
+
 import lolcats
 from lolcats.config import LolcatsConfig
 from lolcats.plan import GIB, ModelShape, PRESETS, decode_state_bytes, format_plan, plan
@@ -23,6 +29,27 @@ def test_sharding_divides_weights_and_optimizer():
     assert four[0].weights * 4 == one[0].weights
     assert one[0].weights > 120 * GIB  # 70B in bf16 does not fit one GPU
     assert "NO" in format_plan(one, 1, 141) and format_plan(four, 4, 141).count("yes") == 2
+
+
+MEASURED = sorted((Path(__file__).resolve().parents[1] / "reports" / "bench" / "training").glob("stage*.json"))
+
+
+@pytest.mark.parametrize("path", MEASURED, ids=[p.stem for p in MEASURED])
+def test_plan_matches_the_measured_peaks(path):
+    """The training benchmark's peak GPU memory (scripts/gpu/bench_training.py, one H200) vs the plan."""
+    r = json.loads(path.read_text())
+    c = r["config"]
+    assert c["world_size"] == 1 and not c["fsdp"] and c["preset"] in PRESETS
+    rows = plan(ModelShape(*PRESETS[c["preset"]]), gpus=1, tokens_per_gpu=c["block_size"] * c["micro_batch_size"],
+                config=LolcatsConfig(key_map_sharing=c["key_maps"]),
+                activation_checkpointing=bool(c.get("activation_checkpointing")))
+    planned = rows[c.get("stage", 1) - 1].total
+    measured = max(r["peak_memory_bytes_per_rank"])
+    assert abs(planned / measured - 1) < 0.10, (planned / GIB, measured / GIB)
+
+
+def test_measured_peaks_are_there():
+    assert len(MEASURED) >= 6  # both stages, with and without activation checkpointing
 
 
 def test_decode_state_of_the_8b_shape():

@@ -2,7 +2,9 @@
 
 Estimates, not measurements: weights and optimizer state are exact counts; activations use the
 usual per-token accounting (Korthikanti et al. 2022, without attention matrices, which the hybrid
-never materialises) plus the hybrid's own intermediates. Good to a few tens of percent.
+never materialises) plus the hybrid's own intermediates, with the terms set from the peaks
+measured on one H200 (Llama-3-8B shape, both stages, with and without activation checkpointing,
+reports/bench/training/): there the totals are within 3% (tests/test_plan.py checks 10%).
 """
 from __future__ import annotations
 
@@ -82,16 +84,24 @@ def plan(
 
     T, h = tokens_per_gpu, shape.hidden
     C, w = cfg.chunk_size, cfg.window_size
+    q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # hybrid intermediates kept for backward, per token and layer (fp32): q/k features,
     # window scores over C + w keys, intra-chunk linear scores, chunk states amortised over C
     hybrid = 4 * (shape.heads * F2 * 2 + shape.heads * (C + w) + shape.heads * C
                   + key_heads * F2 * shape.head_dim // max(C, 1))
-    # stage 1: the student graphs of all layers stay alive until the summed loss is backpropagated
-    # (each hangs off frozen teacher inputs, so nothing else is kept)
-    stage1_act = T * (hybrid * shape.layers + 4 * h * weight_bytes)
-    # stage 2: full backprop through every layer
-    per_layer = T * (h * (34 if not activation_checkpointing else 2) + hybrid)
-    stage2_act = per_layer * shape.layers + T * shape.vocab * 4  # + fp32 logits
+    # stage 1 keeps, per layer, the student's graph: the hybrid's intermediates, its inputs q, k, v
+    # and the teacher's output it is compared with (fp32); each hangs off frozen teacher inputs
+    student = hybrid + weight_bytes * (q_size + 2 * kv_size) + 4 * q_size
+    # a whole layer's activations for backprop (Korthikanti et al.'s 34 h bytes in 16 bit) + the hybrid
+    full_layer = 34 * h + hybrid
+    layer_input = weight_bytes * h  # all a checkpointed layer keeps until its recompute
+    logits = T * shape.vocab * 10  # 16-bit logits, their fp32 copy for the loss, and its gradient
+    if activation_checkpointing:  # the layers' inputs + one layer recomputed at a time
+        stage1_act = T * (layer_input * shape.layers + full_layer)
+        stage2_act = T * (layer_input * shape.layers + full_layer) + logits
+    else:
+        stage1_act = T * student * shape.layers
+        stage2_act = T * full_layer * shape.layers + logits
     return [
         StagePlan("stage1 (attention transfer)", weights, phi, phi * adam // gpus, stage1_act),
         StagePlan("stage2 (LoRA)", weights, lora, lora * adam // gpus, stage2_act),
