@@ -10,7 +10,7 @@ import torch
 import lolcats
 from lolcats import LolcatsConfig
 from lolcats.data import DataSplits, TokenBlocks
-from lolcats.linearize import LinearizeError, linearize, load_config_file, preset, work_dir_for
+from lolcats.linearize import LinearizeError, default_lr2, linearize, load_config_file, preset, work_dir_for
 from tiny_models import tiny_model
 
 CFG = dict(window_size=8, feature_dim=8, chunk_size=16)
@@ -192,3 +192,19 @@ def test_presets_by_device():
     assert cpu["dtype"] == "float32" and cuda["dtype"] == "bfloat16"
     assert cuda["block_size"] == 1024 and cuda["stage1_tokens"] >= 2_000_000 and cuda["stage2_tokens"] >= 5_000_000
     assert cpu["stage1_tokens"] < cuda["stage1_tokens"]
+    # stage-2 lr: 1e-3 on the CPU's small budget; on CUDA by model size (the paper's 1e-4 from 1B up)
+    assert cpu["lr2"] == 1e-3 and cuda["lr2"] is None
+    assert default_lr2(134_515_008) == 1e-3 and default_lr2(8_030_261_248) == 1e-4
+
+
+def test_stage2_lr_by_model_size_when_the_preset_leaves_it_open(base_dir, data_file, tmp_path, monkeypatch):
+    """The CUDA preset leaves lr2 to default_lr2(parameters of the loaded base); the resolved value
+    is what stage 2 uses and what metrics.json records."""
+    import importlib
+
+    lin = importlib.import_module("lolcats.linearize")  # (the package's `linearize` is the function)
+    monkeypatch.setitem(lin._CPU_PRESET, "lr2", None)  # as on CUDA, on this CPU-only machine
+    m = run(base_dir, data_file, tmp_path / "out", skip_stage2=False)
+    assert m["options"]["lr2"] == 1e-3 == json.loads((tmp_path / "out" / "metrics.json").read_text())["options"]["lr2"]
+    lrs = [h["lr"] for h in m["stage2"]["history"]]
+    assert lrs and 1e-4 < max(lrs) <= 1e-3  # the schedule around 1e-3, not the paper's 1e-4
