@@ -180,20 +180,20 @@ class Kill(Exception):
     pass
 
 
-def task_resume(out: str) -> None:
-    full, full_res = stage1(mbs=1, ckdir=Path(out, "a"))
+def task_resume(out: str, fsdp: bool = False) -> None:
+    full, full_res = stage1(mbs=1, ckdir=Path(out, "a"), fsdp=fsdp)
 
     def killer(event):
         if event["event"] == "step" and event["step"] == 5:
             raise Kill
 
     try:
-        stage1(mbs=1, ckdir=Path(out, "b"), callback=killer)
+        stage1(mbs=1, ckdir=Path(out, "b"), callback=killer, fsdp=fsdp)
         raise AssertionError("the run was not interrupted")
     except Kill:
         pass
     assert latest_checkpoint(Path(out, "b")).name == "step-00000004"
-    resumed, res = stage1(mbs=1, ckdir=Path(out, "b"), resume=True)
+    resumed, res = stage1(mbs=1, ckdir=Path(out, "b"), resume=True, fsdp=fsdp)
     assert res.resumed_from_step == 4 and res.steps == full_res.steps
     _save(out, "full", full, full_res)
     _save(out, "resumed", resumed, res)
@@ -269,8 +269,9 @@ def test_two_processes_equal_one_process_with_the_same_blocks_per_step(tmp_path)
     _load(tmp_path, "nan")
 
 
-def test_resumed_two_process_run_equals_uninterrupted(tmp_path):
-    spawn("resume", tmp_path)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_resumed_two_process_run_equals_uninterrupted(tmp_path, fsdp):
+    spawn("resume", tmp_path, fsdp=fsdp)
     full, full_res = _load(tmp_path, "full")
     resumed, res = _load(tmp_path, "resumed")
     for k in full:
