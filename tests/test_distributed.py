@@ -329,16 +329,27 @@ def tiny_base(tmp_path_factory):
     return d / "base", d / "chat.jsonl"
 
 
-def test_torchrun_linearize_cli_writes_one_delta(tiny_base, tmp_path):
-    """`torchrun --nproc_per_node 2 -m lolcats linearize`: rank 0 alone writes and reports."""
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)],
+    # accelerate's multi-GPU launcher is torchrun underneath (here its processes take the CPU and gloo)
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_torchrun_linearize_cli_writes_one_delta(tiny_base, tmp_path, launcher):
+    """`torchrun --nproc_per_node 2 -m lolcats linearize` (or `accelerate launch --multi_gpu`):
+    rank 0 alone writes and reports."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     base, data = tiny_base
     cfg = tmp_path / "c.yaml"
     cfg.write_text("chunk_size: 16\nmax_new_tokens: 3\ncheckpoint_every: 1\n")
     out = tmp_path / "delta"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "lolcats", "linearize", str(base), "--data", str(data), "--out", str(out), "--config", str(cfg),
+    cmd = [*LAUNCHERS[launcher], "-m", "lolcats", "linearize", str(base), "--data", str(data), "--out", str(out), "--config", str(cfg),
            "--device", "cpu", "--window", "8", "--feature-dim", "8", "--block-size", "64", "--eval-tokens", "128",
            "--stage1-tokens", "512", "--stage2-tokens", "512", "--micro-batch-size", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
