@@ -178,4 +178,7 @@ def run(args) -> int:
                 activation_checkpointing=args.activation_checkpointing)
     print(format_plan(rows, args.gpus, args.gpu_memory_gib))
     print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB")
+    host = shape.params * 2 / GIB  # the base loaded in 16 bit
+    print(f"host memory to load the base: {host:.1f} GiB on rank 0 under --fsdp (the other ranks build it on "
+          f"the meta device), {host * args.gpus:.1f} GiB in all without --fsdp (one copy per process)")
     return 0
