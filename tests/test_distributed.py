@@ -239,7 +239,20 @@ def task_load_sharded(out: str, base: str) -> None:
         "max_diff": (got - want).abs().max().item(), "tied_head": model.config.tie_word_embeddings}))
 
 
-TASKS = {"data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
+def task_load_sharded_fails(out: str) -> None:
+    """Rank 0's loader fails: rank 0 raises its error, the others RankZeroError with its message."""
+    def load():
+        raise OSError("model path '/nope' does not exist")
+
+    try:
+        distributed.load_sharded(load, device="cpu")
+        got = "no error"
+    except (OSError, distributed.RankZeroError) as e:
+        got = f"{type(e).__name__}: {e}"
+    Path(out, f"fail-rank{distributed.rank()}.txt").write_text(got)
+
+
+TASKS = {"load_sharded_fails": task_load_sharded_fails, "data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
          "load_sharded": task_load_sharded}
 
 
@@ -405,6 +418,12 @@ def test_load_sharded_reads_the_base_on_rank_zero_only(tmp_path, tie):
         got = json.loads((tmp_path / f"load-rank{r}.json").read_text())
         assert got["calls"] == ([0] if r == 0 else []) and got["sharded"] and got["tied_head"] == tie
         assert got["source"] == str(base.resolve()) and got["max_diff"] < 1e-5, got
+
+
+def test_load_sharded_failure_on_rank_zero_stops_every_rank(tmp_path):
+    spawn("load_sharded_fails", tmp_path, timeout=120)
+    assert (tmp_path / "fail-rank0.txt").read_text() == "OSError: model path '/nope' does not exist"
+    assert (tmp_path / "fail-rank1.txt").read_text() == "RankZeroError: model path '/nope' does not exist"
 
 
 def test_stage1_benchmark_script_runs_on_cpu(tmp_path):

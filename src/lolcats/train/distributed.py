@@ -432,15 +432,19 @@ def load_sharded(
         raise DistributedError("FSDP needs a process group; launch with torchrun (or call lolcats.train.distributed.init)")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = _on_main(load)  # rank 0: the whole model on the host
-    if full is not None:
-        full.requires_grad_(False)
-        dtypes = {p.dtype for p in full.parameters() if p.is_floating_point()}
+    def load_and_check() -> nn.Module:
+        base = load().requires_grad_(False)
+        dtypes = {p.dtype for p in base.parameters() if p.is_floating_point()}
         if len(dtypes) != 1:
             raise DistributedError(f"load_sharded expects one floating dtype in the base, got {sorted(map(str, dtypes))}")
-        spec = (type(full), full.config, getattr(full, "generation_config", None), dtypes.pop(),
-                getattr(full, "lolcats_source", None))
-    spec = broadcast_object(spec if is_main() else None)
+        return base
+
+    full = _on_main(load_and_check)  # rank 0: the whole model on the host (a failure there stops every rank)
+    spec = None
+    if full is not None:
+        spec = (type(full), full.config, getattr(full, "generation_config", None),
+                next(p.dtype for p in full.parameters() if p.is_floating_point()), getattr(full, "lolcats_source", None))
+    spec = broadcast_object(spec)
     cls, config, generation_config, dtype, source = spec
     with torch.device("meta"):  # the architecture without memory; rank 0 too, so all ranks shard alike
         model = cls(config).to(dtype)
