@@ -32,7 +32,7 @@ from triton.testing import do_bench
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import HybridState, empty_state
 from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
-from lolcats.bench.prefill import flash_gqa_ok, sdpa_fns
+from lolcats.bench.prefill import flash_gqa_ok, hybrid_inputs, sdpa_fns
 from lolcats.ops import _triton_prefill
 
 H, HK, D, FD, W, LAYERS = 32, 8, 128, 64, 64, 32
@@ -51,15 +51,8 @@ def ms(fn, rep=200):
 
 
 def hybrid_fns(B, L, dt, mode, fused_fm=True, attn_only=False):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    q = torch.randn(B, L, H, D, device=DEVICE, dtype=dt, generator=g).requires_grad_()
-    k = torch.randn(B, L, HK, D, device=DEVICE, dtype=dt, generator=g).requires_grad_()
-    v = torch.randn(B, L, HK, D, device=DEVICE, dtype=dt, generator=g).requires_grad_()
+    q, k, v, wq, wk, gamma, do = hybrid_inputs(B, L, H, HK, D, FD, dt, DEVICE, mode)  # as `lolcats bench` draws them
     nk = H if mode == "query" else HK
-    wq = (torch.randn(H, D, FD, device=DEVICE, generator=g) * D**-0.5).requires_grad_()
-    wk = (torch.randn(nk, D, FD, device=DEVICE, generator=g) * D**-0.5).requires_grad_()
-    gamma = torch.full((H,), 0.5, device=DEVICE, requires_grad=True)
-    do = torch.randn(B, L, H, D, device=DEVICE, dtype=dt)
     if attn_only:
         with torch.no_grad():
             fq0 = hedgehog_feature_map(q, wq, out_dtype=dt)

@@ -82,7 +82,9 @@ def sdpa_fns(B, L, H, Hk, D, dtype, device, gqa: bool):
     return fwd_nograd, fwd_bwd
 
 
-def _hybrid_fns(B, L, H, Hk, D, Fd, window, dtype, device, mode: str):
+def hybrid_inputs(B, L, H, Hk, D, Fd, dtype, device, mode: str):
+    """Seeded random inputs of one hybrid attention layer, all requiring grad, and an output
+    gradient: (q, k, v, wq, wk, gamma, do). `mode`: key maps per "query" or "kv" head."""
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
     k = torch.randn(B, L, Hk, D, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -92,6 +94,11 @@ def _hybrid_fns(B, L, H, Hk, D, Fd, window, dtype, device, mode: str):
     wk = (torch.randn(nk, D, Fd, device=device, generator=g) * D**-0.5).requires_grad_()
     gamma = torch.full((H,), 0.5, device=device, requires_grad=True)
     do = torch.randn(B, L, H, D, device=device, dtype=dtype)
+    return q, k, v, wq, wk, gamma, do
+
+
+def _hybrid_fns(B, L, H, Hk, D, Fd, window, dtype, device, mode: str):
+    q, k, v, wq, wk, gamma, do = hybrid_inputs(B, L, H, Hk, D, Fd, dtype, device, mode)
     params = (q, k, v, wq, wk, gamma)
 
     def fwd():
