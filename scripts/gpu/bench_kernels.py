@@ -39,6 +39,9 @@ H, HK, D, FD, W, LAYERS = 32, 8, 128, 64, 64, 32
 TOKENS = 64 * 1024
 DEVICE = "cuda"
 if os.environ.get("BENCH_DRY"):  # a dry run of this script's code on CPU (TRITON_INTERPRET=1), tiny sizes
+    from lolcats.ops.testing import fix_interpreter_loop_bounds
+
+    fix_interpreter_loop_bounds()
     H, HK, D, FD, W, TOKENS, DEVICE = 4, 2, 32, 16, 16, 256, "cpu"
 DT = torch.float32 if DEVICE == "cpu" else torch.bfloat16  # (the interpreter cannot do bfloat16 dots)
 

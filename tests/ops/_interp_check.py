@@ -8,20 +8,11 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton.runtime.interpreter as _interp  # noqa: E402
 
-# numpy >= 2 refuses int() of a 1-element array, which Triton 3.6's interpreter does for loop bounds
-_orig_patch = _interp._patch_lang_tensor
+from lolcats.ops.testing import fix_interpreter_loop_bounds  # noqa: E402
 
-
-def _patched(tensor, scope):
-    _orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-
-_interp._patch_lang_tensor = _patched
+fix_interpreter_loop_bounds()
 
 from lolcats.attention.feature_map import hedgehog  # noqa: E402
 from lolcats.attention.hybrid import hybrid_attention_quadratic, hybrid_attention_recurrent  # noqa: E402

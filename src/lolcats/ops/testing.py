@@ -1,5 +1,6 @@
 """Comparing kernels with their pure-PyTorch references: shared by the device check
-(scripts/gpu/check_kernels.py) and the CPU interpreter check (tests/ops/_interp_check.py)."""
+(scripts/gpu/check_kernels.py), the CPU interpreter check (tests/ops/_interp_check.py) and the
+kernel bench's CPU dry run (scripts/gpu/bench_kernels.py with BENCH_DRY=1)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,29 @@ import torch
 
 from lolcats.attention.feature_map import hedgehog
 
-__all__ = ["hedgehog_errors", "rel_error"]
+__all__ = ["hedgehog_errors", "rel_error", "fix_interpreter_loop_bounds"]
+
+
+def fix_interpreter_loop_bounds() -> None:
+    """Make Triton 3.6's interpreter (TRITON_INTERPRET=1) run our kernels under numpy >= 2.
+
+    The interpreter turns loop bounds computed from program ids into Python ints with int() of a
+    1-element array, which numpy 2 refuses ("only 0-dimensional arrays can be converted"); its
+    tensors get an __index__ that reads the one element. Idempotent; no effect on compiled kernels.
+    """
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    if getattr(interp, "_lolcats_loop_bounds", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    interp._lolcats_loop_bounds = True
 
 
 def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
