@@ -48,6 +48,15 @@ def test_plan_matches_the_measured_peaks(path):
     assert abs(planned / measured - 1) < 0.10, (planned / GIB, measured / GIB)
 
 
+def test_checkpointing_applies_to_stage1_only_without_fsdp():
+    shape = ModelShape(*PRESETS["llama3-70b"])
+    one = [plan(shape, gpus=1, activation_checkpointing=ac) for ac in (False, True)]
+    four = [plan(shape, gpus=4, activation_checkpointing=ac) for ac in (False, True)]
+    assert one[1][0].activations < one[0][0].activations and one[1][1].activations < one[0][1].activations
+    assert four[1][0].activations == four[0][0].activations  # stage 1 under FSDP: not checkpointed
+    assert four[1][1].activations < four[0][1].activations
+
+
 def test_measured_peaks_are_there():
     assert len(MEASURED) >= 6  # both stages, with and without activation checkpointing
 

@@ -96,12 +96,10 @@ def plan(
     full_layer = 34 * h + hybrid
     layer_input = weight_bytes * h  # all a checkpointed layer keeps until its recompute
     logits = T * shape.vocab * 10  # 16-bit logits, their fp32 copy for the loss, and its gradient
-    if activation_checkpointing:  # the layers' inputs + one layer recomputed at a time
-        stage1_act = T * (layer_input * shape.layers + full_layer)
-        stage2_act = T * (layer_input * shape.layers + full_layer) + logits
-    else:
-        stage1_act = T * student * shape.layers
-        stage2_act = T * full_layer * shape.layers + logits
+    checkpointed = T * (layer_input * shape.layers + full_layer)  # the layers' inputs + one layer recomputed
+    # under FSDP (gpus > 1) lolcats checkpoints stage 2 only: stage 1's loss is inside the layers
+    stage1_act = checkpointed if activation_checkpointing and gpus == 1 else T * student * shape.layers
+    stage2_act = (checkpointed if activation_checkpointing else T * full_layer * shape.layers) + logits
     return [
         StagePlan("stage1 (attention transfer)", weights, phi, phi * adam // gpus, stage1_act),
         StagePlan("stage2 (LoRA)", weights, lora, lora * adam // gpus, stage2_act),
@@ -158,7 +156,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--feature-dim", type=int, default=64)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--key-maps", choices=["query", "kv"], default="query")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="as linearize --activation-checkpointing: both stages on 1 GPU, stage 2 only under FSDP")
     p.set_defaults(func=run)
 
 
