@@ -1,6 +1,8 @@
 """Multi-process training on CPU (gloo, 2 processes): data parallel equals one process with the
-same blocks per step, a resumed 2-process run equals an uninterrupted one, FSDP2 equals one
-process, and `torchrun -m lolcats linearize` writes one delta folder.
+same blocks per step, a resumed 2-process run (data parallel or FSDP2) equals an uninterrupted one,
+FSDP2 equals one process, the base is read by rank 0 alone under FSDP, `torchrun` / `accelerate
+launch` `-m lolcats linearize` writes one delta folder (also with FSDP + activation checkpointing
+and block-wise stage 1), and the training benchmark script runs.
 
 Each test starts 2 processes (torch.multiprocessing spawn, or torchrun for the CLI); they import
 torch and transformers afresh, which costs most of the ~20-60 s per test on 2 slow cores.
@@ -252,8 +254,8 @@ def task_load_sharded_fails(out: str) -> None:
     Path(out, f"fail-rank{distributed.rank()}.txt").write_text(got)
 
 
-TASKS = {"load_sharded_fails": task_load_sharded_fails, "data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
-         "load_sharded": task_load_sharded}
+TASKS = {"data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
+         "load_sharded": task_load_sharded, "load_sharded_fails": task_load_sharded_fails}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -384,7 +386,7 @@ def test_torchrun_linearize_cli_writes_one_delta(tiny_base, tmp_path, launcher):
 
 @pytest.mark.parametrize("options", [dict(fsdp=True, activation_checkpointing=True), dict(blockwise=1),
                                      dict(fsdp=True, blockwise=2)], ids=["fsdp-ac", "blockwise", "fsdp-blockwise"])
-def test_linearize_fsdp_two_processes(tiny_base, tmp_path, options):
+def test_linearize_two_processes(tiny_base, tmp_path, options):
     """linearize under 2 processes, FSDP with activation checkpointing, block-wise stage 1 data parallel,
     and both: one delta folder that loads, equal metrics on both ranks."""
     base, data = tiny_base
