@@ -40,20 +40,19 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
-def _modes(text: str) -> list[str]:
-    modes = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("query", "kv")]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError(f"key maps must be query and/or kv, got {text!r}")
-    return modes
+def _subset(allowed: tuple[str, ...], what: str):
+    """An argparse type: a comma-separated, non-empty subset of `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = [m.strip() for m in str(text).split(",") if m.strip()]
+        if not names or any(m not in allowed for m in names):
+            raise argparse.ArgumentTypeError(f"{what} must be {' and/or '.join(allowed)}, got {text!r}")
+        return names
+
+    return parse
 
 
-def _runners(text: str) -> list[str]:
-    names = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in names if m not in ("graph", "hf")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"runners must be graph and/or hf, got {text!r}")
-    return names
+_modes = _subset(("query", "kv"), "key maps")
+_runners = _subset(("graph", "hf"), "runners")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
