@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # run from a checkout without installing
 
 from lolcats import LolcatsConfig, convert  # noqa: E402
+from lolcats.bench.common import dtype_name, environment, peak_memory, reset_peak_memory, resolve_dtype, sync  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.compat import enable_activation_checkpointing  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train  # noqa: E402
@@ -118,18 +118,13 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = distributed.init(args.device)  # under torchrun: process group + cuda:LOCAL_RANK
     world, rank = distributed.world_size(), distributed.rank()
     if args.fsdp and world < 2:
         raise SystemExit("--fsdp shards over the processes of a torchrun launch: use torchrun --nproc_per_node N (N >= 2)")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     autocast = "bfloat16" if dtype == torch.bfloat16 else "float32"
     cuda = device.type == "cuda"
 
@@ -137,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, device, dtype)
     convert(model, LolcatsConfig(key_map_sharing=args.key_maps))
     model_bytes = torch.cuda.memory_allocated(device) if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     checkpointing = args.activation_checkpointing and not (args.fsdp and args.stage == 1)
     if checkpointing:
         enable_activation_checkpointing(model)
@@ -169,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     tok0, s0 = times[args.warmup - 1] if args.warmup > 0 else (0, 0.0)
     tok1, s1 = times[-1]
     tokens_per_s = (tok1 - tok0) / max(s1 - s0, 1e-9)
-    peaks = gather(torch.cuda.max_memory_allocated(device) if cuda else None)
+    peaks = gather(peak_memory(device))
     models = gather(model_bytes)
 
     if rank == 0:
         result = {
             "benchmark": "training",
             "config": {"stage": args.stage, "activation_checkpointing": checkpointing, "preset": args.preset, "layers": args.layers or model.config.num_hidden_layers,
-                       "device": device.type, "weights_dtype": str(dtype).replace("torch.", ""), "autocast": autocast,
+                       "device": device.type, "weights_dtype": dtype_name(dtype), "autocast": autocast,
                        "block_size": args.block_size, "micro_batch_size": args.micro_batch,
                        "grad_accum": args.grad_accum, "warmup_steps": args.warmup, "measured_steps": args.steps,
                        "key_maps": args.key_maps, "fsdp": args.fsdp, "world_size": world,
@@ -186,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_bytes_per_rank": peaks, "model_memory_bytes_per_rank": models,
             "trainable_parameters": sum(p.numel() for p in params.values()),
             "final_loss": res.final_train_loss, "nonfinite_steps": res.nonfinite_steps,
-            "env": {"torch": torch.__version__, "python": platform.python_version(),
-                    "gpu": torch.cuda.get_device_name(device) if cuda else None},
+            "env": environment(device),
         }
         gib = 2**30
         peak = f"{max(peaks) / gib:.1f}" if cuda else "-"
