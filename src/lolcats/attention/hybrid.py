@@ -2,35 +2,85 @@
 
 For query i (positions are tensor indices; left padding keeps them contiguous):
 
-    window keys  W(i) = { j : i - w < j <= i }        (the last w tokens, the query's own included)
-    linear keys  L(i) = { j : j <= i - w }
-    s_ij = softcap(scale * q_i . k_j),   m_i = max_{j in W(i)} s_ij
-    y_i  = (sum_W gamma e^{s_ij - m_i} v_j + phi_q(q_i)^T S_i) / (sum_W gamma e^{s_ij - m_i} + phi_q(q_i)^T z_i)
+    band     B(i) = { j : lo(i) <= j <= i }          exact softmax (the sliding window)
+    extra    X(i) = sinks and global-cache keys outside B(i)   exact softmax too (memory, below)
+    linear   L(i) = every other valid key j <= i      Hedgehog linear attention
+    s_ij = softcap(scale * q_i . k_j),   m_i = max_{j in B(i)} s_ij  (0 when B(i) is empty)
+    y_i  = (sum_B gamma e^{s_ij - m_i} v_j + sum_X gamma e^{min(s_ij - m_i, 60)} v_j + phi_q(q_i)^T S_i)
+           / (sum_B gamma e^{s_ij - m_i}   + sum_X gamma e^{min(s_ij - m_i, 60)}   + phi_q(q_i)^T z_i)
     S_i  = sum_{L(i)} phi_k(k_j) v_j^T,   z_i = sum_{L(i)} phi_k(k_j)
 
-w = 0 is pure (normalised) linear attention; w >= sequence length is plain softmax attention.
-Padded keys (key_mask False) take part in neither sum.
+Without memory lo(i) = i - w + 1: the last w tokens, the query's own included. w = 0 is pure
+(normalised) linear attention; w >= sequence length is plain softmax attention. Padded keys
+(key_mask False) take part in no sum. The max m is taken over the band alone, so the linear
+part keeps the scale the feature maps were trained for; extra keys with much larger scores (a
+sink, a recalled needle) then dominate the shared normaliser as they do in softmax attention
+(the clamp at 60 nats only keeps float32 finite).
+
+Memory beyond the window (`Memory`; fixed size per sequence, so decoding stays constant-memory):
+
+* sinks (s): the first s valid tokens of each row are attended exactly forever, never summed
+  into (S, z) (the softmax teacher parks most of its attention on them; StreamingLLM).
+* global cache (M, interval P): M exact key/value pairs per KV head chosen online by how badly
+  the linear state recalls them (LoLA-style). Selection runs at every position t with t % P == 0:
+  the tokens that left the band since the last selection join the cached ones; each candidate
+  is scored by its self-recall error mean_g ||v_j - S_g^T phi_g(k_j) / z_g^T phi_g(k_j)||^2 against
+  the current state; the M worst-recalled stay exact, the others are added to (S, z). Between
+  selections the band is [floor(i / P) * P - w + 1, i]: w to w + P - 1 tokens, so no token is
+  ever lost. Without a global cache P is 1 and this is the plain sliding window.
 
 Layout (as fla): q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], fq [B, T, H, F],
 fk [B, T, Hk*kg, F] with kg = 1 (one key map per KV head, state shared by the GQA group) or
 kg = H / Hk (one key map per query head, the official behaviour). gamma [H] is the window weight.
-Internally heads are grouped as [B, Hk, g, T, .] so GQA never repeats K/V in memory.
+key_map_input [B, T, Hk, Dk] (default: k) is what key_map featurises: the keys before RoPE when
+the feature maps are position-free. Internally heads are grouped as [B, Hk, g, T, .] so GQA never
+repeats K/V in memory.
 
 Forms:
   * hybrid_attention_quadratic: the reference; materialises T x T; can return the attention weights.
-  * hybrid_attention_chunked:   O(T * (w + C + F * Dv / C)) memory; training and prefill.
+  * hybrid_attention_chunked:   training and prefill; O(T * (w + C + F * Dv / C)) memory without a
+    global cache; with one, an exact loop over selection intervals (the linear state is constant
+    inside an interval).
   * hybrid_attention_recurrent: token by token from a HybridState; decoding.
 The linear state (S, z) is accumulated in float32 (float64 stays float64) whatever the input dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-KeyMap = Callable[[torch.Tensor], torch.Tensor]  # k [B, T, Hk, D] -> phi_k(k) [B, T, Hk*kg, F]
+KeyMap = Callable[[torch.Tensor], torch.Tensor]  # key_map_input [B, T, Hk, Dk] -> phi_k [B, T, Hk*kg, F]
+
+EXTRA_LOGIT_CLAMP = 60.0  # e^60 already outweighs any band; keeps float32 finite
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Exact memory beyond the window, with a fixed budget per sequence (see the module docstring)."""
+
+    sinks: int = 0
+    global_size: int = 0
+    interval: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.global_size < 0 or self.interval < 1:
+            raise ValueError(f"Memory needs sinks >= 0, global_size >= 0, interval >= 1; got {self}")
+
+    @property
+    def period(self) -> int:
+        """Positions between selections: P with a global cache, 1 (every token) without."""
+        return self.interval if self.global_size else 1
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sinks or self.global_size)
+
+
+NO_MEMORY = Memory()
 
 
 @dataclass
@@ -38,8 +88,12 @@ class HybridState:
     """Decode state of one layer; its size does not depend on the sequence length.
 
     kv [B, Hk, kg, F, Dv] and k_sum [B, Hk, kg, F]: S and z (float32).
-    win_k [B, Hk, w, D], win_v [B, Hk, w, Dv], win_valid [B, w]: the last w keys/values, oldest
-    first, as a fixed-size buffer (invalid slots before the sequence has w tokens, or for padding).
+    win_k [B, Hk, Wb, D], win_v [B, Hk, Wb, Dv], win_valid [B, Wb]: the newest Wb = w + P - 1 keys and
+    values, oldest first (invalid slots before the sequence is that long, or for padding).
+    win_kf [B, Hk, Wb, Dk]: the key-map inputs of those slots when they are not win_k (pre-RoPE keys).
+    position: tensor positions seen so far (the same for every row).
+    sink_k/sink_v [B, Hk, s, .], sink_pos [B, s] (-1: empty): the attention sinks.
+    glob_k/glob_v/glob_kf [B, Hk, M, .], glob_valid [B, Hk, M]: the global cache.
     """
 
     kv: torch.Tensor
@@ -47,16 +101,35 @@ class HybridState:
     win_k: torch.Tensor
     win_v: torch.Tensor
     win_valid: torch.Tensor
+    win_kf: torch.Tensor | None = None
+    position: int = 0
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
+    sink_pos: torch.Tensor | None = None
+    glob_k: torch.Tensor | None = None
+    glob_v: torch.Tensor | None = None
+    glob_kf: torch.Tensor | None = None
+    glob_valid: torch.Tensor | None = None
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.kv, self.k_sum, self.win_k, self.win_v, self.win_valid)
+        return tuple(getattr(self, n) for n in self._tensor_fields())
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HybridState":
-        return HybridState(*(fn(t) for t in self.tensors()))
+        return dataclasses.replace(self, **{n: fn(getattr(self, n)) for n in self._tensor_fields()})
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def has_memory(self) -> bool:
+        return self.sink_k is not None or self.glob_k is not None
+
+    def key_inputs(self) -> torch.Tensor:
+        return self.win_k if self.win_kf is None else self.win_kf
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,16 +138,35 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def empty_state(
     batch: int, kv_heads: int, key_groups: int, feature_dim: int, head_dim: int, value_dim: int,
-    window: int, dtype: torch.dtype, device: torch.device | str | None = None,
+    window: int, dtype: torch.dtype, device: torch.device | str | None = None, *,
+    memory: Memory | None = None, key_input_dim: int | None = None,
 ) -> HybridState:
+    """A state with nothing seen. key_input_dim: size of separate key-map inputs (None: they are win_k)."""
+    memory = memory or NO_MEMORY
     acc = accumulation_dtype(dtype)
-    return HybridState(
+    wb = window + memory.period - 1
+    z = dict(dtype=dtype, device=device)
+    state = HybridState(
         kv=torch.zeros(batch, kv_heads, key_groups, feature_dim, value_dim, dtype=acc, device=device),
         k_sum=torch.zeros(batch, kv_heads, key_groups, feature_dim, dtype=acc, device=device),
-        win_k=torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device),
-        win_v=torch.zeros(batch, kv_heads, window, value_dim, dtype=dtype, device=device),
-        win_valid=torch.zeros(batch, window, dtype=torch.bool, device=device),
+        win_k=torch.zeros(batch, kv_heads, wb, head_dim, **z),
+        win_v=torch.zeros(batch, kv_heads, wb, value_dim, **z),
+        win_valid=torch.zeros(batch, wb, dtype=torch.bool, device=device),
+        win_kf=None if key_input_dim is None else torch.zeros(batch, kv_heads, wb, key_input_dim, **z),
     )
+    if memory.sinks:
+        s = memory.sinks
+        state.sink_k = torch.zeros(batch, kv_heads, s, head_dim, **z)
+        state.sink_v = torch.zeros(batch, kv_heads, s, value_dim, **z)
+        state.sink_pos = torch.full((batch, s), -1, dtype=torch.long, device=device)
+    if memory.global_size:
+        n = memory.global_size
+        state.glob_k = torch.zeros(batch, kv_heads, n, head_dim, **z)
+        state.glob_v = torch.zeros(batch, kv_heads, n, value_dim, **z)
+        if key_input_dim is not None:
+            state.glob_kf = torch.zeros(batch, kv_heads, n, key_input_dim, **z)
+        state.glob_valid = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=device)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +193,13 @@ def check_shapes(q, k, v, fq, fk, gamma) -> tuple[int, int, int]:
     return Hk, g, fk.shape[2] // Hk
 
 
+def check_memory(memory: Memory | None, window: int) -> Memory:
+    memory = memory or NO_MEMORY
+    if memory.global_size and window < 1:
+        raise ValueError("a global cache needs a window of at least 1 token (window_size >= 1)")
+    return memory
+
+
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, T, Hk*n, X] -> [B, Hk, n, T, X]."""
     B, T, Hn, X = x.shape
@@ -120,14 +219,20 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | Non
     return s
 
 
-def _window_terms(s: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """gamma * exp(s - m) on the window (0 elsewhere); m = max window score of the row."""
+def _window_terms(s: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma * exp(s - m) on the band (0 elsewhere), m) with m the max band score of the row."""
     if s.shape[-1] == 0:  # w = 0: no window at all
-        return s
+        return s, s.new_zeros(*s.shape[:-1], 1)
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with an empty window
-    return torch.exp(s - m) * gamma
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with an empty band
+    return torch.exp(s - m) * gamma, m
+
+
+def _extra_terms(s: torch.Tensor, mask: torch.Tensor, m: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """gamma * exp(min(s - m, 60)) on the extra exact keys (sinks, global cache), 0 elsewhere."""
+    e = torch.exp(torch.clamp(s - m, max=EXTRA_LOGIT_CLAMP)) * gamma
+    return torch.where(mask, e, torch.zeros_like(e))
 
 
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -140,17 +245,107 @@ def _gamma_grouped(gamma: torch.Tensor, kv_heads: int, dims_after: int, dtype: t
     return gamma.to(dtype).view(1, kv_heads, -1, *([1] * dims_after))
 
 
+def _sink_flags(valid: torch.Tensor, sinks: int, already: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T]: is this token one of the first `sinks` valid tokens of its row (after `already` [B])?"""
+    rank = valid.long().cumsum(1) - 1
+    if already is not None:
+        rank = rank + already[:, None]
+    return valid & (rank < sinks)
+
+
+def recall_error(fk: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
+    """How badly the linear state recalls each value from its key: the global cache's selection score.
+
+    fk [B, Hk, kg, n, F], v [B, Hk, 1 or kg, n, Dv], kv [B, Hk, kg, F, Dv], k_sum [B, Hk, kg, F]
+    -> mean over kg of ||v - S^T phi / z^T phi||^2, [B, Hk, n] (||v||^2 for an empty state).
+    """
+    pred = _divide(torch.matmul(fk, kv), torch.matmul(fk, k_sum[..., None]))
+    return ((v - pred) ** 2).sum(-1).mean(2)
+
+
+def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: int) -> torch.Tensor:
+    """[.., n] bool: the `budget` candidates with the largest score (all of them when fewer)."""
+    score = score.masked_fill(~candidate, float("-inf"))
+    if score.shape[-1] <= budget:
+        return candidate
+    idx = score.topk(budget, dim=-1).indices
+    return torch.zeros_like(candidate).scatter(-1, idx, True) & candidate
+
+
+def _first_slots(pos: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [B, n] of the n valid entries with the smallest positions (valid first), for gathering."""
+    big = pos.max().clamp_min(0) + 1 if pos.numel() else 1
+    key = torch.where(ok, pos, pos + big * 2 + 1)
+    return key.argsort(dim=1, stable=True)[:, :n]
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Hk, T, X] at token indices idx [B, n] -> [B, Hk, n, X]."""
+    B, Hk, _, X = x.shape
+    return x.gather(2, idx[:, None, :, None].expand(B, Hk, idx.shape[1], X))
+
+
+def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
+    """The first `sinks` sinks of the state's and the new ones: (sink_k, sink_v, sink_pos).
+
+    k/v [B, Hk, T, .] with positions pos [T] and flags is_sink [B, T].
+    """
+    B = is_sink.shape[0]
+    pos = pos[None, :].expand(B, -1)
+    if old is not None and old.sink_k is not None:
+        k = torch.cat([old.sink_k.to(k.dtype), k], 2)
+        v = torch.cat([old.sink_v.to(v.dtype), v], 2)
+        is_sink = torch.cat([old.sink_pos >= 0, is_sink], 1)
+        pos = torch.cat([old.sink_pos, pos], 1)
+    if k.shape[2] < sinks:  # fewer tokens than slots: pad with empty ones
+        extra = sinks - k.shape[2]
+        k, v = F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra))
+        is_sink = F.pad(is_sink, (0, extra), value=False)
+        pos = F.pad(pos, (0, extra), value=-1)
+    idx = _first_slots(pos, is_sink, sinks)
+    ok = is_sink.gather(1, idx)
+    return _gather_tokens(k, idx), _gather_tokens(v, idx), torch.where(ok, pos.gather(1, idx), -1)
+
+
 # ----------------------------------------------------------------------------------------------
 # a. quadratic reference
+
+
+def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
+    """Replay the global cache's selections over a whole sequence (reference form).
+
+    Returns (cached [B, Hk, T_q, T_k], summed [B, Hk, T_q, T_k]): which keys each query attends
+    exactly from the global cache, and which it reads through the linear state.
+    """
+    B, Hk, kg, T, _ = fk_g.shape
+    P, M, w = memory.period, memory.global_size, window
+    j = torch.arange(T, device=valid.device)
+    eligible = (valid & ~is_sink)[:, None, :].expand(B, Hk, T)  # [B, Hk, T]
+    cached = torch.zeros(B, Hk, T, T, dtype=torch.bool, device=valid.device)
+    summed = torch.zeros_like(cached)
+    keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=valid.device)
+    folded = torch.zeros_like(keep)
+    for t0 in range(P, T, P):  # selection at the first position of every interval but the first
+        leaving = (j >= t0 - P - w + 1) & (j <= t0 - w)
+        candidate = keep | (eligible & leaving)
+        f = fk_g * folded[:, :, None, :, None]
+        kv = torch.matmul(f.transpose(-1, -2), v_g)  # [B, Hk, kg, F, Dv]
+        score = recall_error(fk_g, v_g, kv, f.sum(-2))
+        keep = keep_worst_recalled(score, candidate, M)
+        folded = folded | (candidate & ~keep)
+        cached[:, :, t0 : t0 + P] = keep[:, :, None, :]
+        summed[:, :, t0 : t0 + P] = folded[:, :, None, :]
+    return cached, summed
 
 
 def hybrid_attention_quadratic(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
-    key_mask: torch.Tensor | None = None, return_weights: bool = False,
+    key_mask: torch.Tensor | None = None, return_weights: bool = False, memory: Memory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form. Returns (o [B, T, H, Dv], weights [B, H, T, T] or None); O(T^2) memory."""
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
+    memory = check_memory(memory, window)
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
     acc = accumulation_dtype(q.dtype)
@@ -158,15 +353,28 @@ def hybrid_attention_quadratic(
     fqg, fkg = _grouped(fq.to(acc), Hk), _grouped(fk.to(acc), Hk)
 
     i = torch.arange(T, device=q.device)
-    rel = i[:, None] - i[None, :]  # i - j
+    P = memory.period
+    lo = (i // P) * P - window + 1  # band start per query
     valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-    valid = valid[:, None, None, None, :]  # [B, 1, 1, 1, T_k]
-    win_mask = (rel >= 0) & (rel < window) & valid
-    lin_mask = (rel >= window) & valid
+    is_sink = _sink_flags(valid, memory.sinks)
+    causal = i[None, :] <= i[:, None]
+    in_band = causal & (i[None, :] >= lo[:, None])  # [T_q, T_k]
+    older = causal & ~in_band
+    vk = valid[:, None, None, :]  # [B, 1, 1, T_k]
+    band = in_band & vk
+    extra = older & (is_sink[:, None, None, :])  # [B, 1, T_q, T_k]
+    if memory.global_size:
+        cached, summed = _global_selection(fkg, vg, valid, is_sink, window, memory)
+        extra = extra | cached
+        linear = summed
+    else:
+        linear = older & vk & ~is_sink[:, None, None, :]
+    band, extra, linear = band[:, :, None], extra[:, :, None], linear[:, :, None]  # [B, 1|Hk, 1, T, T]
 
-    a_win = _window_terms(_scores(qg, kg_, scale, softcap), win_mask, _gamma_grouped(gamma, Hk, 2, acc))
-    a_lin = torch.matmul(fqg, fkg.transpose(-1, -2)) * lin_mask
-    a = a_win + a_lin  # [B, Hk, g, T, T]
+    s = _scores(qg, kg_, scale, softcap)
+    gam = _gamma_grouped(gamma, Hk, 2, acc)
+    a_win, m = _window_terms(s, band, gam)
+    a = a_win + _extra_terms(s, extra, m, gam) + torch.matmul(fqg, fkg.transpose(-1, -2)) * linear
     den = a.sum(-1, keepdim=True)
     o = _divide(torch.matmul(a, vg), den)
     weights = _divide(a, den).reshape(B, H, T, T) if return_weights else None
@@ -177,38 +385,58 @@ def hybrid_attention_quadratic(
 # b. chunked form
 
 
-def _prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMap | None):
-    """Put the cached window in front of the new tokens (as dummy queries) so one pass continues it."""
+def _prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMap | None, kf=None):
+    """Put the cached window in front of the new tokens (as dummy queries) so one pass continues it.
+
+    Returns (q, k, v, fq, fk, key_mask, kf) with kf the key-map inputs (None: they are k).
+    """
     if key_map is None:
         raise ValueError("continuing from a state needs key_map to featurise the cached window keys")
     B, P = state.win_valid.shape
     if P == 0:
-        return q, k, v, fq, fk, key_mask
+        return q, k, v, fq, fk, key_mask, kf
     wk = state.win_k.transpose(1, 2).to(k.dtype)  # [B, P, Hk, D]
     wv = state.win_v.transpose(1, 2).to(v.dtype)
+    wkf = state.key_inputs().transpose(1, 2)
     q = torch.cat([q.new_zeros(B, P, *q.shape[2:]), q], 1)
     fq = torch.cat([fq.new_zeros(B, P, *fq.shape[2:]), fq], 1)
-    fk = torch.cat([key_map(wk).to(fk.dtype), fk], 1)
+    fk = torch.cat([key_map(wkf).to(fk.dtype), fk], 1)
     mask = torch.ones(B, k.shape[1], dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
-    return q, torch.cat([wk, k], 1), torch.cat([wv, v], 1), fq, fk, torch.cat([state.win_valid, mask], 1)
+    if kf is not None or state.win_kf is not None:
+        kf = torch.cat([wkf.to(k.dtype), k if kf is None else kf], 1)
+    return q, torch.cat([wk, k], 1), torch.cat([wv, v], 1), fq, fk, torch.cat([state.win_valid, mask], 1), kf
 
 
-def _final_state(k, v, fk, valid, window: int, Hk: int, initial: HybridState | None) -> HybridState:
-    """S, z over keys older than the last w, plus the last w keys as the window buffer."""
+def _window_buffer(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
+    """The last `window` tokens of x [B, T, ...] as [B, ..., window] slots (transposed to [B, Hk, w, X]
+    for 4-d inputs), invalid padding slots first when T < window."""
+    T = x.shape[1]
+    last = x[:, max(T - window, 0):]
+    pad = max(window - T, 0)
+    if x.dim() == 4:
+        return F.pad(last.transpose(1, 2), (0, 0, pad, 0))
+    return F.pad(last, (pad, 0), value=value)
+
+
+def _final_state(k, v, fk, valid, window: int, Hk: int, initial: HybridState | None, *, kf=None,
+                 summable=None, sinks=None, position: int = 0) -> HybridState:
+    """S, z over keys older than the last w (sinks excluded), the last w keys as the window buffer."""
     B, T = valid.shape
     acc = accumulation_dtype(k.dtype)
     n_old = max(T - window, 0)
-    fk_old = _grouped(fk[:, :n_old].to(acc), Hk) * valid[:, None, None, :n_old, None]
+    ok = valid if summable is None else summable
+    fk_old = _grouped(fk[:, :n_old].to(acc), Hk) * ok[:, None, None, :n_old, None]
     v_old = _grouped(v[:, :n_old].to(acc), Hk)
     kv = torch.matmul(fk_old.transpose(-1, -2), v_old)  # [B, Hk, kg, F, Dv]
     k_sum = fk_old.sum(-2)
     if initial is not None:
         kv, k_sum = kv + initial.kv, k_sum + initial.k_sum
-    pad = max(window - T, 0)  # a buffer of exactly w slots, invalid ones first
-    win_k = F.pad(k[:, n_old:].transpose(1, 2), (0, 0, pad, 0))
-    win_v = F.pad(v[:, n_old:].transpose(1, 2), (0, 0, pad, 0))
-    win_valid = F.pad(valid[:, n_old:], (pad, 0), value=False)
-    return HybridState(kv, k_sum, win_k, win_v, win_valid)
+    state = HybridState(kv, k_sum, _window_buffer(k, window), _window_buffer(v, window),
+                        _window_buffer(valid, window, value=False),
+                        win_kf=None if kf is None else _window_buffer(kf, window), position=position)
+    if sinks is not None:
+        state.sink_k, state.sink_v, state.sink_pos = sinks
+    return state
 
 
 def hybrid_attention_chunked(
@@ -216,21 +444,37 @@ def hybrid_attention_chunked(
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
+    memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Chunked form: never builds a T x T tensor. Returns (o [B, T, H, Dv], final state or None).
 
     Window part: each chunk of C queries scores only its C + w candidate keys (a band mask).
     Linear part: keys shifted right by w make it an ordinary inclusive causal linear attention,
-    done chunk-wise (intra-chunk C x C + inter-chunk prefix states).
+    done chunk-wise (intra-chunk C x C + inter-chunk prefix states). Sinks are a few extra keys
+    per row. A global cache runs `_memory_segments` instead (one selection interval at a time).
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
+    memory = check_memory(memory, window)
+    if memory.global_size:
+        if key_map is None:
+            raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+        o, state = _memory_segments(
+            q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
+            softcap=softcap, key_mask=key_mask, key_map_input=key_map_input, feature_dim=fk.shape[-1],
+            key_groups=kg, segment=memory.period,
+        )
+        return o, state if output_final_state else None
     T_new = q.shape[1]
+    position = 0 if initial_state is None else initial_state.position
+    kf = key_map_input
     if initial_state is not None:
-        q, k, v, fq, fk, key_mask = _prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map)
+        q, k, v, fq, fk, key_mask, kf = _prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
     B, T, H, D = q.shape
+    start = position + T_new - T  # tensor position of the first (possibly prepended) token
     scale = D**-0.5 if scale is None else scale
     acc = accumulation_dtype(q.dtype)
     valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    pos = start + torch.arange(T, device=q.device)
     C = max(1, min(chunk_size, T))
     N = -(-T // C)
     pad = N * C - T
@@ -242,11 +486,31 @@ def hybrid_attention_chunked(
 
     qg, kk, vg = (_grouped(x.to(acc), Hk) for x in (q, k, v))  # kk, vg: [B, Hk, 1, T, .]
     fqg = chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, C, F]
-    validf = valid.to(acc)[:, None, None, :, None]  # [B, 1, 1, T, 1]
     Dv = v.shape[-1]
+    gam = _gamma_grouped(gamma, Hk, 3, acc)
+
+    sinks = None
+    summable = valid
+    if memory.sinks:  # the first s valid tokens: never summed, attended exactly once out of the window
+        s_n = memory.sinks
+        if initial_state is None:
+            new_sink = is_sink = _sink_flags(valid, s_n)
+        else:
+            if initial_state.sink_pos is None:
+                raise ValueError("memory has attention sinks but the initial state has no sink slots")
+            n_pre = T - T_new  # prepended window tokens: sinks iff the state holds them
+            fresh = valid.clone()
+            fresh[:, :n_pre] = False
+            new_sink = _sink_flags(fresh, s_n, (initial_state.sink_pos >= 0).sum(1))
+            held = (pos[None, :, None] == initial_state.sink_pos[:, None, :]).any(-1)
+            held[:, n_pre:] = False
+            is_sink = new_sink | held
+        summable = valid & ~is_sink
+        sinks = _merge_sinks(initial_state, k.transpose(1, 2), v.transpose(1, 2), pos, new_sink, s_n)
 
     num = torch.zeros(B, Hk, g, N, C, Dv, dtype=acc, device=q.device)
     den = torch.zeros(B, Hk, g, N, C, 1, dtype=acc, device=q.device)
+    m = torch.zeros(B, Hk, g, N, C, 1, dtype=acc, device=q.device)
 
     # window part: chunk n sees keys [nC - w, nC + C); local query a, local key b: a < b <= a + w
     if w > 0:
@@ -260,12 +524,22 @@ def hybrid_attention_chunked(
         b_idx = torch.arange(C + w, device=q.device)[None, :]
         band = (b_idx > a_idx) & (b_idx <= a_idx + w)  # [C, C + w]
         mask = band & mblk[:, None, None, :, None, :]  # [B, 1, 1, N, C, C + w]
-        a_win = _window_terms(_scores(chunks(qg), kblk, scale, softcap), mask, _gamma_grouped(gamma, Hk, 3, acc))
+        a_win, m = _window_terms(_scores(chunks(qg), kblk, scale, softcap), mask, gam)
         num = num + torch.matmul(a_win, vblk)
         den = den + a_win.sum(-1, keepdim=True)
 
+    # sinks: extra exact keys for the queries whose window no longer holds them
+    if sinks is not None:
+        sink_k, sink_v, sink_pos = sinks  # [B, Hk, s, .], [B, s]
+        s_x = _scores(chunks(qg), sink_k.to(acc)[:, :, None, None], scale, softcap)  # [B, Hk, g, N, C, s]
+        qpos = F.pad(pos, (0, pad), value=-1).view(N, C)
+        outside = (sink_pos[:, None, None, :] >= 0) & (sink_pos[:, None, None, :] < (qpos - w + 1)[None, :, :, None])
+        a_x = _extra_terms(s_x, outside[:, None, None], m, gam)  # [B, N, C, s] -> [B, 1, 1, N, C, s]
+        num = num + torch.matmul(a_x, sink_v.to(acc)[:, :, None, None])
+        den = den + a_x.sum(-1, keepdim=True)
+
     # linear part: shifted keys ks_i = phi_k(k_{i-w}); query i reads all ks_{i'} with i' <= i
-    fk_valid = _grouped(fk.to(acc), Hk) * validf  # [B, Hk, kg, T, F]
+    fk_valid = _grouped(fk.to(acc), Hk) * summable.to(acc)[:, None, None, :, None]  # [B, Hk, kg, T, F]
     fks = F.pad(fk_valid, (0, 0, w, 0))[..., :T, :]
     vs = F.pad(vg, (0, 0, w, 0))[..., :T, :]
     fks, vs = chunks(fks), chunks(vs)  # [B, Hk, kg, N, C, F], [B, Hk, 1, N, C, Dv]
@@ -284,50 +558,168 @@ def hybrid_attention_chunked(
 
     o = _divide(num, den).reshape(B, Hk, g, N * C, Dv)[..., :T, :]
     o = _ungrouped(o)[:, T - T_new:].to(v.dtype)
-    state = _final_state(k, v, fk, valid, w, Hk, initial_state) if output_final_state else None
+    state = None
+    if output_final_state:
+        state = _final_state(k, v, fk, valid, w, Hk, initial_state, kf=kf, summable=summable, sinks=sinks,
+                             position=position + T_new)
     return o, state
 
 
 # ----------------------------------------------------------------------------------------------
-# c. recurrent form
+# c. recurrent form (and the interval loop the chunked form runs with a global cache)
+
+
+def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_map: KeyMap, *,
+                    window: int, memory: Memory, scale: float, softcap: float | None):
+    """Advance `state` by n tokens that lie in one selection interval (the first may open it).
+
+    q [B, n, H, D], k/v [B, n, Hk, .], fq [B, n, H, F], kf [B, n, Hk, Dk] or None, valid_new [B, n].
+    Order: append the tokens, select (at an interval start), attend, drop the slots no band needs.
+    """
+    B, n, H, D = q.shape
+    Hk = k.shape[2]
+    acc = state.kv.dtype
+    P, w = memory.period, window
+    p0 = state.position
+    wb = state.win_valid.shape[1]  # w + P - 1
+    # 1. append: slots hold positions p0 - wb .. p0 + n - 1
+    buf_k = torch.cat([state.win_k, k.transpose(1, 2).to(state.win_k.dtype)], 2)  # [B, Hk, wb + n, D]
+    buf_v = torch.cat([state.win_v, v.transpose(1, 2).to(state.win_v.dtype)], 2)
+    buf_ok = torch.cat([state.win_valid, valid_new], 1)  # [B, wb + n]
+    buf_kf = None
+    if state.win_kf is not None:
+        buf_kf = torch.cat([state.win_kf, kf.transpose(1, 2).to(state.win_kf.dtype)], 2)
+    slot_pos = p0 - wb + torch.arange(wb + n, device=q.device)
+    new_pos = slot_pos[wb:]
+    sink_k = sink_v = sink_pos = None
+    if memory.sinks:
+        filled = (state.sink_pos >= 0).sum(1)
+        new_sink = _sink_flags(valid_new, memory.sinks, filled)
+        sink_k, sink_v, sink_pos = _merge_sinks(
+            state, buf_k[:, :, wb:], buf_v[:, :, wb:], new_pos, new_sink, memory.sinks)
+        slot_sink = (slot_pos[None, :, None] == sink_pos[:, None, :]).any(-1)  # [B, wb + n]
+    else:
+        slot_sink = torch.zeros_like(buf_ok)
+    kv, k_sum = state.kv, state.k_sum
+    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid)
+
+    # 2. selection: the P oldest slots left the band (positions p0 - w - P + 1 .. p0 - w)
+    if p0 % P == 0:
+        leaving = (buf_ok & ~slot_sink)[:, :P]  # [B, P]
+        ck, cv = buf_k[:, :, :P], buf_v[:, :, :P]
+        ckf = (buf_kf if buf_kf is not None else buf_k)[:, :, :P]
+        cand = leaving[:, None, :].expand(B, Hk, P)
+        if memory.global_size:
+            gk, gv, gkf, gok = glob
+            ck, cv = torch.cat([gk, ck], 2), torch.cat([gv, cv], 2)
+            ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
+            cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
+        f = key_map(_slots_as_tokens(ckf))  # [B, M + P, Hk*kg, F]
+        fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
+        vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
+        if memory.global_size:
+            with torch.no_grad():
+                score = recall_error(fg, vg, kv, k_sum)
+            keep = keep_worst_recalled(score, cand, memory.global_size)
+            idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
+            glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx))
+            fold = cand & ~keep
+        else:
+            fold = cand
+        fg = fg * fold[:, :, None, :, None].to(acc)
+        kv = kv + torch.matmul(fg.transpose(-1, -2), vg)
+        k_sum = k_sum + fg.sum(-2)
+
+    # 3. attend: band [floor(t / P) * P - w + 1, t], extras outside it, the linear state
+    lo = (p0 // P) * P - w + 1
+    qg = _grouped(q.to(acc), Hk)  # [B, Hk, g, n, D]
+    band = (slot_pos[None, :] >= lo) & (slot_pos[None, :] <= new_pos[:, None])  # [n, wb + n]
+    band = band[None, None, None] & buf_ok[:, None, None, None, :]
+    gam = _gamma_grouped(gamma, Hk, 2, acc)
+    a_win, m = _window_terms(_scores(qg, buf_k.to(acc)[:, :, None], scale, softcap), band, gam)
+    num = torch.matmul(a_win, buf_v.to(acc)[:, :, None])
+    den = a_win.sum(-1, keepdim=True)
+    extras = []
+    if sink_k is not None:
+        extras.append((sink_k, sink_v, ((sink_pos >= 0) & (sink_pos < lo))[:, None, None, None, :]))
+    if memory.global_size:
+        extras.append((glob[0], glob[1], glob[3][:, :, None, None, :]))
+    for xk, xv, xmask in extras:
+        a_x = _extra_terms(_scores(qg, xk.to(acc)[:, :, None], scale, softcap), xmask, m, gam)
+        num = num + torch.matmul(a_x, xv.to(acc)[:, :, None])
+        den = den + a_x.sum(-1, keepdim=True)
+    fqg = _grouped(fq.to(acc), Hk)  # [B, Hk, g, n, F]
+    num = num + torch.matmul(fqg, kv)  # kv [B, Hk, 1 or g, F, Dv]: shared by the group or per query head
+    den = den + torch.matmul(fqg, k_sum[..., None])
+    o = _ungrouped(_divide(num, den)).to(v.dtype)
+
+    # 4. keep the newest wb slots
+    new_state = HybridState(
+        kv, k_sum, buf_k[:, :, n:], buf_v[:, :, n:], buf_ok[:, n:],
+        win_kf=None if buf_kf is None else buf_kf[:, :, n:], position=p0 + n,
+        sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos,
+        glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3],
+    )
+    return o, new_state
+
+
+def _slots_as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, n, X] slots -> [B, n, Hk, X], the layout key_map takes."""
+    return x.transpose(1, 2)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Hk, n, X] at per-head slot indices idx [B, Hk, m] -> [B, Hk, m, X]."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: KeyMap, window: int,
+                     memory: Memory, scale, softcap, key_mask, key_map_input, feature_dim: int, key_groups: int,
+                     segment: int) -> tuple[torch.Tensor, HybridState]:
+    """Run `_memory_segment` over the sequence, at most `segment` tokens at a time, never across
+    a selection: segment = P vectorises each interval (chunked form), 1 is the recurrent form."""
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    if state is None:
+        state = empty_state(B, Hk, key_groups, feature_dim, D, v.shape[-1], window, q.dtype, q.device,
+                            memory=memory, key_input_dim=None if key_map_input is None else key_map_input.shape[-1])
+    elif (state.win_kf is None) != (key_map_input is None):
+        raise ValueError("key_map_input must be given exactly when the state buffers key-map inputs")
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    P = memory.period
+    outs, t = [], 0
+    while t < T:
+        n = min(segment, P - state.position % P, T - t)
+        kf = None if key_map_input is None else key_map_input[:, t : t + n]
+        o, state = _memory_segment(
+            state, q[:, t : t + n], k[:, t : t + n], v[:, t : t + n], fq[:, t : t + n], kf, valid[:, t : t + n],
+            gamma, key_map, window=window, memory=memory, scale=scale, softcap=softcap,
+        )
+        outs.append(o)
+        t += n
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
 
 def hybrid_attention_recurrent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
-    key_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Token-by-token form for decoding: o [B, T, H, Dv] and the updated state.
 
-    Each new key enters the window buffer; the key it pushes out (if valid) is featurised with
-    key_map and added to (S, z). Only raw keys are buffered, so the state stays small.
+    Each new key enters the window buffer; the keys that leave the band are featurised with
+    key_map (from their key-map inputs) and added to (S, z), or kept exact as sinks / in the global
+    cache. Only raw keys are buffered, so the state stays small. The window length is the state's.
     """
-    B, T, H, D = q.shape
-    Hk = k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    acc = state.kv.dtype
-    valid_new = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-    gam = _gamma_grouped(gamma, Hk, 1, acc)  # [1, Hk, g, 1]
-    kv, k_sum = state.kv, state.k_sum
-    win_k, win_v, win_valid = state.win_k, state.win_v, state.win_valid
-    outs = []
-    for t in range(T):
-        keys = torch.cat([win_k, k[:, t, :, None, :].to(win_k.dtype)], dim=2)  # [B, Hk, w + 1, D]
-        vals = torch.cat([win_v, v[:, t, :, None, :].to(win_v.dtype)], dim=2)
-        val = torch.cat([win_valid, valid_new[:, t : t + 1]], dim=1)  # [B, w + 1]
-        # evict the oldest slot into the linear state
-        fk_old = key_map(keys[:, :, :1].transpose(1, 2)).to(acc)  # [B, 1, Hk*kg, F]
-        fk_old = fk_old.view(B, Hk, -1, fk_old.shape[-1]) * val[:, :1, None, None].to(acc)  # [B, Hk, kg, F]
-        kv = kv + fk_old[..., :, None] * vals[:, :, None, 0, None, :].to(acc)
-        k_sum = k_sum + fk_old
-        win_k, win_v, win_valid = keys[:, :, 1:], vals[:, :, 1:], val[:, 1:]
-
-        qt = q[:, t].to(acc).view(B, Hk, -1, D)  # [B, Hk, g, D]
-        s = _scores(qt, win_k.to(acc), scale, softcap)  # [B, Hk, g, w]
-        a_win = _window_terms(s, win_valid[:, None, None, :], gam)
-        fqt = fq[:, t].to(acc).view(B, Hk, -1, fq.shape[-1])  # [B, Hk, g, F]
-        num = torch.matmul(a_win, win_v.to(acc)) + torch.matmul(fqt[..., None, :], kv).squeeze(-2)
-        den = a_win.sum(-1, keepdim=True) + (fqt * k_sum).sum(-1, keepdim=True)
-        outs.append(_divide(num, den).reshape(B, H, -1))
-    o = torch.stack(outs, dim=1).to(v.dtype)
-    return o, HybridState(kv, k_sum, win_k, win_v, win_valid)
+    memory = memory or NO_MEMORY
+    window = state.win_valid.shape[1] - memory.period + 1
+    memory = check_memory(memory, window)
+    if state.win_kf is not None and key_map_input is None:
+        raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
+    kf = key_map_input if state.win_kf is not None else None
+    return _memory_segments(
+        q, k, v, fq, gamma, state=state, key_map=key_map, window=window, memory=memory, scale=scale,
+        softcap=softcap, key_mask=key_mask, key_map_input=kf, feature_dim=state.kv.shape[-2],
+        key_groups=state.kv.shape[2], segment=1,
+    )

@@ -1,0 +1,229 @@
+"""Memory beyond the window (attention sinks, the global cache) and position-free key maps:
+the three forms of the hybrid agree in float64, the state stays fixed-size, and limits are exact."""
+import pytest
+import torch
+
+from lolcats.attention.feature_map import hedgehog
+from lolcats.attention.hybrid import (
+    Memory,
+    empty_state,
+    hybrid_attention_chunked,
+    hybrid_attention_quadratic,
+    hybrid_attention_recurrent,
+    keep_worst_recalled,
+    recall_error,
+)
+from test_hybrid import make_inputs, valid_rows
+
+W = 6
+MEMORIES = {
+    "sinks": Memory(sinks=3),
+    "global": Memory(global_size=4, interval=5),
+    "both": Memory(sinks=2, global_size=3, interval=4),
+    "global_p1": Memory(global_size=2, interval=1),
+}
+
+
+def recurrent(q, k, v, fq, gamma, key_map, mask, window, memory, kf=None, splits=(), state=None, softcap=None):
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    probe = key_map(k[:, :1] if kf is None else kf[:, :1])
+    if state is None:
+        state = empty_state(B, Hk, probe.shape[2] // Hk, probe.shape[-1], D, v.shape[-1], window, q.dtype,
+                            memory=memory, key_input_dim=None if kf is None else kf.shape[-1])
+    outs, bounds = [], [0, *splits, T]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        o, state = hybrid_attention_recurrent(
+            q[:, a:b], k[:, a:b], v[:, a:b], fq[:, a:b], gamma, state=state, key_map=key_map,
+            key_mask=None if mask is None else mask[:, a:b], memory=memory,
+            key_map_input=None if kf is None else kf[:, a:b], softcap=softcap,
+        )
+        outs.append(o)
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("mem", list(MEMORIES))
+@pytest.mark.parametrize("T", [1, W - 1, W, W + 1, 9, 37])
+@pytest.mark.parametrize("H,Hk", [(4, 4), (6, 2), (8, 2)])
+@pytest.mark.parametrize("sharing", ["query", "kv"])
+def test_three_forms_agree_with_memory(mem, T, H, Hk, sharing):
+    memory = MEMORIES[mem]
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(2, T, H, Hk, 6, 5, sharing, seed=T * 7 + H)
+    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, memory=memory)
+    for C in (3, 5, 16):  # chunk sizes that do not divide T
+        out, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=W, chunk_size=C, memory=memory,
+                                          key_map=key_map)
+        assert (out - ref).abs().max() <= 1e-10
+    rec, _ = recurrent(q, k, v, fq, gamma, key_map, None, W, memory)
+    assert (rec - ref).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("mem", ["sinks", "both"])
+@pytest.mark.parametrize("sharing", ["query", "kv"])
+def test_long_sequence_left_padding_and_state(mem, sharing):
+    memory = MEMORIES[mem]
+    T = 1000
+    q, k, v, fq, fk, gamma, key_map, mask = make_inputs(3, T, 6, 2, 8, 4, sharing, pad=[0, 7, 300])
+    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, key_mask=mask, memory=memory)
+    out, st_c = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=W, chunk_size=37, key_mask=mask,
+                                         output_final_state=True, memory=memory, key_map=key_map)
+    rec, st_r = recurrent(q, k, v, fq, gamma, key_map, mask, W, memory)
+    assert (valid_rows(out, mask) - valid_rows(ref, mask)).abs().max() <= 1e-10
+    assert (valid_rows(rec, mask) - valid_rows(ref, mask)).abs().max() <= 1e-10
+    assert torch.isfinite(out).all() and torch.isfinite(rec).all()
+    assert st_c.position == st_r.position == T
+    for a, b in zip(st_c.tensors(), st_r.tensors()):
+        assert a.shape == b.shape
+        assert (a.double() - b.double()).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("mem", list(MEMORIES))
+@pytest.mark.parametrize("split", [1, 13, 20, 23])
+def test_prefill_then_continue(mem, split):
+    """chunked prefill -> state -> recurrent or chunked continuation == one pass (splits inside and on
+    selection boundaries, left padding)."""
+    memory = MEMORIES[mem]
+    T = 50
+    q, k, v, fq, fk, gamma, key_map, mask = make_inputs(2, T, 6, 3, 6, 4, "query", pad=[0, 5], seed=split)
+    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, key_mask=mask, memory=memory, softcap=3.0)
+    head, rest = slice(0, split), slice(split, T)
+    _, st = hybrid_attention_chunked(
+        q[:, head], k[:, head], v[:, head], fq[:, head], fk[:, head], gamma, window=W, key_mask=mask[:, head],
+        output_final_state=True, memory=memory, key_map=key_map, softcap=3.0)
+    rec, _ = recurrent(q[:, rest], k[:, rest], v[:, rest], fq[:, rest], gamma, key_map, mask[:, rest], W, memory,
+                       state=st, softcap=3.0)
+    cont, _ = hybrid_attention_chunked(
+        q[:, rest], k[:, rest], v[:, rest], fq[:, rest], fk[:, rest], gamma, window=W, key_mask=mask[:, rest],
+        initial_state=st, key_map=key_map, chunk_size=7, memory=memory, softcap=3.0)
+    assert (valid_rows(rec, mask[:, rest]) - valid_rows(ref[:, rest], mask[:, rest])).abs().max() <= 1e-10
+    assert (valid_rows(cont, mask[:, rest]) - valid_rows(ref[:, rest], mask[:, rest])).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("mem", [None, "sinks", "both"])
+def test_separate_key_map_inputs(mem):
+    """Key maps over other inputs than the attention keys (position-free keys): forms agree, and the
+    state buffers those inputs."""
+    memory = MEMORIES[mem] if mem else None
+    T = 41
+    q, k, v, fq, _, gamma, key_map, mask = make_inputs(2, T, 4, 2, 6, 4, "kv", pad=[0, 3])
+    kf = torch.randn(2, T, 2, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    fk = key_map(kf)
+    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, key_mask=mask, memory=memory)
+    out, st = hybrid_attention_chunked(q[:, :30], k[:, :30], v[:, :30], fq[:, :30], fk[:, :30], gamma, window=W,
+                                       key_mask=mask[:, :30], memory=memory, key_map=key_map,
+                                       key_map_input=kf[:, :30], output_final_state=True)
+    assert st.win_kf is not None
+    rec, _ = recurrent(q[:, 30:], k[:, 30:], v[:, 30:], fq[:, 30:], gamma, key_map, mask[:, 30:], W, memory,
+                       kf=kf[:, 30:], state=st)
+    full = torch.cat([out, rec], 1)
+    assert (valid_rows(full, mask) - valid_rows(ref, mask)).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="key_map_input"):
+        hybrid_attention_recurrent(q[:, 30:], k[:, 30:], v[:, 30:], fq[:, 30:], gamma, state=st, key_map=key_map,
+                                   memory=memory)
+
+
+def softmax_reference(q, k, v, mask):
+    T = q.shape[1]
+    g = q.shape[2] // k.shape[2]
+    keep = mask[:, None, None, :] & torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2),
+        attn_mask=keep).transpose(1, 2)
+
+
+@pytest.mark.parametrize("memory", [Memory(sinks=40), Memory(global_size=40, interval=3)])
+def test_memory_covering_everything_is_softmax(memory):
+    """Budgets at least the sequence length keep every key exact: plain softmax attention."""
+    q, k, v, fq, fk, gamma, key_map, mask = make_inputs(2, 33, 4, 2, 6, 4, "kv", pad=[0, 4])
+    sdpa = softmax_reference(q, k, v, mask)
+    out, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=3, key_mask=mask, chunk_size=8,
+                                      memory=memory, key_map=key_map)
+    rec, _ = recurrent(q, k, v, fq, gamma, key_map, mask, 3, memory)
+    assert (out[mask] - sdpa[mask]).abs().max() <= 1e-10
+    assert (rec[mask] - sdpa[mask]).abs().max() <= 1e-10
+
+
+def test_sinks_are_never_summed_and_stay_attended():
+    """With w = 1 and 2 sinks, token 0 and 1 are exact for every later query: the state's S equals the
+    sum over tokens 2..T-2 only, and changing the sinks' values changes the last output."""
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 20, 2, 2, 4, 3, "kv")
+    memory = Memory(sinks=2)
+    _, st = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=1, memory=memory, key_map=key_map,
+                                     output_final_state=True)
+    expect = torch.einsum("bthf,bthd->bhfd", fk[:, 2:19], v[:, 2:19])
+    assert (st.kv[:, :, 0] - expect).abs().max() <= 1e-12
+    assert st.sink_pos.tolist() == [[0, 1]]
+    v2 = v.clone()
+    v2[:, 0] += 5.0
+    o1, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=1, memory=memory, key_map=key_map)
+    o2, _ = hybrid_attention_chunked(q, k, v2, fq, fk, gamma, window=1, memory=memory, key_map=key_map)
+    assert (o1[:, -1] - o2[:, -1]).abs().max() > 1e-3
+
+
+def test_global_cache_keeps_the_worst_recalled_token():
+    """A token whose value the linear state cannot predict (an outlier) is the one kept exact."""
+    T = 64
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, T, 2, 1, 4, 3, "kv", seed=3)
+    v = v * 0.01
+    v[:, 10] = 50.0  # the needle
+    _, st = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=4, memory=Memory(global_size=1, interval=8),
+                                     key_map=key_map, output_final_state=True)
+    assert st.glob_valid.all()
+    assert torch.equal(st.glob_v[0, 0, 0], v[0, 10, 0])
+
+
+def test_selection_helpers():
+    score = torch.tensor([[0.5, 3.0, 2.0, 9.0]])
+    cand = torch.tensor([[True, True, True, False]])
+    assert keep_worst_recalled(score, cand, 2).tolist() == [[False, True, True, False]]
+    assert keep_worst_recalled(score, cand, 8).tolist() == cand.tolist()
+    # an empty state predicts nothing: the error is ||v||^2
+    fk = torch.rand(1, 1, 1, 3, 4, dtype=torch.float64)
+    v = torch.randn(1, 1, 1, 3, 2, dtype=torch.float64)
+    err = recall_error(fk, v, torch.zeros(1, 1, 1, 4, 2, dtype=torch.float64), torch.zeros(1, 1, 1, 4, dtype=torch.float64))
+    assert torch.allclose(err, (v**2).sum(-1)[:, :, 0])
+    # a state holding exactly that one pair recalls it perfectly
+    kv = fk[..., :1, :].transpose(-1, -2) @ v[..., :1, :]
+    err = recall_error(fk[..., :1, :], v[..., :1, :], kv, fk[..., 0, :])
+    assert err.abs().max() <= 1e-20
+
+
+@pytest.mark.parametrize("memory", [Memory(sinks=2), Memory(sinks=1, global_size=3, interval=4)])
+def test_state_size_is_constant_with_memory(memory):
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 120, 4, 2, 6, 4, "kv")
+    _, s1 = recurrent(q[:, :9], k[:, :9], v[:, :9], fq[:, :9], gamma, key_map, None, W, memory)
+    _, s2 = recurrent(q, k, v, fq, gamma, key_map, None, W, memory)
+    assert s1.nbytes == s2.nbytes
+
+
+def test_gradients_match_with_memory():
+    """Training through the chunked form: gradients of q, k, v, gamma and both maps' weights equal the
+    quadratic reference's (the global cache's selection itself is not differentiated)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, H, Hk, D, f = 1, 29, 4, 2, 6, 4
+    q, k, v = (torch.randn(B, T, n, D, generator=g, dtype=torch.float64, requires_grad=True) for n in (H, Hk, Hk))
+    wq = (torch.randn(H, D, f, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    wk = (torch.randn(Hk, D, f, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    gamma = (torch.rand(H, generator=g, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    key_map = lambda x: hedgehog(x, wk)  # noqa: E731
+    memory = Memory(sinks=2, global_size=3, interval=4)
+    grads = []
+    for form in ("quadratic", "chunked"):
+        fq, fk = hedgehog(q, wq), key_map(k)
+        if form == "quadratic":
+            out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=3, memory=memory)
+        else:
+            out, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=3, memory=memory, key_map=key_map)
+        grads.append(torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v, wq, wk, gamma)))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-10
+
+
+def test_bad_memory_is_refused():
+    with pytest.raises(ValueError, match="sinks"):
+        Memory(sinks=-1)
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 5, 2, 2, 4, 3, "kv")
+    with pytest.raises(ValueError, match="window"):
+        hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=0, memory=Memory(global_size=2), key_map=key_map)
+    with pytest.raises(ValueError, match="key_map"):
+        hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=2, memory=Memory(global_size=2))
