@@ -104,6 +104,12 @@ def test_incremental_decoding_matches_full_forward(family):
         ("gemma2", {"sliding_window": 6}, {"convert_sliding_layers": True}),
         ("qwen2", {}, {"window_size": 0}),  # pure linear attention
         ("mistral", {}, {"key_map_sharing": "kv"}),
+        # memory beyond the window and position-free feature maps
+        ("llama", {}, {"sink_size": 2}),
+        ("llama", {}, {"global_cache_size": 3, "global_cache_interval": 4}),
+        ("qwen3", {}, {"sink_size": 1, "global_cache_size": 2, "global_cache_interval": 3, "feature_map_rope": False}),
+        ("mistral", {}, {"key_map_sharing": "kv", "feature_map_rope": False}),
+        ("gemma2", {"sliding_window": 6}, {"convert_sliding_layers": True, "sink_size": 2}),
     ],
 )
 def test_incremental_decoding_mixed_configs(family, model_overrides, config):

@@ -42,6 +42,31 @@ class LolcatsConfig:
             "They are already constant-memory, so by default they stay softmax."
         },
     )
+    sink_size: int = field(
+        default=0,
+        metadata={
+            "help": "Attention sinks: the first N tokens stay in the exact softmax part forever (never summed "
+            "into the linear state), under the shared normaliser. Constant memory."
+        },
+    )
+    global_cache_size: int = field(
+        default=0,
+        metadata={
+            "help": "Global cache: N exact key/value pairs per layer and KV head beside the linear state, chosen "
+            "online as the tokens the state recalls worst (LoLA-style). Constant memory; 0 = off."
+        },
+    )
+    global_cache_interval: int = field(
+        default=64,
+        metadata={"help": "Tokens between global-cache selections (the window grows by up to this much in between)."},
+    )
+    feature_map_rope: bool = field(
+        default=True,
+        metadata={
+            "help": "Feature maps read q/k after RoPE (official LoLCATs). False: before RoPE, so the linear part is "
+            "position-free and never meets positions unseen in training; the window keeps RoPE."
+        },
+    )
     chunk_size: int = field(default=64, metadata={"help": "Query chunk length of the chunked (training/prefill) form."})
     feature_map_dtype: str = field(
         default="float32", metadata={"help": "dtype of the feature maps' weights and computation."}
@@ -56,9 +81,25 @@ class LolcatsConfig:
             raise ConfigError(f"init_gamma must lie strictly between 0 and 1, got {self.init_gamma}")
         if self.key_map_sharing not in ("query", "kv"):
             raise ConfigError(f"key_map_sharing must be 'query' or 'kv', got {self.key_map_sharing!r}")
+        for name in ("sink_size", "global_cache_size"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.global_cache_interval, int) or self.global_cache_interval < 1:
+            raise ConfigError(f"global_cache_interval must be an integer >= 1, got {self.global_cache_interval!r}")
+        if self.global_cache_size and self.window_size < 1:
+            raise ConfigError("global_cache_size needs window_size >= 1")
+        if not isinstance(self.feature_map_rope, bool):
+            raise ConfigError(f"feature_map_rope must be true or false, got {self.feature_map_rope!r}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
         self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
+
+    @property
+    def memory(self):
+        """The exact memory beyond the window, as the hybrid math takes it."""
+        from lolcats.attention.hybrid import Memory
+
+        return Memory(self.sink_size, self.global_cache_size, self.global_cache_interval)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

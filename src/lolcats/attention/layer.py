@@ -69,6 +69,8 @@ class LolcatsAttention(nn.Module):
         self.lolcats_adapter = adapter
         self.lolcats_window = config.window_size
         self.lolcats_chunk_size = config.chunk_size
+        self.lolcats_memory = config.memory
+        self.lolcats_feature_rope = config.feature_map_rope
         self.lolcats_mode = "hybrid"
         self.lolcats_ce = False
         self.lolcats_losses = None
@@ -82,48 +84,59 @@ class LolcatsAttention(nn.Module):
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         adapter = self.lolcats_adapter
         q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
+        # position-free feature maps read q/k before RoPE; the window always sees them rotated
+        unrotated = None if getattr(self, "lolcats_feature_rope", True) else (q, k)
         q, k = adapter.apply_rope(self, q, k, position_embeddings)
         B, _, T, _ = q.shape
         key_mask = key_padding_mask(attention_mask, T)
 
         if self.lolcats_mode == "transfer":
-            out = self._transfer(q, k, v, attention_mask, key_mask, **kwargs)
+            out = self._transfer(q, k, v, attention_mask, key_mask, unrotated, **kwargs)
         else:
-            out = self._hybrid(q, k, v, key_mask, cache)
+            out = self._hybrid(q, k, v, key_mask, cache, unrotated)
         out = out.reshape(B, T, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
 
     # ------------------------------------------------------------------------------------
-    def _features(self, q_bthd, k_bthd):
-        return self.lolcats.feature_map_q(q_bthd), self.lolcats.key_features(k_bthd)
+    def _features(self, q_bthd, k_bthd, unrotated):
+        """(phi_q, phi_k, key-map inputs or None when they are the rotated keys)."""
+        if unrotated is not None:
+            q_bthd, k_bthd = (x.transpose(1, 2) for x in unrotated)
+        return self.lolcats.feature_map_q(q_bthd), self.lolcats.key_features(k_bthd), \
+            None if unrotated is None else k_bthd
 
-    def _hybrid(self, q, k, v, key_mask, cache) -> torch.Tensor:
+    def _common(self, key_mask) -> dict[str, Any]:
+        return dict(
+            window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
+            key_mask=key_mask, memory=getattr(self, "lolcats_memory", None),
+        )
+
+    def _hybrid(self, q, k, v, key_mask, cache, unrotated=None) -> torch.Tensor:
         """Student path: [B, H, T, D] inputs -> [B, T, H, Dv] output; uses/updates the cache's state."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fq, fk = self._features(q, k)
-        common = dict(
-            window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
-            key_mask=key_mask,
-        )
+        fq, fk, kf = self._features(q, k, unrotated)
+        common = self._common(key_mask)
+        key_map = self.lolcats.key_features
         if cache is None:
-            out, _ = hybrid_attention(q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size, **common)
+            out, _ = hybrid_attention(q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
+                                      key_map=key_map, key_map_input=kf, **common)
             return out
         layer_cache = hybrid_layer_cache(cache, self.layer_idx)
         state: HybridState | None = layer_cache.hybrid_state
         if state is not None and q.shape[1] == 1:
             out, state = hybrid_decode(  # the window length is the state's buffer length
-                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=self.lolcats.key_features,
+                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=key_map, key_map_input=kf,
                 **{name: val for name, val in common.items() if name != "window"},
             )
         else:
             out, state = hybrid_attention(
                 q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
-                initial_state=state, output_final_state=True, key_map=self.lolcats.key_features, **common,
+                initial_state=state, output_final_state=True, key_map=key_map, key_map_input=kf, **common,
             )
         layer_cache.store(state, q.shape[1])
         return out
 
-    def _transfer(self, q, k, v, attention_mask, key_mask, **kwargs) -> torch.Tensor:
+    def _transfer(self, q, k, v, attention_mask, key_mask, unrotated=None, **kwargs) -> torch.Tensor:
         """Teacher softmax output goes on; MSE (and CE) between student and teacher is recorded."""
         with torch.no_grad():
             teacher_fn = attention_function(self, need_weights=self.lolcats_ce)
@@ -133,11 +146,8 @@ class LolcatsAttention(nn.Module):
                 softcap=self.lolcats_adapter.logit_softcap(self),
             )  # [B, T, H, D]
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fq, fk = self._features(qt, kt)
-        common = dict(
-            window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
-            key_mask=key_mask,
-        )
+        fq, fk, kf = self._features(qt, kt, unrotated)
+        common = self._common(key_mask)
         losses: dict[str, torch.Tensor] = {}
         if self.lolcats_ce:
             y_student, w_student = hybrid_attention_quadratic(
@@ -148,7 +158,8 @@ class LolcatsAttention(nn.Module):
             losses["ce"] = -(p * torch.log(w_student.float().clamp_min(1e-12))).sum(-1).mean()
         else:
             y_student, _ = hybrid_attention(
-                qt, kt, vt, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size, **common
+                qt, kt, vt, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
+                key_map=self.lolcats.key_features, key_map_input=kf, **common,
             )
         diff = (y_student.float() - y_teacher.float()) ** 2
         if key_mask is not None:  # only real query positions count

@@ -22,6 +22,7 @@ from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
     HybridState,
     KeyMap,
+    Memory,
     hybrid_attention_chunked,
     hybrid_attention_recurrent,
 )
@@ -77,39 +78,49 @@ def hybrid_attention(
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
-    backend: str = "auto",
+    memory: Memory | None = None, key_map_input: torch.Tensor | None = None, backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Prefill / training form (see `hybrid_attention_chunked` for the contract).
 
-    chunk_size applies to the torch backend; the kernels use their own chunk (64).
+    chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
+    the window (sinks, global cache) has no kernel yet: it always runs the pure-PyTorch form.
     """
-    if resolve_backend(backend, q) == "triton":
+    has_memory = (memory is not None and memory.active) or (initial_state is not None and initial_state.has_memory)
+    if not has_memory and resolve_backend(backend, q) == "triton":
         from lolcats.ops.triton_backend import hybrid_attention_triton
 
         return hybrid_attention_triton(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
             initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
+            key_map_input=key_map_input,
         )
     return hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
         chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
+        memory=memory, key_map_input=key_map_input,
     )
 
 
 def hybrid_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
-    key_mask: torch.Tensor | None = None, backend: str = "auto",
+    key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState]:
-    """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd."""
-    if resolve_backend(backend, q) == "triton":
+    """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
+    memory beyond the window, which runs the pure-PyTorch form)."""
+    kf = key_map_input if state.win_kf is not None else None
+    has_memory = (memory is not None and memory.active) or state.has_memory
+    if not has_memory and resolve_backend(backend, q) == "triton":
         from lolcats.ops.triton_backend import hybrid_decode_triton
 
         return hybrid_decode_triton(
-            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask
+            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+            key_map_input=kf,
         )
     return hybrid_attention_recurrent(
-        q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask
+        q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+        memory=memory, key_map_input=kf,
     )
 
 

@@ -95,8 +95,12 @@ def _decode_step(
 
 
 def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, softcap: float | None,
-                key_mask: torch.Tensor | None):
-    """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state)."""
+                key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None):
+    """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state).
+
+    key_map_input [B, 1, Hk, Dk]: the new token's key-map input when the state buffers those apart
+    from the keys (position-free feature maps); that small buffer is shifted here, outside the kernel.
+    """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
     kv = state.kv.contiguous()
@@ -104,7 +108,7 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, s
     Hs = Hk * KG
     W = state.win_valid.shape[1]
     acc = kv.dtype
-    fk_old = key_map(state.win_k[:, :, :1].transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
+    fk_old = key_map(state.key_inputs()[:, :, :1].transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
     newvalid = (torch.ones(B, dtype=torch.int8, device=q.device) if key_mask is None
                 else key_mask[:, 0].to(torch.int8).contiguous())
     wvalid = state.win_valid.to(torch.int8).contiguous()
@@ -125,4 +129,7 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, s
         BF=max(16, triton.next_power_of_2(F)), num_warps=4,
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
-    return o, HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid)
+    win_kf = None
+    if state.win_kf is not None:
+        win_kf = torch.cat([state.win_kf[:, :, 1:], key_map_input.transpose(1, 2).to(state.win_kf.dtype)], 2)
+    return o, HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid, win_kf=win_kf, position=state.position + 1)

@@ -12,6 +12,7 @@ from lolcats.attention.hybrid import (
     HybridState,
     KeyMap,
     _prepend_state,
+    _window_buffer,
     check_shapes,
     hybrid_attention_recurrent,
 )
@@ -45,24 +46,14 @@ class _HybridFn(torch.autograd.Function):
                 dh0 if h0 is not None else None, dz0 if z0 is not None else None, None, None, None)
 
 
-def _window_buffer(k, v, valid, window):
-    """The last w raw keys/values of the sequence as a buffer of exactly w slots (oldest first)."""
-    T = valid.shape[1]
-    n_old = max(T - window, 0)
-    pad = max(window - T, 0)
-    win_k = F.pad(k[:, n_old:].transpose(1, 2), (0, 0, pad, 0))
-    win_v = F.pad(v[:, n_old:].transpose(1, 2), (0, 0, pad, 0))
-    win_valid = F.pad(valid[:, n_old:], (pad, 0), value=False)
-    return win_k, win_v, win_valid
-
-
 def hybrid_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, initial_state: HybridState | None = None,
-    output_final_state: bool = False, key_map: KeyMap | None = None,
+    output_final_state: bool = False, key_map: KeyMap | None = None, key_map_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """Prefill / training with the Triton kernels; contract of `hybrid_attention_chunked`.
+    """Prefill / training with the Triton kernels; contract of `hybrid_attention_chunked` (no memory
+    beyond the window: `lolcats.ops.hybrid_attention` sends that to the reference form).
 
     Computes in q's dtype (k, v, fq, fk are cast to it); linear states in float32.
     """
@@ -70,8 +61,10 @@ def hybrid_attention_triton(
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got {q.dtype}")
     T_new = q.shape[1]
+    position = 0 if initial_state is None else initial_state.position
+    kf = key_map_input
     if initial_state is not None:
-        q, k, v, fq, fk, key_mask = _prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map)
+        q, k, v, fq, fk, key_mask, kf = _prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
     B, T, H, D = q.shape
     Dv, Fd = v.shape[-1], fq.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
@@ -88,23 +81,27 @@ def hybrid_attention_triton(
     o = o[:, T - T_new:].to(v.dtype)
     state = None
     if output_final_state:
-        win_k, win_v, win_valid = _window_buffer(k, v, valid, window)
-        state = HybridState(hfin.view(B, Hk, kg, Fd, Dv), zfin.view(B, Hk, kg, Fd), win_k, win_v, win_valid)
+        state = HybridState(
+            hfin.view(B, Hk, kg, Fd, Dv), zfin.view(B, Hk, kg, Fd), _window_buffer(k, window),
+            _window_buffer(v, window), _window_buffer(valid, window, value=False),
+            win_kf=None if kf is None else _window_buffer(kf, window), position=position + T_new,
+        )
     return o, state
 
 
 def hybrid_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
-    key_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`."""
     B, T, H, D = q.shape
-    if state.win_valid.shape[1] == 0 or torch.is_grad_enabled() and any(
+    if state.has_memory or state.win_valid.shape[1] == 0 or torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, fq, gamma, *state.tensors())
-    ):  # no window (w = 0) or autograd: the reference form
+    ):  # memory beyond the window, no window (w = 0) or autograd: the reference form
         return hybrid_attention_recurrent(
-            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask
+            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+            key_map_input=key_map_input,
         )
     scale = D**-0.5 if scale is None else float(scale)
     outs = []
@@ -112,6 +109,7 @@ def hybrid_decode_triton(
         o, state = _triton_decode.decode_step(
             q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fq[:, t : t + 1], gamma.float(), state, key_map,
             scale, softcap, None if key_mask is None else key_mask[:, t : t + 1],
+            None if key_map_input is None else key_map_input[:, t : t + 1],
         )
         outs.append(o)
     return (outs[0] if T == 1 else torch.cat(outs, 1)), state
