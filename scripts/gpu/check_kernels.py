@@ -27,7 +27,6 @@ import torch
 
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
-    HybridState,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
@@ -132,26 +131,39 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
     return err
 
 
-def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2):
-    """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference."""
+def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False):
+    """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
+
+    separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
+    which the state buffers beside the window."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
+    kf = None
+    if separate_inputs:
+        kf = torch.randn(xs[1].shape, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1),
+                         device=DEVICE).to(dtype)
+        xs[4] = key_map(kf)
     with torch.no_grad():
         _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=W,
-                                           key_mask=mask[:, :T0], softcap=softcap, output_final_state=True)
-        st = HybridState(st64.kv.float(), st64.k_sum.float(), st64.win_k.to(dtype), st64.win_v.to(dtype),
-                         st64.win_valid)
+                                           key_mask=mask[:, :T0], softcap=softcap, output_final_state=True,
+                                           key_map_input=None if kf is None else kf[:, :T0].double())
+        st = st64.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+        st.kv, st.k_sum = st64.kv.float(), st64.k_sum.float()  # the state accumulates in float32
         new = [x[:, T0:] for x in xs]
         o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
-                                key_mask=mask[:, T0:], softcap=softcap, backend="triton")
-        st_r = HybridState(st.kv.double(), st.k_sum.double(), st.win_k.double(), st.win_v.double(), st.win_valid)
+                                key_mask=mask[:, T0:], softcap=softcap, backend="triton",
+                                key_map_input=None if kf is None else kf[:, T0:])
+        st_r = st.map(lambda t: t.double() if t.is_floating_point() else t)
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
                                              key_map=lambda x: key_map(x.to(dtype)).double(),
-                                             key_mask=mask[:, T0:], softcap=softcap)
+                                             key_mask=mask[:, T0:], softcap=softcap,
+                                             key_map_input=None if kf is None else kf[:, T0:].double())
     err = {"o": rel_error(o, ro), "S": rel_error(st_k.kv, rst.kv), "z": rel_error(st_k.k_sum, rst.k_sum)}
     err["win"] = max(rel_error(st_k.win_k, rst.win_k), rel_error(st_k.win_v, rst.win_v),
                      0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
+    if kf is not None:
+        err["win"] = max(err["win"], rel_error(st_k.win_kf, rst.win_kf))
     return err
 
 
@@ -216,6 +228,8 @@ def main():
             record("continue", f"T=300+200 D=128 G=4 {mode}", dtype, check_continue, 300, 200, 128, 4, mode, dtype)
             record("decode", f"T0=300 +4 D=128 G=4 {mode}", dtype, check_decode, 128, 4, mode, dtype)
         record("decode", "T0=300 +4 D=64 G=1 kv softcap=5", dtype, check_decode, 64, 1, "kv", dtype, softcap=5.0)
+        record("decode", "T0=300 +4 D=64 G=4 query pre-RoPE key-map inputs", dtype, check_decode, 64, 4, "query",
+               dtype, separate_inputs=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)

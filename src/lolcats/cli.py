@@ -81,6 +81,14 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="one key feature map per query head (query, default) or per KV head (kv)")
     g.add_argument("--softmax-layers", type=parse_layers, default=None, metavar="I,J",
                    help="layer indices kept as softmax attention, e.g. 0,5")
+    g.add_argument("--sinks", type=int, default=None, metavar="N", dest="sink_size",
+                   help="attention sinks: the first N tokens stay exact (default 0)")
+    g.add_argument("--global-cache", type=int, default=None, metavar="N", dest="global_cache_size",
+                   help="N exact key/values per layer and KV head, the ones the linear state recalls worst (default 0)")
+    g.add_argument("--global-cache-interval", type=int, default=None, metavar="P",
+                   help="tokens between global-cache selections (default 64)")
+    g.add_argument("--no-feature-map-rope", action="store_false", default=None, dest="feature_map_rope",
+                   help="feature maps read q/k before RoPE (a position-free linear part)")
     t = p.add_argument_group("training")
     t.add_argument("--stage1-tokens", type=parse_count, default=None, metavar="N", help="stage 1 token budget (e.g. 2M)")
     t.add_argument("--stage2-tokens", type=parse_count, default=None, metavar="N", help="stage 2 token budget")
@@ -113,7 +121,10 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-_CONFIG_FLAGS = ("window_size", "feature_dim", "key_map_sharing", "softmax_layers")
+_CONFIG_FLAGS = (
+    "window_size", "feature_dim", "key_map_sharing", "softmax_layers", "sink_size", "global_cache_size",
+    "global_cache_interval", "feature_map_rope",
+)
 _OPTION_FLAGS = (
     "stage1_tokens", "stage2_tokens", "block_size", "eval_tokens", "lr1", "lr2", "lora_r", "lora_alpha",
     "micro_batch_size", "grad_accum", "dtype", "device", "seed", "skip_stage2", "blockwise", "fsdp",

@@ -67,6 +67,30 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
     return model
 
 
+MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval")
+
+
+def configure_memory(model: nn.Module, **changes) -> LolcatsConfig:
+    """Change a converted model's exact memory beyond the window (sinks, global cache) in place.
+
+    They add exact keys and need no new weights, so they can be switched on after training (LoLA's
+    global cache is training-free); the saved delta records the new values. Returns the new config.
+    """
+    import dataclasses
+
+    unknown = sorted(set(changes) - set(MEMORY_FIELDS))
+    if unknown:
+        raise ValueError(f"configure_memory changes only {list(MEMORY_FIELDS)}, not {unknown}")
+    if not converted_layers(model):
+        raise ValueError("model is not linearized: convert it (or load a delta) first")
+    owner = next(m for m in model.modules() if isinstance(m, LolcatsModelMixin))  # also inside a PEFT wrapper
+    config = dataclasses.replace(owner.lolcats_config, **changes)  # validates
+    for layer in converted_layers(model):
+        layer.lolcats_memory = config.memory
+    owner.lolcats_config = config
+    return config
+
+
 def lolcats_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The phi/gamma parameters by name (the delta's content besides LoRA)."""
     return {n: p for n, p in model.named_parameters() if ".lolcats." in n}
