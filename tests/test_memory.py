@@ -227,3 +227,19 @@ def test_bad_memory_is_refused():
         hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=0, memory=Memory(global_size=2), key_map=key_map)
     with pytest.raises(ValueError, match="key_map"):
         hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=2, memory=Memory(global_size=2))
+
+
+@pytest.mark.parametrize("memory", [None, Memory(sinks=2, global_size=3, interval=4)])
+def test_state_stays_float32_under_autocast(memory):
+    """Under bf16 autocast (how training and evaluation run) the linear state still accumulates in float32
+    and the output equals the float32 computation on the same bf16 inputs."""
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 40, 4, 2, 8, 4, "kv", dtype=torch.float32)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    kw = dict(window=W, memory=memory, key_map=key_map, output_final_state=True)
+    ref, st_ref = hybrid_attention_chunked(q, k, v, fq, fk, gamma, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, st = hybrid_attention_chunked(q, k, v, fq, fk, gamma, **kw)
+        rec, st_rec = hybrid_attention_recurrent(q[:, :1], k[:, :1], v[:, :1], fq[:, :1], gamma, state=st,
+                                                 key_map=key_map, memory=memory)
+    assert st.kv.dtype == st.k_sum.dtype == st_rec.kv.dtype == torch.float32
+    assert torch.equal(out, ref) and torch.equal(st.kv, st_ref.kv)

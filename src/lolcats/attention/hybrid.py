@@ -47,6 +47,7 @@ The linear state (S, z) is accumulated in float32 (float64 stays float64) whatev
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -171,6 +172,18 @@ def empty_state(
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
+
+
+def _exact_dtypes(form):
+    """Run a form with autocast off: it casts to the accumulation dtype itself, and autocast would
+    silently run its float32 matmuls (the linear state among them) in bfloat16."""
+
+    @functools.wraps(form)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return form(q, *args, **kwargs)
+
+    return run
 
 
 def check_shapes(q, k, v, fq, fk, gamma) -> tuple[int, int, int]:
@@ -338,6 +351,7 @@ def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
     return cached, summed
 
 
+@_exact_dtypes
 def hybrid_attention_quadratic(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
@@ -439,6 +453,7 @@ def _final_state(k, v, fk, valid, window: int, Hk: int, initial: HybridState | N
     return state
 
 
+@_exact_dtypes
 def hybrid_attention_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
@@ -701,6 +716,7 @@ def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: 
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
 
+@_exact_dtypes
 def hybrid_attention_recurrent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
