@@ -361,3 +361,23 @@ def test_gpu_script_runs_one_benchmark(tmp_path):
     assert "state: kv: 24.1 MiB per sequence" in r.stdout
     data = json.loads((tmp_path / "bench-state.json").read_text())
     assert data["meta"]["budget_s"] == 420
+
+
+def test_state_bench_mechanism_rows_match_the_plan_and_the_cache():
+    """Every memory mechanism's row: the shape count equals lolcats.plan's formula (8B shape) and the
+    bytes a real prefill leaves in the cache (tiny model)."""
+    from lolcats.bench.state import MECHANISMS
+
+    res = run_state(preset="llama3-8b", mechanisms=MECHANISMS)
+    shape = ModelShape(*PRESETS["llama3-8b"])
+    assert len(res["rows"]) == 2 * len(MECHANISMS)
+    for r in res["rows"]:
+        cfg = LolcatsConfig(**MECHANISMS[r["mechanism"]], key_map_sharing=r["key_maps"])
+        assert r["bytes_per_sequence"] == decode_state_bytes(shape, cfg), r["mechanism"]
+    sizes = {(r["key_maps"], r["mechanism"]): r["bytes_per_sequence"] for r in res["rows"]}
+    assert sizes[("kv", "sinks 4 + pre-RoPE + global 64")] > sizes[("kv", "sinks 4")] > sizes[("kv", "default")]
+    assert "| kv | sinks 4 |" in state_table(res)
+    mechs = {k: MECHANISMS[k] for k in ("sinks 4", "sinks 4 + pre-RoPE + global 32")}
+    tiny = run_state(preset=tiny_config(), lolcats_config=TINY_LCFG, dtype="float32", measure=True, mechanisms=mechs)
+    for r in tiny["rows"]:
+        assert r["measured_bytes_per_sequence"] == r["bytes_per_sequence"], r["mechanism"]

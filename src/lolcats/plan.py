@@ -107,13 +107,20 @@ def plan(
 
 
 def decode_state_bytes(shape: ModelShape, config: LolcatsConfig | None = None, kv_bytes: int = 2) -> int:
-    """Bytes of the decode state of one sequence: float32 (S, z) + the last w keys/values."""
+    """Bytes of the decode state of one sequence: float32 (S, z), the newest keys/values (w, or
+    w + P - 1 with a global cache), their pre-RoPE keys with position-free maps, sinks, global cache."""
     cfg = config or LolcatsConfig()
     key_heads = shape.heads if cfg.key_map_sharing == "query" else shape.kv_heads
     F2 = 2 * cfg.feature_dim
     state = key_heads * (F2 * shape.head_dim + F2) * 4
-    window = 2 * shape.kv_heads * cfg.window_size * shape.head_dim * kv_bytes + cfg.window_size
-    return shape.layers * (state + window)
+    slot = shape.kv_heads * shape.head_dim * kv_bytes  # one token's key (or value) over the KV heads
+    key_inputs = 0 if cfg.feature_map_rope else 1  # a pre-RoPE key per buffered token
+    mem = cfg.memory
+    wb = cfg.window_size + mem.period - 1
+    window = (2 + key_inputs) * slot * wb + wb
+    sinks = cfg.sink_size * (2 * slot + 8)  # keys, values, int64 positions
+    cache = cfg.global_cache_size * ((2 + key_inputs) * slot + shape.kv_heads)  # + validity flags
+    return shape.layers * (state + window + sinks + cache)
 
 
 def resolve_shape(model: str | None) -> ModelShape:

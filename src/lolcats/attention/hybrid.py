@@ -118,6 +118,10 @@ class HybridState:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self._tensor_fields())
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by field name (None fields left out)."""
+        return {n: getattr(self, n) for n in self._tensor_fields()}
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HybridState":
         return dataclasses.replace(self, **{n: fn(getattr(self, n)) for n in self._tensor_fields()})
 

@@ -106,6 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("state")
     s.add_argument("--measure", action="store_true",
                    help="also build, convert and prefill the model and read cache_nbytes (needs memory for it)")
+    s.add_argument("--mechanisms", action="store_true",
+                   help="one row per memory mechanism (window 256, sinks, pre-RoPE maps, global cache budgets)")
+
+
+def _mechanisms() -> dict[str, dict[str, Any]]:
+    from lolcats.bench.state import MECHANISMS
+
+    return MECHANISMS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -132,7 +140,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     _, _, heads, kv_heads, head_dim, _, _ = PRESETS[args.preset]
     return {
         "state": dict(preset=args.preset, num_layers=args.layers, key_maps=tuple(args.key_maps),
-                      lolcats_config=lcfg, dtype=args.dtype or "bfloat16", measure=args.measure),
+                      lolcats_config=lcfg, dtype=args.dtype or "bfloat16", measure=args.measure,
+                      mechanisms=_mechanisms() if getattr(args, "mechanisms", False) else None),
         "decode": dict(preset=args.preset, num_layers=args.layers, dtype=args.dtype, contexts=tuple(args.contexts),
                        batches=args.batches, max_batch=args.max_batch, key_maps=tuple(args.key_maps),
                        runners=tuple(args.runners), softmax=not args.no_softmax, lolcats_config=lcfg,
@@ -190,7 +199,8 @@ def _fmt_row(section: str, row: dict[str, Any]) -> str:
             return f"{row.get('key_maps')}: {status}" + (f" ({row['error']})" if row.get("error") else "")
         return f"{row['key_maps']}: {row['tokens_per_s']:,.0f} tok/s ({row['seconds_per_step']:.3f} s/step)"
     if section == "state":
-        return (f"{row['key_maps']}: {row['bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
+        label = f"{row['key_maps']} {row['mechanism']}" if "mechanism" in row else row["key_maps"]
+        return (f"{label}: {row['bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
                 f"(= {row['equivalent_kv_tokens']:.0f} KV-cache tokens)")
     return str(row)
 

@@ -20,7 +20,17 @@ from lolcats.config import LolcatsConfig
 
 __all__ = ["run_state", "state_table"]
 
-_PARTS = ("S", "z", "win_k", "win_v", "win_valid")
+# memory mechanisms compared by `lolcats bench state --mechanisms` (LolcatsConfig changes)
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "window 256": {"window_size": 256},
+    "pre-RoPE maps": {"feature_map_rope": False},
+    "sinks 4": {"sink_size": 4},
+    "sinks 4 + pre-RoPE": {"sink_size": 4, "feature_map_rope": False},
+    "sinks 4 + pre-RoPE + global 32": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 32},
+    "sinks 4 + pre-RoPE + global 64": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 64},
+    "sinks 4 + pre-RoPE + global 128": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128},
+}
 
 
 def _shape(preset: Any, num_layers: int | None):
@@ -41,8 +51,10 @@ def run_state(
     *, preset: Any = "llama3-8b", num_layers: int | None = None, key_maps: tuple[str, ...] = ("query", "kv"),
     lolcats_config: dict[str, Any] | None = None, dtype: str | torch.dtype = torch.bfloat16, measure: bool = False,
     measure_tokens: int | None = None, device: str | torch.device | None = "cpu", on_row: OnRow | None = None,
+    mechanisms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """State bytes per layer and per sequence for each key-map mode (see the module doc)."""
+    """State bytes per layer and per sequence for each key-map mode (see the module doc), and for each
+    memory mechanism of `mechanisms` (name -> LolcatsConfig changes; None: the config as given)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     shape = _shape(preset, num_layers)
     overrides = {k: v for k, v in (lolcats_config or {}).items() if k != "key_map_sharing"}
@@ -58,21 +70,25 @@ def run_state(
         "rows": rows,
     }
     for mode in key_maps:
-        cfg = LolcatsConfig(**overrides, key_map_sharing=mode)
-        kg = shape.heads // shape.kv_heads if mode == "query" else 1
-        st = empty_state(1, shape.kv_heads, kg, 2 * cfg.feature_dim, shape.head_dim, shape.head_dim,
-                         cfg.window_size, dtype, device="meta")
-        per_layer = st.nbytes
-        row = {
-            "key_maps": mode, "bytes_per_layer": per_layer, "bytes_per_sequence": per_layer * shape.layers,
-            "parts_per_layer": {n: t.numel() * t.element_size() for n, t in zip(_PARTS, st.tensors())},
-            "equivalent_kv_tokens": per_layer * shape.layers / kv_per_token,
-        }
-        if measure:
-            row["measured_bytes_per_sequence"] = _measure(preset, num_layers, cfg, dtype, device, measure_tokens)
-        rows.append(row)
-        if on_row is not None:
-            on_row("state", row)
+        for mech, changes in (mechanisms or {None: {}}).items():
+            cfg = LolcatsConfig(**{**overrides, **changes}, key_map_sharing=mode)
+            kg = shape.heads // shape.kv_heads if mode == "query" else 1
+            st = empty_state(1, shape.kv_heads, kg, 2 * cfg.feature_dim, shape.head_dim, shape.head_dim,
+                             cfg.window_size, dtype, device="meta", memory=cfg.memory,
+                             key_input_dim=None if cfg.feature_map_rope else shape.head_dim)
+            per_layer = st.nbytes
+            row = {
+                "key_maps": mode, "bytes_per_layer": per_layer, "bytes_per_sequence": per_layer * shape.layers,
+                "parts_per_layer": {n: t.numel() * t.element_size() for n, t in st.parts().items()},
+                "equivalent_kv_tokens": per_layer * shape.layers / kv_per_token,
+            }
+            if mech is not None:
+                row["mechanism"] = mech
+            if measure:
+                row["measured_bytes_per_sequence"] = _measure(preset, num_layers, cfg, dtype, device, measure_tokens)
+            rows.append(row)
+            if on_row is not None:
+                on_row("state", row)
     return result
 
 
@@ -83,7 +99,7 @@ def _measure(preset, num_layers, cfg: LolcatsConfig, dtype, device, tokens: int 
 
     device = resolve_device(device)
     model = convert(random_causal_lm(preset, dtype=dtype, device=device, num_layers=num_layers), cfg)
-    _, nbytes = prefill_hybrid_state(model, tokens or cfg.window_size + 8)
+    _, nbytes = prefill_hybrid_state(model, tokens or cfg.window_size + cfg.memory.period + 8)
     return nbytes
 
 
@@ -94,11 +110,12 @@ def _size(n: float) -> str:
 def state_table(result: dict[str, Any]) -> str:
     per_tok = result.get("kv_cache_bytes_per_token") or 0
     measured = any("measured_bytes_per_sequence" in r for r in result.get("rows", []))
-    lines = ["| key maps | state / layer | state / sequence | = softmax KV cache of | measured (cache_nbytes) |"
-             if measured else "| key maps | state / layer | state / sequence | = softmax KV cache of |",
-             "|---|---|---|---|---|" if measured else "|---|---|---|---|"]
+    mech = any("mechanism" in r for r in result.get("rows", []))
+    head = "| key maps | " + ("memory | " if mech else "") + "state / layer | state / sequence | = softmax KV cache of |"
+    lines = [head + (" measured (cache_nbytes) |" if measured else ""), "|---" * (4 + mech + measured) + "|"]
     for r in result.get("rows", []):
-        line = (f"| {r['key_maps']} | {_size(r['bytes_per_layer'])} | {_size(r['bytes_per_sequence'])} "
+        label = f"{r['key_maps']} | {r['mechanism']}" if mech else r["key_maps"]
+        line = (f"| {label} | {_size(r['bytes_per_layer'])} | {_size(r['bytes_per_sequence'])} "
                 f"| {r['equivalent_kv_tokens']:.0f} tokens |")
         if measured:
             m = r.get("measured_bytes_per_sequence")
