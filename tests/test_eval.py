@@ -394,3 +394,11 @@ def test_cli_fails_fast_on_missing_data_and_bad_tasks(tmp_path, capsys, fake_loa
     assert fake_loader == []  # the model is never loaded
     args = _parser().parse_args(["eval"])
     assert args.model is None and args.tasks == ",".join(PAPER_TASKS) and args.batch_size == 8
+
+
+def test_cli_eval_missing_model_is_one_line(tmp_path, capsys):
+    from lolcats.cli import main
+
+    assert main(["eval", str(tmp_path / "nowhere"), "--tasks", "piqa", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lolcats eval: error:") and "nowhere" in err[0]

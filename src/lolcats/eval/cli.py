@@ -255,7 +255,11 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
+        _err(" ".join(str(e).split()))
+        return 2
     if long_opts is not None:  # a length above the model's context is a usage error: say so before any work
         from lolcats.eval.longcontext import model_context
         from lolcats.eval.needles import lengths_ok
