@@ -21,6 +21,7 @@ MEMORIES = {
     "global": Memory(global_size=4, interval=5),
     "both": Memory(sinks=2, global_size=3, interval=4),
     "global_p1": Memory(global_size=2, interval=1),
+    "global_dedup": Memory(global_size=3, interval=4, dedup=0.3),
 }
 
 
@@ -243,3 +244,18 @@ def test_state_stays_float32_under_autocast(memory):
                                                  key_map=key_map, memory=memory)
     assert st.kv.dtype == st.k_sum.dtype == st_rec.kv.dtype == torch.float32
     assert torch.equal(out, ref) and torch.equal(st.kv, st_ref.kv)
+
+
+def test_dedup_keeps_distinct_values():
+    """Three candidates with one value outscore a fourth: without dedup they take the whole budget,
+    with it one of them (the best-scored) and the distinct one are kept."""
+    score = torch.tensor([[5.0, 4.9, 4.8, 1.0]])
+    cand = torch.ones(1, 4, dtype=torch.bool)
+    values = torch.tensor([[[1.0, 2.0], [1.0, 2.0], [1.01, 2.0], [-2.0, 1.0]]])
+    assert keep_worst_recalled(score, cand, 2, values).tolist() == [[True, True, False, False]]
+    assert keep_worst_recalled(score, cand, 2, values, dedup=0.99).tolist() == [[True, False, False, True]]
+    # equal scores: the earlier candidate outranks the later one
+    tie = keep_worst_recalled(torch.ones(1, 4), cand, 4, values, dedup=0.99)
+    assert tie.tolist() == [[True, False, False, True]]
+    with pytest.raises(ValueError, match="dedup"):
+        Memory(global_size=2, dedup=1.5)

@@ -87,6 +87,8 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="N exact key/values per layer and KV head, the ones the linear state recalls worst (default 0)")
     g.add_argument("--global-cache-interval", type=int, default=None, metavar="P",
                    help="tokens between global-cache selections (default 64)")
+    g.add_argument("--global-cache-dedup", type=float, default=None, metavar="COS",
+                   help="do not keep a cache candidate whose value has cosine > COS with a better one's (default 1 = off)")
     g.add_argument("--no-feature-map-rope", action="store_false", default=None, dest="feature_map_rope",
                    help="feature maps read q/k before RoPE (a position-free linear part)")
     t = p.add_argument_group("training")
@@ -123,7 +125,7 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "window_size", "feature_dim", "key_map_sharing", "softmax_layers", "sink_size", "global_cache_size",
-    "global_cache_interval", "feature_map_rope",
+    "global_cache_interval", "global_cache_dedup", "feature_map_rope",
 )
 _OPTION_FLAGS = (
     "stage1_tokens", "stage2_tokens", "block_size", "eval_tokens", "lr1", "lr2", "lora_r", "lora_alpha",

@@ -60,6 +60,13 @@ class LolcatsConfig:
         default=64,
         metadata={"help": "Tokens between global-cache selections (the window grows by up to this much in between)."},
     )
+    global_cache_dedup: float = field(
+        default=1.0,
+        metadata={
+            "help": "Global cache: a candidate whose value has cosine above this with a better-scored candidate's "
+            "is not kept, so a repeated token cannot fill the budget; 1.0 = off."
+        },
+    )
     feature_map_rope: bool = field(
         default=True,
         metadata={
@@ -86,6 +93,9 @@ class LolcatsConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.global_cache_interval, int) or self.global_cache_interval < 1:
             raise ConfigError(f"global_cache_interval must be an integer >= 1, got {self.global_cache_interval!r}")
+        if isinstance(self.global_cache_dedup, bool) or not isinstance(self.global_cache_dedup, (int, float)) \
+                or not -1.0 <= self.global_cache_dedup <= 1.0:
+            raise ConfigError(f"global_cache_dedup must be a number in [-1, 1], got {self.global_cache_dedup!r}")
         if self.global_cache_size and self.window_size < 1:
             raise ConfigError("global_cache_size needs window_size >= 1")
         if not isinstance(self.feature_map_rope, bool):
@@ -99,7 +109,7 @@ class LolcatsConfig:
         """The exact memory beyond the window, as the hybrid math takes it."""
         from lolcats.attention.hybrid import Memory
 
-        return Memory(self.sink_size, self.global_cache_size, self.global_cache_interval)
+        return Memory(self.sink_size, self.global_cache_size, self.global_cache_interval, float(self.global_cache_dedup))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

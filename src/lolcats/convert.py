@@ -67,7 +67,7 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
     return model
 
 
-MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval")
+MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup")
 
 
 def configure_memory(model: nn.Module, **changes) -> LolcatsConfig:

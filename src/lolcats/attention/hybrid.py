@@ -66,10 +66,11 @@ class Memory:
     sinks: int = 0
     global_size: int = 0
     interval: int = 64
+    dedup: float = 1.0  # cosine of values above which the lower-scored of two candidates is not kept
 
     def __post_init__(self) -> None:
-        if self.sinks < 0 or self.global_size < 0 or self.interval < 1:
-            raise ValueError(f"Memory needs sinks >= 0, global_size >= 0, interval >= 1; got {self}")
+        if self.sinks < 0 or self.global_size < 0 or self.interval < 1 or not -1.0 <= self.dedup <= 1.0:
+            raise ValueError(f"Memory needs sinks >= 0, global_size >= 0, interval >= 1, -1 <= dedup <= 1; got {self}")
 
     @property
     def period(self) -> int:
@@ -280,9 +281,23 @@ def recall_error(fk: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, k_sum: tor
     return ((v - pred) ** 2).sum(-1).mean(2)
 
 
-def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: int) -> torch.Tensor:
-    """[.., n] bool: the `budget` candidates with the largest score (all of them when fewer)."""
+def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: int,
+                        values: torch.Tensor | None = None, dedup: float = 1.0) -> torch.Tensor:
+    """[.., n] bool: the `budget` candidates with the largest score (all of them when fewer).
+
+    With values [.., n, Dv] and dedup < 1, a candidate whose value has cosine > dedup with a
+    better-scored candidate's is not kept: a token repeated through the context (whose value the
+    state keeps mispredicting however often it sees it) would otherwise fill the whole budget.
+    """
     score = score.masked_fill(~candidate, float("-inf"))
+    if values is not None and dedup < 1.0:
+        unit = F.normalize(values.float(), dim=-1)
+        near = torch.matmul(unit, unit.transpose(-1, -2)) > dedup  # [.., n, n]: [j, c]
+        idx = torch.arange(score.shape[-1], device=score.device)
+        sj, sc = score[..., :, None], score[..., None, :]
+        better = (sc > sj) | ((sc == sj) & (idx[None, :] < idx[:, None]))  # c outranks j
+        candidate = candidate & ~(near & better & candidate[..., None, :]).any(-1)
+        score = score.masked_fill(~candidate, float("-inf"))
     if score.shape[-1] <= budget:
         return candidate
     idx = score.topk(budget, dim=-1).indices
@@ -348,7 +363,7 @@ def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
         f = fk_g * folded[:, :, None, :, None]
         kv = torch.matmul(f.transpose(-1, -2), v_g)  # [B, Hk, kg, F, Dv]
         score = recall_error(fk_g, v_g, kv, f.sum(-2))
-        keep = keep_worst_recalled(score, candidate, M)
+        keep = keep_worst_recalled(score, candidate, M, v_g[:, :, 0], memory.dedup)
         folded = folded | (candidate & ~keep)
         cached[:, :, t0 : t0 + P] = keep[:, :, None, :]
         summed[:, :, t0 : t0 + P] = folded[:, :, None, :]
@@ -639,7 +654,7 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         if memory.global_size:
             with torch.no_grad():
                 score = recall_error(fg, vg, kv, k_sum)
-            keep = keep_worst_recalled(score, cand, memory.global_size)
+            keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
             idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
             glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx))
             fold = cand & ~keep
