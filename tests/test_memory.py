@@ -224,6 +224,10 @@ def test_bad_memory_is_refused():
     with pytest.raises(ValueError, match="sinks"):
         Memory(sinks=-1)
     q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 5, 2, 2, 4, 3, "kv")
+    plain = empty_state(1, 2, 1, 6, 4, 4, W, torch.float64)
+    for memory in (Memory(sinks=2), Memory(global_size=2, interval=4)):
+        with pytest.raises(ValueError, match="not built for this memory"):
+            hybrid_attention_recurrent(q, k, v, fq, gamma, state=plain, key_map=key_map, memory=memory)
     with pytest.raises(ValueError, match="window"):
         hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=0, memory=Memory(global_size=2), key_map=key_map)
     with pytest.raises(ValueError, match="key_map"):

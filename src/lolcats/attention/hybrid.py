@@ -749,6 +749,9 @@ def hybrid_attention_recurrent(
     """
     memory = memory or NO_MEMORY
     window = state.win_valid.shape[1] - memory.period + 1
+    if window < 0 or (memory.sinks and state.sink_k is None) or (memory.global_size and state.glob_k is None):
+        raise ValueError("the state was not built for this memory: make it with empty_state(..., memory=memory) "
+                         "or by a prefill with the same memory")
     memory = check_memory(memory, window)
     if state.win_kf is not None and key_map_input is None:
         raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
