@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import lolcats  # noqa: E402
 from lolcats.attention.cache import cache_nbytes  # noqa: E402
+from lolcats.bench.common import sync  # noqa: E402
 from lolcats.convert import MEMORY_FIELDS  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
@@ -106,11 +107,11 @@ def state_and_decode(model, tok, text: str, device) -> dict:
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         out = model(input_ids=ids, use_cache=True)
         nbytes = cache_nbytes(out.past_key_values)
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync(device)
         t = time.perf_counter()
         gen = model.generate(ids[:, :1024], attention_mask=torch.ones_like(ids[:, :1024]), max_new_tokens=33,
                              min_new_tokens=33, do_sample=False)
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync(device)
         sec = time.perf_counter() - t
     return {"state_mib_8k": nbytes / 2**20, "decode_seconds_33_after_1k": sec,
             "generated": int(gen.shape[1] - 1024)}

@@ -306,15 +306,15 @@ def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: in
 
 def _first_slots(pos: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
     """Indices [B, n] of the n valid entries with the smallest positions (valid first), for gathering."""
-    big = pos.max().clamp_min(0) + 1 if pos.numel() else 1
-    key = torch.where(ok, pos, pos + big * 2 + 1)
+    key = torch.where(ok, pos, torch.iinfo(pos.dtype).max)
     return key.argsort(dim=1, stable=True)[:, :n]
 
 
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, Hk, T, X] at token indices idx [B, n] -> [B, Hk, n, X]."""
-    B, Hk, _, X = x.shape
-    return x.gather(2, idx[:, None, :, None].expand(B, Hk, idx.shape[1], X))
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Hk, n, X] at slot indices idx [B, Hk, m] (or [B, m], the same for every head) -> [B, Hk, m, X]."""
+    if idx.dim() == 2:
+        idx = idx[:, None, :].expand(x.shape[0], x.shape[1], -1)
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
@@ -336,7 +336,7 @@ def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
         pos = F.pad(pos, (0, extra), value=-1)
     idx = _first_slots(pos, is_sink, sinks)
     ok = is_sink.gather(1, idx)
-    return _gather_tokens(k, idx), _gather_tokens(v, idx), torch.where(ok, pos.gather(1, idx), -1)
+    return _take(k, idx), _take(v, idx), torch.where(ok, pos.gather(1, idx), -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,7 +648,7 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
             ck, cv = torch.cat([gk, ck], 2), torch.cat([gv, cv], 2)
             ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
             cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
-        f = key_map(_slots_as_tokens(ckf))  # [B, M + P, Hk*kg, F]
+        f = key_map(ckf.transpose(1, 2))  # slots as tokens [B, M + P, Hk, Dk] -> [B, M + P, Hk*kg, F]
         fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
         vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
         if memory.global_size:
@@ -695,16 +695,6 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3],
     )
     return o, new_state
-
-
-def _slots_as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, Hk, n, X] slots -> [B, n, Hk, X], the layout key_map takes."""
-    return x.transpose(1, 2)
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, Hk, n, X] at per-head slot indices idx [B, Hk, m] -> [B, Hk, m, X]."""
-    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: KeyMap, window: int,

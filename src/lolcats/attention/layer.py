@@ -85,7 +85,7 @@ class LolcatsAttention(nn.Module):
         adapter = self.lolcats_adapter
         q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
         # position-free feature maps read q/k before RoPE; the window always sees them rotated
-        unrotated = None if getattr(self, "lolcats_feature_rope", True) else (q, k)
+        unrotated = None if self.lolcats_feature_rope else (q, k)
         q, k = adapter.apply_rope(self, q, k, position_embeddings)
         B, _, T, _ = q.shape
         key_mask = key_padding_mask(attention_mask, T)
@@ -108,7 +108,7 @@ class LolcatsAttention(nn.Module):
     def _common(self, key_mask) -> dict[str, Any]:
         return dict(
             window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
-            key_mask=key_mask, memory=getattr(self, "lolcats_memory", None),
+            key_mask=key_mask, memory=self.lolcats_memory,
         )
 
     def _hybrid(self, q, k, v, key_mask, cache, unrotated=None) -> torch.Tensor:

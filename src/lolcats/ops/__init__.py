@@ -73,6 +73,11 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
+def _has_memory(memory: Memory | None, state: HybridState | None) -> bool:
+    """Memory beyond the window (sinks, global cache) has no kernel yet: the reference forms run it."""
+    return (memory is not None and memory.active) or (state is not None and state.has_memory)
+
+
 def hybrid_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
@@ -85,8 +90,7 @@ def hybrid_attention(
     chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
     the window (sinks, global cache) has no kernel yet: it always runs the pure-PyTorch form.
     """
-    has_memory = (memory is not None and memory.active) or (initial_state is not None and initial_state.has_memory)
-    if not has_memory and resolve_backend(backend, q) == "triton":
+    if not _has_memory(memory, initial_state) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.triton_backend import hybrid_attention_triton
 
         return hybrid_attention_triton(
@@ -109,18 +113,16 @@ def hybrid_decode(
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
     memory beyond the window, which runs the pure-PyTorch form)."""
-    kf = key_map_input if state.win_kf is not None else None
-    has_memory = (memory is not None and memory.active) or state.has_memory
-    if not has_memory and resolve_backend(backend, q) == "triton":
+    if not _has_memory(memory, state) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.triton_backend import hybrid_decode_triton
 
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=kf,
+            key_map_input=key_map_input,
         )
     return hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-        memory=memory, key_map_input=kf,
+        memory=memory, key_map_input=key_map_input,
     )
 
 
