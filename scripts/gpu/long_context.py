@@ -36,11 +36,13 @@ from lolcats.convert import MEMORY_FIELDS  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
+from lolcats.train.layer_selection import rank_softmax_layers  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters  # noqa: E402
 
 T0 = time.perf_counter()
-TRAIN_RESERVE, EVAL_RESERVE = 200.0, 70.0  # seconds a variant / an evaluation row needs at least (H200)
+TRAIN_RESERVE, EVAL_RESERVE = 150.0, 100.0  # seconds a variant / an evaluation row needs at least (H200)
 SINKS, GC = {"sink_size": 4}, {"global_cache_size": 64}
+GC128DD = {"global_cache_size": 128, "global_cache_dedup": 0.95}
 # name: conversion config for training, stage-2 block length, inference settings (memory changes)
 VARIANTS: dict[str, dict] = {
     "default": dict(cfg={}, evals={"": {}, "+sinks4+gc64": {**SINKS, **GC}}),
@@ -53,6 +55,17 @@ VARIANTS: dict[str, dict] = {
     "sinks_nope_gc64": dict(cfg={**SINKS, **GC, "feature_map_rope": False}, evals={"": {}}),
     "sinks_nope_s2_4k": dict(cfg={**SINKS, "feature_map_rope": False}, s2_block=4096, evals={"": {}, "+gc64": GC}),
     "w256": dict(cfg={"window_size": 256}, evals={"": {}}),
+    # trained with a deduplicating global cache on (stage 1 and 2), 1K or 4K stage-2 blocks
+    "sinks_nope_gc128dd": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False}, evals={"": {}}),
+    "sinks_nope_gc128dd_s2_4k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False}, s2_block=4096,
+                                     evals={"": {}}),
+    # the sinks_nope delta with the deduplicating cache switched on after training (needs --load-deltas)
+    "sinks_nope_dd": dict(cfg={**SINKS, "feature_map_rope": False}, delta="sinks_nope", evals={"+gc128dd": GC128DD}),
+    # 4 of 30 layers kept as softmax, chosen after stage 1 by the KL to the teacher they remove
+    "sinks_nope_dd256": dict(cfg={**SINKS, "feature_map_rope": False}, delta="sinks_nope",
+                             evals={"+gc256dd_p32": {"global_cache_size": 256, "global_cache_dedup": 0.95,
+                                                     "global_cache_interval": 32}}),
+    "sinks_nope_softmax4": dict(cfg={**SINKS, "feature_map_rope": False}, softmax_keep=4, evals={"": {}}),
 }
 
 
@@ -91,6 +104,9 @@ def train_variant(base, spec, data, val, data4k, args):
                config=stage(args.stage1_tokens, 1e-2, args.micro_batch), name="stage1")
     lolcats.set_mode(model, "hybrid")
     t1 = time.perf_counter() - t
+    info: dict = {}
+    if spec.get("softmax_keep"):
+        model, info = keep_softmax_layers(base, model, spec, data4k, spec["softmax_keep"])
     peft = add_lora(model, r=8, alpha=16)
     block = spec.get("s2_block", 1024)
     t = time.perf_counter()
@@ -98,7 +114,27 @@ def train_variant(base, spec, data, val, data4k, args):
                config=stage(args.stage2_tokens, args.lr2, max(1, args.micro_batch * 1024 // block)), name="lora")
     t2 = time.perf_counter() - t
     return peft, {"stage1_tokens_per_s": r1.tokens / t1, "stage2_tokens_per_s": r2.tokens / t2,
-                  "train_seconds": t1 + t2, "stage2_block": block}
+                  "train_seconds": t1 + t2, "stage2_block": block, **info}
+
+
+def keep_softmax_layers(base, model, spec, data4k, keep: int):
+    """Rank the stage-1 model's layers (KL to the teacher restored, 4 training blocks of 4K), then
+    rebuild it with the top `keep` as softmax and the others' trained feature maps."""
+    t = time.perf_counter()
+    dev = next(model.parameters()).device
+    with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
+        ranking = rank_softmax_layers(model, [data4k.input_ids[i: i + 1] for i in range(4)])
+    chosen = sorted(i for i, _ in ranking[:keep])
+    kept = copy.deepcopy(base)
+    lolcats.convert(kept, lolcats.LolcatsConfig(**{**spec["cfg"], "softmax_layers": chosen}))
+    trained = {n: p for n, p in model.named_parameters() if ".lolcats." in n}
+    missing = [n for n, _ in kept.named_parameters() if ".lolcats." in n and n not in trained]
+    assert not missing, missing
+    with torch.no_grad():
+        for n, p in kept.named_parameters():
+            if ".lolcats." in n:
+                p.copy_(trained[n])
+    return kept, {"softmax_layers": chosen, "ranking": ranking[:8], "rank_seconds": time.perf_counter() - t}
 
 
 def state_and_decode(model, tok, text: str, device) -> dict:
