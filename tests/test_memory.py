@@ -263,3 +263,31 @@ def test_dedup_keeps_distinct_values():
     assert tie.tolist() == [[True, False, False, True]]
     with pytest.raises(ValueError, match="dedup"):
         Memory(global_size=2, dedup=1.5)
+
+
+@pytest.mark.parametrize("memory", [Memory(sinks=2, global_size=3, interval=4), Memory(global_size=5, interval=7, dedup=0.5)])
+@pytest.mark.parametrize("sharing", ["query", "kv"])
+def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sharing):
+    """A fresh sequence without a returned state runs every interval at once (training); outputs and
+    gradients (through q, k via phi(k), v, phi(q), gamma) equal the interval loop's, padding included."""
+    q, k, v, _, _, gamma, key_map, mask = make_inputs(3, 150, 6, 2, 8, 4, sharing, pad=[0, 7, 60], seed=3)
+    g = torch.Generator().manual_seed(5)
+    wq = torch.randn(6, 8, 4, generator=g, dtype=q.dtype) * 0.5
+
+    def run(loop: bool):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, gamma, wq)]
+        qq, kk, vv, gg, ww = xs
+        o, st = hybrid_attention_chunked(qq, kk, vv, hedgehog(qq, ww), key_map(kk), gg, window=W, key_mask=mask,
+                                         memory=memory, key_map=key_map, output_final_state=loop)
+        assert (st is not None) == loop
+        (valid_rows(o, mask) * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum().backward()
+        return o, [x.grad for x in xs]
+
+    o_all, grads_all = run(loop=False)
+    o_loop, grads_loop = run(loop=True)
+    ref, _ = hybrid_attention_quadratic(q, k, v, hedgehog(q, wq), key_map(k), gamma, window=W, key_mask=mask,
+                                        memory=memory)
+    assert (valid_rows(o_all, mask) - valid_rows(ref, mask)).abs().max() <= 1e-10
+    assert (valid_rows(o_all, mask) - valid_rows(o_loop, mask)).abs().max() <= 1e-10
+    for a, b in zip(grads_all, grads_loop):
+        assert (a - b).abs().max() <= 1e-9

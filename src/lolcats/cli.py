@@ -88,7 +88,7 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--global-cache-interval", type=int, default=None, metavar="P",
                    help="tokens between global-cache selections (default 64)")
     g.add_argument("--global-cache-dedup", type=float, default=None, metavar="COS",
-                   help="do not keep a cache candidate whose value has cosine > COS with a better one's (default 1 = off)")
+                   help="do not keep a cache candidate whose value has cosine > COS with a better one's (default 0.95; 1 = off)")
     g.add_argument("--no-feature-map-rope", action="store_false", default=None, dest="feature_map_rope",
                    help="feature maps read q/k before RoPE (a position-free linear part)")
     t = p.add_argument_group("training")

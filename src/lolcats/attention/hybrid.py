@@ -343,30 +343,50 @@ def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
 # a. quadratic reference
 
 
-def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
-    """Replay the global cache's selections over a whole sequence (reference form).
+def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int) -> torch.Tensor:
+    """Replay the global cache's selections over a whole sequence (no gradient flows through them).
 
-    Returns (cached [B, Hk, T_q, T_k], summed [B, Hk, T_q, T_k]): which keys each query attends
-    exactly from the global cache, and which it reads through the linear state.
+    Returns kept [B, Hk, intervals, T]: the keys the queries of each selection interval attend
+    exactly from the global cache. Each selection scores only its candidates (the cached keys, then
+    the P that left the band, in position order as the recurrent form's slots are).
     """
     B, Hk, kg, T, _ = fk_g.shape
     P, M, w = memory.period, memory.global_size, window
-    j = torch.arange(T, device=valid.device)
-    eligible = (valid & ~is_sink)[:, None, :].expand(B, Hk, T)  # [B, Hk, T]
-    cached = torch.zeros(B, Hk, T, T, dtype=torch.bool, device=valid.device)
-    summed = torch.zeros_like(cached)
-    keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=valid.device)
-    folded = torch.zeros_like(keep)
-    for t0 in range(P, T, P):  # selection at the first position of every interval but the first
-        leaving = (j >= t0 - P - w + 1) & (j <= t0 - w)
-        candidate = keep | (eligible & leaving)
-        f = fk_g * folded[:, :, None, :, None]
-        kv = torch.matmul(f.transpose(-1, -2), v_g)  # [B, Hk, kg, F, Dv]
-        score = recall_error(fk_g, v_g, kv, f.sum(-2))
-        keep = keep_worst_recalled(score, candidate, M, v_g[:, :, 0], memory.dedup)
-        folded = folded | (candidate & ~keep)
-        cached[:, :, t0 : t0 + P] = keep[:, :, None, :]
-        summed[:, :, t0 : t0 + P] = folded[:, :, None, :]
+    fk_g, v_g = fk_g.detach(), v_g.detach()
+    eligible = valid & ~is_sink  # [B, T]
+    dev = valid.device
+    kept = torch.zeros(B, Hk, intervals, T + 1, dtype=torch.bool, device=dev)  # column T: empty slots
+    idx = torch.zeros(B, Hk, 0, dtype=torch.long, device=dev)
+    ok = torch.zeros(B, Hk, 0, dtype=torch.bool, device=dev)
+    kv = torch.zeros(B, Hk, kg, fk_g.shape[-1], v_g.shape[-1], dtype=fk_g.dtype, device=dev)
+    k_sum = torch.zeros(B, Hk, kg, fk_g.shape[-1], dtype=fk_g.dtype, device=dev)
+    for c in range(1, intervals):  # a selection at the first position of every interval but the first
+        leaving = torch.arange(max(c * P - P - w + 1, 0), max(c * P - w + 1, 0), device=dev)
+        idx = torch.cat([idx, leaving.expand(B, Hk, -1)], 2)
+        ok = torch.cat([ok, eligible[:, leaving][:, None].expand(B, Hk, -1)], 2)
+        f = fk_g.gather(3, idx[:, :, None, :, None].expand(B, Hk, kg, -1, fk_g.shape[-1]))
+        vv = _take(v_g[:, :, 0], idx)[:, :, None]  # [B, Hk, 1, n, Dv]
+        keep = keep_worst_recalled(recall_error(f, vv, kv, k_sum), ok, M, vv[:, :, 0], memory.dedup)
+        fold = (ok & ~keep).to(f.dtype)[:, :, None, :, None]
+        kv = kv + torch.matmul((f * fold).transpose(-1, -2), vv)
+        k_sum = k_sum + (f * fold).sum(-2)
+        order = torch.where(keep, idx, T).argsort(dim=2, stable=True)[:, :, :M]  # kept, in position order
+        idx, ok = idx.gather(2, order), keep.gather(2, order)
+        kept[:, :, c].scatter_(2, torch.where(ok, idx, T), True)
+    return kept[..., :T]
+
+
+def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
+    """The selection schedule as [B, Hk, T_q, T_k] masks (reference form): (cached, summed).
+
+    A key is summed from the selection after it left the band unless that selection keeps it."""
+    T = fk_g.shape[3]
+    P = memory.period
+    kept = _selection_schedule(fk_g, v_g, valid, is_sink, window, memory, -(-T // P))
+    i = torch.arange(T, device=valid.device)
+    cached = kept[:, :, i // P]  # [B, Hk, T_q, T_k]
+    left = i[None, :] <= (i // P * P - window)[:, None]  # left the band by the query's selection
+    summed = left & (valid & ~is_sink)[:, None, None, :] & ~cached
     return cached, summed
 
 
@@ -489,6 +509,9 @@ def hybrid_attention_chunked(
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
     memory = check_memory(memory, window)
+    if memory.global_size and initial_state is None and not output_final_state:
+        return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
+                                       softcap=softcap, key_mask=key_mask), None
     if memory.global_size:
         if key_map is None:
             raise ValueError("a global cache needs key_map to score and fold the keys it selects")
@@ -597,6 +620,84 @@ def hybrid_attention_chunked(
         state = _final_state(k, v, fk, valid, w, Hk, initial_state, kf=kf, summable=summable, sinks=sinks,
                              position=position + T_new)
     return o, state
+
+
+def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask):
+    """A fresh sequence with a global cache, every interval at once (training, plain forwards).
+
+    The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
+    queries is one chunk: its band [cP - w + 1, i] (P + w - 1 candidate keys), the sinks and the
+    cached keys it attends exactly, and the linear state of the keys folded before it (a masked
+    sum per interval). No T x T tensor; the state is not returned (prefill runs the interval loop).
+    """
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    acc = accumulation_dtype(q.dtype)
+    P, M, w = memory.period, memory.global_size, window
+    N = -(-T // P)
+    pad = N * P - T
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    is_sink = _sink_flags(valid, memory.sinks)
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, Hk, n, T, X] -> [B, Hk, n, N, P, X]
+        x = F.pad(x, (0, 0, 0, pad))
+        return x.view(*x.shape[:3], N, P, x.shape[-1])
+
+    qg, kk, vg = (_grouped(x.to(acc), Hk) for x in (q, k, v))  # kk, vg: [B, Hk, 1, T, .]
+    fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
+    qc, fqc = chunks(qg), chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, .]
+    gam = _gamma_grouped(gamma, Hk, 3, acc)
+    kept = _selection_schedule(fkg, vg, valid, is_sink, w, memory, N)  # [B, Hk, N, T]
+
+    # band: interval n sees keys [nP - w + 1, nP + P); local query a, local key b: b <= a + w - 1
+    kpad, vpad = (F.pad(x, (0, 0, w - 1, pad)) for x in (kk, vg))
+    kblk = kpad.unfold(3, P + w - 1, P).transpose(-1, -2)  # [B, Hk, 1, N, P + w - 1, D]
+    vblk = vpad.unfold(3, P + w - 1, P).transpose(-1, -2)
+    mblk = F.pad(valid, (w - 1, pad), value=False).unfold(1, P + w - 1, P)  # [B, N, P + w - 1]
+    a_idx = torch.arange(P, device=q.device)[:, None]
+    b_idx = torch.arange(P + w - 1, device=q.device)[None, :]
+    band = (b_idx <= a_idx + w - 1) & mblk[:, None, None, :, None, :]  # [B, 1, 1, N, P, P + w - 1]
+    a_win, m = _window_terms(_scores(qc, kblk, scale, softcap), band, gam)
+    num = torch.matmul(a_win, vblk)
+    den = a_win.sum(-1, keepdim=True)
+
+    # exact keys outside the band: the sinks, and each interval's cached keys
+    extras = []
+    if memory.sinks:
+        idx = _first_slots(torch.arange(T, device=q.device).expand(B, T), is_sink, memory.sinks)  # [B, s]
+        ok = is_sink.gather(1, idx)
+        lo = torch.arange(N, device=q.device) * P - w + 1  # band start per interval
+        outside = ok[:, None, :] & (idx[:, None, :] < lo[None, :, None])  # [B, N, s]
+        extras.append((_take(kk[:, :, 0], idx), _take(vg[:, :, 0], idx), outside[:, None, None, :, None, :]))
+    slot = torch.where(kept, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, N, M]: kept first
+    ok = kept.gather(-1, slot)
+    ck, cv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (kk, vg))
+    extras.append((ck[:, :, None], cv[:, :, None], ok[:, :, None, :, None, :]))
+    for xk, xv, xmask in extras:
+        if xk.dim() == 4:  # the same keys for every interval: [B, Hk, s, .] -> [B, Hk, 1, 1, s, .]
+            xk, xv = xk[:, :, None, None], xv[:, :, None, None]
+        a_x = _extra_terms(_scores(qc, xk, scale, softcap), xmask, m, gam)
+        num = num + torch.matmul(a_x, xv)
+        den = den + a_x.sum(-1, keepdim=True)
+
+    # linear part: interval n reads every eligible key that left the band by its selection
+    # (t <= nP - w: keys shifted right by w - 1, an exclusive prefix over intervals) but the ones
+    # it holds in the cache (at most M: subtracted), so no [N, T, F] tensor is built
+    eligible = (valid & ~is_sink).to(acc)[:, None, None, :, None]
+    fks = chunks(F.pad(fkg * eligible, (0, 0, w - 1, 0))[..., :T, :])  # [B, Hk, kg, N, P, F]
+    vs = chunks(F.pad(vg, (0, 0, w - 1, 0))[..., :T, :])
+    kv_chunk, z_chunk = torch.matmul(fks.transpose(-1, -2), vs), fks.sum(-2)
+    kv = torch.cumsum(kv_chunk, dim=3) - kv_chunk  # [B, Hk, kg, N, F, Dv]
+    z = torch.cumsum(z_chunk, dim=3) - z_chunk  # [B, Hk, kg, N, F]
+    kept_f = _take(fkg.flatten(1, 2), slot.flatten(2).repeat_interleave(fkg.shape[2], 1))
+    kept_f = kept_f.view(B, Hk, -1, N, slot.shape[-1], fkg.shape[-1]) * ok[:, :, None, :, :, None].to(acc)
+    kv = kv - torch.matmul(kept_f.transpose(-1, -2), cv[:, :, None])
+    z = z - kept_f.sum(-2)
+    num = num + torch.matmul(fqc, kv)
+    den = den + torch.matmul(fqc, z[..., None])
+    o = _divide(num, den).reshape(B, Hk, qg.shape[2], N * P, -1)[..., :T, :]
+    return _ungrouped(o).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
