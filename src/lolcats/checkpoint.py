@@ -32,8 +32,7 @@ LORA_DIR = "lora"
 _PEFT_PREFIX = "base_model.model."
 
 
-class CheckpointError(ValueError):
-    """A delta folder that cannot be used (corrupt, incomplete, or for another base model)."""
+from lolcats.errors import CheckpointError, IntegrityError  # noqa: E402 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------

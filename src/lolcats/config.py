@@ -9,8 +9,7 @@ from typing import Any, Literal
 KeyMapSharing = Literal["query", "kv"]
 
 
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used."""
+from lolcats.errors import ConfigError
 
 
 @dataclass

@@ -80,8 +80,7 @@ _JSON_READ_CHARS = 1 << 20  # characters read per refill of the streaming JSON d
 _TEXT_CHUNK_CHARS = 1 << 16  # long plain-text documents are tokenised in pieces of about this size
 
 
-class DataError(ValueError):
-    """The training data cannot be used (missing, empty, unknown format, too small...)."""
+from lolcats.errors import DataError  # noqa: E402 (re-exported)
 
 
 @dataclass

@@ -53,8 +53,7 @@ DEFAULT_PROMPT = "What are three tips for staying healthy?"
 Progress = Callable[[dict[str, Any]], None]
 
 
-class LinearizeError(ValueError):
-    """Bad input to linearize (model, data, options, output folder); the message is one line."""
+from lolcats.errors import LinearizeError  # noqa: E402 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------

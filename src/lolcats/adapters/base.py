@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 
-class UnsupportedModelError(ValueError):
-    """The model family has no adapter."""
+from lolcats.errors import UnsupportedModelError  # noqa: E402 (re-exported)
 
 
 @dataclass(frozen=True)

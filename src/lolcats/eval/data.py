@@ -49,11 +49,7 @@ TASK_FILES: dict[str, tuple[str, ...]] = {
 _HOW_TO_POINT = f"point at the evaluation data with --data-dir DIR or {ENV_VAR}=DIR"
 
 
-class EvalDataError(FileNotFoundError):
-    """A local evaluation data file (or the data directory) is missing."""
-
-    def __str__(self) -> str:  # keep it to the one-line message, not errno formatting
-        return str(self.args[0]) if self.args else "evaluation data missing"
+from lolcats.errors import EvalDataError  # noqa: E402 (re-exported)
 
 
 def parse_task_list(tasks: str | Iterable[str]) -> list[str]:

@@ -85,8 +85,7 @@ CAPTURE_NAME = "block inputs (teacher)"
 Callback = Callable[[dict[str, Any]], None]
 
 
-class BlockwiseError(ValueError):
-    """Block-wise training cannot run (e.g. too little disk space); the message is one line."""
+from lolcats.errors import BlockwiseError  # noqa: E402 (re-exported)
 
 
 @dataclass(frozen=True)

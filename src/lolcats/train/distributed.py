@@ -49,8 +49,7 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 7200.0
 
 
-class DistributedError(RuntimeError):
-    """The multi-process setup is wrong (device, backend, launch); the message says how to fix it."""
+from lolcats.errors import DistributedError  # noqa: E402 (re-exported)
 
 
 class RankZeroError(RuntimeError):

@@ -75,12 +75,7 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict
 Callback = Callable[[dict[str, Any]], None]
 
 
-class TrainError(RuntimeError):
-    """Training cannot go on (e.g. every step diverges)."""
-
-
-class ResumeError(ValueError):
-    """A checkpoint that cannot be resumed here (other model, other config, corrupted)."""
+from lolcats.errors import ResumeError, TrainError  # noqa: E402 (re-exported)
 
 
 @dataclass
