@@ -49,7 +49,8 @@ def test_end_to_end_tiny(base_dir, data_file, tmp_path):
     out = tmp_path / "out"
     events = []
     m = run(base_dir, data_file, out, progress=events.append, checkpoint_every=2)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "integrity.json", "lolcats.safetensors", "lora",
+                                                     "metrics.json"]
     assert not work_dir_for(out).exists()  # the work folder is gone after success
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("teacher", "after_swap", "after_stage1", "after_stage2"):

@@ -30,6 +30,10 @@ class ModelNotFoundError(LolcatsError, FileNotFoundError):
         return " ".join(str(self.args[0] if self.args else "model not found").split())
 
 
+class ModelPathError(LolcatsError, ValueError):
+    """A path that exists but is not a model lolcats loads (a delta folder, a file that is not .gguf)."""
+
+
 class UnsupportedModelError(LolcatsError, ValueError):
     """The model family has no adapter."""
 

@@ -66,7 +66,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lolcats.attention.layer import LolcatsAttention, set_mode
-from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text, fingerprint
+from lolcats.checkpoint import fingerprint
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text
 from lolcats.train import distributed
 from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train, visited_rows
 from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters

@@ -52,7 +52,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text
+from lolcats import validate
 from lolcats.train import distributed
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     max_consecutive_nonfinite: int = 25  # then TrainError
+    max_nonfinite_fraction: float = 0.5  # more skipped steps than this by the end: TrainError (diverged)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -107,8 +109,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.lr = validate.number("lr", self.lr, above=0.0)
+        self.weight_decay = validate.number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:  # a negative norm would reverse the gradients
+            self.max_grad_norm = validate.number("max_grad_norm", self.max_grad_norm, above=0.0)
         for name in ("micro_batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,7 +139,7 @@ class TrainConfig:
 
 
 # Options that do not change the trained weights (may differ on resume).
-_RESUME_FREE = {"log_every", "keep_checkpoints", "max_consecutive_nonfinite"}
+_RESUME_FREE = {"log_every", "keep_checkpoints", "max_consecutive_nonfinite", "max_nonfinite_fraction"}
 
 
 @dataclass
@@ -154,6 +158,11 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def divergence_advice(config: TrainConfig) -> str:
+    """What to try when training diverges (float32 is only advice when it is not already in use)."""
+    return "lower the learning rate" + (" or use float32" if config.dtype != "float32" else "")
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -680,10 +689,8 @@ def train(
             event["logs"] = means
             running.reset()
         if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-            raise TrainError(
-                f"{name}: {consecutive_nonfinite} consecutive steps had non-finite loss or gradients; "
-                "lower the learning rate or use float32"
-            )
+            raise TrainError(f"{name}: {consecutive_nonfinite} consecutive steps had non-finite loss or gradients; "
+                             f"{divergence_advice(config)}")
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
             run_eval()
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
@@ -692,6 +699,9 @@ def train(
 
     if has_val and last_eval_step != step:
         run_eval()
+    if nonfinite > config.max_nonfinite_fraction * step:
+        raise TrainError(f"{name}: {nonfinite} of {step} steps had non-finite loss or gradients and were skipped; "
+                         f"{divergence_advice(config)}")
     if best_state is not None:
         with torch.no_grad():
             for n, p in named.items():
