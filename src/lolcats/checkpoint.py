@@ -26,7 +26,7 @@ from torch import nn
 from lolcats.config import LolcatsConfig
 from lolcats.errors import CheckpointError, ConfigError, IntegrityError, StorageError  # noqa: F401 (re-exported)
 from lolcats.fileio import (  # noqa: F401 (atomic_* re-exported for older imports)
-    atomic_save_safetensors, atomic_write_json, atomic_write_text, make_dirs, make_temp_dir, replace_dir,
+    apply_umask, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_dirs, make_temp_dir, replace_dir,
 )
 from lolcats.integrity import check_finite, has_manifest, verify_folder, write_manifest
 
@@ -162,6 +162,7 @@ def save_delta(
             try:
                 with quiet_peft():
                     model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
+                apply_umask(tmp / LORA_DIR)
             except (OSError, SafetensorError) as e:
                 raise StorageError(f"cannot write {final / LORA_DIR}: {' '.join(str(e).split())}") from None
         meta = {

@@ -107,6 +107,17 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return tmp
 
 
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give the files and folders under `folder` the modes the umask gives (for files written by
+    other libraries: safetensors creates its files private)."""
+    mask = current_umask()
+    try:
+        for p in Path(folder).rglob("*"):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    except OSError as e:
+        raise StorageError.wrap(e, folder, doing="set the modes of") from None
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place; an existing folder is only removed after the swap."""
     old = None

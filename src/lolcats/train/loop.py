@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lolcats.fileio import atomic_save_safetensors, atomic_write_text
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text, make_dirs, make_temp_dir, replace_dir
 from lolcats import validate
 from lolcats.train import distributed
 
@@ -563,8 +562,8 @@ def train(
         if not distributed.is_main():  # rank 0 writes (the replicas are equal); the others wait for it
             distributed.barrier()
             return
-        ckdir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".{_step_dir_name(step)}.tmp-"))
+        make_dirs(ckdir)
+        tmp = make_temp_dir(ckdir, prefix=f".{_step_dir_name(step)}.tmp-")
         try:
             atomic_save_safetensors({n: p.detach() for n, p in named.items()}, tmp / TRAINABLE_NAME)
             if best_state is not None:
@@ -584,10 +583,7 @@ def train(
                 "done": done, "result": result.to_dict() if result is not None else None, "world_size": world,
             }
             atomic_write_text(tmp / STATE_NAME, json.dumps(state, allow_nan=True))
-            final = ckdir / _step_dir_name(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, ckdir / _step_dir_name(step))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
