@@ -163,8 +163,10 @@ def save_delta(
                 with quiet_peft():
                     model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
                 apply_umask(tmp / LORA_DIR)
-            except (OSError, SafetensorError) as e:
-                raise StorageError(f"cannot write {final / LORA_DIR}: {' '.join(str(e).split())}") from None
+            except OSError as e:
+                raise StorageError.wrap(e, tmp / LORA_DIR) from None
+            except SafetensorError as e:  # its I/O errors are not OSErrors
+                raise StorageError(f"cannot write {tmp / LORA_DIR}: {' '.join(str(e).split())}") from None
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
