@@ -77,7 +77,7 @@ def test_a_diverged_run_saves_nothing_and_resumes_with_other_settings(base_dir, 
     # other stage-2 settings: stage 1 comes from its checkpoint, stage 2 starts over
     rc, err = linearize_cli(capsys, base_dir, data_file, out, "--lr2", "1e-3", "--resume")
     assert rc == 0, err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert metrics["stage1"]["done_before"] and not metrics["stage2"]["done_before"]
     # ... and gives exactly the delta of a run that never diverged
     clean = tmp_path / "clean"

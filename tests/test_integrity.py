@@ -259,3 +259,12 @@ def test_every_error_is_a_lolcats_error():
     for cls in (CheckpointError, IntegrityError, lolcats.ConfigError, lolcats.ModelNotFoundError,
                 lolcats.UnsupportedModelError, lolcats.LinearizeError, lolcats.RemoteCodeError):
         assert issubclass(cls, LolcatsError)
+
+
+def test_loading_a_lora_delta_prints_no_warning(delta):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(delta)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
