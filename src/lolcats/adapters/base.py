@@ -12,8 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-
-from lolcats.errors import UnsupportedModelError  # noqa: E402 (re-exported)
+from lolcats.errors import UnsupportedModelError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

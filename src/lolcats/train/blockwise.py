@@ -67,6 +67,7 @@ from torch import nn
 
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import fingerprint
+from lolcats.errors import BlockwiseError  # noqa: F401 (re-exported)
 from lolcats.fileio import atomic_save_safetensors, atomic_write_text
 from lolcats.train import distributed
 from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train, visited_rows
@@ -84,9 +85,6 @@ BLOCK_FORMAT = "lolcats-blockwise-block"
 CAPTURE_NAME = "block inputs (teacher)"
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-from lolcats.errors import BlockwiseError  # noqa: E402 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lolcats.errors import DistributedError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,9 +49,6 @@ T = TypeVar("T")
 
 #: Seconds a collective may wait (rank 0 tokenising a large data set keeps the others waiting).
 DEFAULT_TIMEOUT_S = 7200.0
-
-
-from lolcats.errors import DistributedError  # noqa: E402 (re-exported)
 
 
 class RankZeroError(RuntimeError):

@@ -51,6 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lolcats.errors import ResumeError, TrainError  # noqa: F401 (re-exported)
 from lolcats.fileio import atomic_save_safetensors, atomic_write_text, make_dirs, make_temp_dir, replace_dir
 from lolcats import validate
 from lolcats.train import distributed
@@ -73,9 +74,6 @@ DTYPES = ("float32", "bfloat16")
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 Callback = Callable[[dict[str, Any]], None]
-
-
-from lolcats.errors import ResumeError, TrainError  # noqa: E402 (re-exported)
 
 
 @dataclass
