@@ -296,7 +296,8 @@ def test_linearize_blockwise_end_to_end(tokenizer, tmp_path):
     out = tmp_path / "out"
     events = []
     m = linearize(model, splits(), out=out, tokenizer=tokenizer, blockwise=2, progress=events.append, **LIN)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "integrity.json", "lolcats.safetensors", "lora",
+                                                     "metrics.json"]
     assert not work_dir_for(out).exists()
     assert m["stage1"]["k"] == 2 and m["stage1"]["blocks"] == 2 and m["tokens"]["stage1"] == 128
     assert {e["stage"] for e in events if e["event"] == "start"} >= {"stage1.block000", "stage1.block001", "stage2"}

@@ -29,7 +29,7 @@ def test_round_trip_is_exact(tmp_path):
         ref = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path / "delta")
     files = sorted(p.name for p in (tmp_path / "delta").iterdir())
-    assert files == ["config.json", WEIGHTS_NAME]  # no base weights, no stray temp files
+    assert files == ["config.json", "integrity.json", WEIGHTS_NAME]  # no base weights, no stray temp files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta"]
     meta = json.loads((tmp_path / "delta" / "config.json").read_text())
     assert meta["lolcats"]["window_size"] == 4 and meta["base_model"]["fingerprint"]["model_type"] == "qwen3"
@@ -100,8 +100,11 @@ def test_truncated_weights_and_missing_base(tmp_path):
     lolcats.convert(tiny_model("llama")).save_pretrained(tmp_path / "d")
     f = tmp_path / "d" / WEIGHTS_NAME
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
         lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama"))
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):  # still caught without the check
+        lolcats.from_pretrained(tmp_path / "d", base_model=tiny_model("llama"), verify=False)
+    lolcats.convert(tiny_model("llama")).save_pretrained(tmp_path / "d")
     with pytest.raises(CheckpointError, match="base model of delta .* not found"):
         lolcats.from_pretrained(tmp_path / "d")  # tiny models have no recorded source
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -122,13 +125,15 @@ def test_failed_save_leaves_previous_folder_intact(tmp_path, monkeypatch):
     model = lolcats.convert(tiny_model("llama"))
     model.save_pretrained(tmp_path / "d")
     before = (tmp_path / "d" / WEIGHTS_NAME).read_bytes()
-    import lolcats.checkpoint as ck
+    import errno
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    import lolcats.fileio as fileio
 
-    monkeypatch.setattr(ck, "atomic_write_text", boom)
-    with pytest.raises(OSError, match="disk full"):
+    def boom(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "_put_in_place", boom)
+    with pytest.raises(lolcats.LolcatsError, match="no space left on device"):
         trained_like(model).save_pretrained(tmp_path / "d")
     assert (tmp_path / "d" / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -348,7 +348,7 @@ class PlainLM(torch.nn.Module):
 def fake_loader(monkeypatch, model, tok):
     calls = []
 
-    def load_model_and_tokenizer(path=None, *, dtype=None, device=None):
+    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True):
         calls.append((path, dtype, device))
         return PlainLM(model), tok
 

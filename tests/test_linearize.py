@@ -49,7 +49,8 @@ def test_end_to_end_tiny(base_dir, data_file, tmp_path):
     out = tmp_path / "out"
     events = []
     m = run(base_dir, data_file, out, progress=events.append, checkpoint_every=2)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lolcats.safetensors", "lora", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "integrity.json", "lolcats.safetensors", "lora",
+                                                     "metrics.json"]
     assert not work_dir_for(out).exists()  # the work folder is gone after success
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("teacher", "after_swap", "after_stage1", "after_stage2"):
@@ -100,9 +101,9 @@ def test_kill_and_resume_gives_the_same_delta(base_dir, data_file, tmp_path):
     assert not out.exists() and work_dir_for(out).is_dir()
     with pytest.raises(LinearizeError, match="unfinished run"):  # forgetting --resume loses nothing
         run(base_dir, data_file, out, checkpoint_every=2, **small)
-    # resuming with other options or another model is refused, and nothing is touched
+    # resuming with other stage-1 options or another model is refused, and nothing is touched
     with pytest.raises(LinearizeError, match="other options"):
-        run(base_dir, data_file, out, checkpoint_every=2, resume=True, lr2=5e-3, **small)
+        run(base_dir, data_file, out, checkpoint_every=2, resume=True, lr1=5e-3, **small)
     other = tmp_path / "other"
     tiny_model("llama", seed=1, vocab_size=49152, max_position_embeddings=128).save_pretrained(other)
     lolcats.load_tokenizer().save_pretrained(other)

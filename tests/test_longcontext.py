@@ -376,7 +376,7 @@ def fake_loader(monkeypatch, tokenizer):
 
     calls = []
 
-    def load_model_and_tokenizer(path=None, *, dtype=None, device=None):
+    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True):
         calls.append(path)
         return tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=512), tokenizer
 

@@ -10,6 +10,7 @@ from lolcats.attention.cache import HybridCacheLayer
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import CheckpointError, from_pretrained, save_delta
 from lolcats.config import ConfigError, LolcatsConfig
+from lolcats.errors import IntegrityError, LolcatsError, RemoteCodeError
 from lolcats.convert import configure_memory, convert, is_converted
 from lolcats.loading import ModelNotFoundError, load_base, load_model_and_tokenizer, load_tokenizer
 from lolcats.linearize import LinearizeError, linearize
@@ -17,7 +18,7 @@ from lolcats.linearize import LinearizeError, linearize
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "HybridCacheLayer", "LolcatsAttention", "LolcatsConfig", "ModelNotFoundError",
+    "CheckpointError", "ConfigError", "HybridCacheLayer", "IntegrityError", "LolcatsError", "RemoteCodeError", "LolcatsAttention", "LolcatsConfig", "ModelNotFoundError",
     "UnsupportedModelError", "configure_memory", "convert", "from_pretrained", "get_adapter", "is_converted", "load_base",
     "load_model_and_tokenizer", "load_tokenizer", "save_delta", "set_mode", "supported_model_types",
 ]

@@ -3,78 +3,44 @@
     DIR/config.json          {"format": "lolcats-delta", "lolcats": LolcatsConfig, "base_model": {source, fingerprint}}
     DIR/lolcats.safetensors  feature maps and gammas (names as in the converted model)
     DIR/lora/                PEFT's own adapter files, when stage 2 ran
+    DIR/integrity.json       sha256 of every file above (lolcats.integrity), checked before use
+
+Nothing non-finite is ever saved, and nothing unverified is ever loaded (unless verify=False).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lolcats.config import LolcatsConfig
+from lolcats.errors import CheckpointError, ConfigError, IntegrityError, StorageError  # noqa: F401 (re-exported)
+from lolcats.fileio import (  # noqa: F401 (atomic_* re-exported for older imports)
+    apply_umask, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_dirs, make_temp_dir, replace_dir,
+)
+from lolcats.integrity import check_finite, has_manifest, verify_folder, write_manifest
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "lolcats-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integrity.json; 1 (no record) still loads, with a warning
 WEIGHTS_NAME = "lolcats.safetensors"
 CONFIG_NAME = "config.json"
 LORA_DIR = "lora"
+LORA_CONFIG = f"{LORA_DIR}/adapter_config.json"
+LORA_WEIGHTS = f"{LORA_DIR}/adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-
-
-class CheckpointError(ValueError):
-    """A delta folder that cannot be used (corrupt, incomplete, or for another base model)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written folder into place; an existing folder is only removed after the swap."""
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+_SAMPLES_PER_TENSOR = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,19 +55,46 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Identity of a base model: architecture, shapes and a hash of its (bf16-rounded) embeddings.
+def _bf16_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
 
-    The embeddings are never LoRA targets and survive LoRA merging, so the fingerprint of the
-    base is the same before and after linearization. Rounding to bf16 makes it independent of
-    the dtype the base was loaded in. On a sharded base it is a collective (all ranks call it).
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor: a collective
+
+
+def _layers_digest(model: nn.Module) -> str:
+    """sha256 of a few evenly spaced values of every base weight (LoRA and LoLCATs parameters left out).
+
+    Cheap at any size, and it tells apart bases that share their embeddings (a fine-tune, another
+    seed). Names are those of the plain model (PEFT's `.base_layer` removed), so the digest is the
+    same before conversion, after it and with LoRA attached (unmerged)."""
+    emb = model.get_input_embeddings().weight
+    named = {}
+    for name, p in model.named_parameters():
+        if ".lolcats." in name or "lora_" in name or p is emb:
+            continue
+        named[name.replace(".base_layer.", ".")] = p
+    h = hashlib.sha256()
+    for name in sorted(named):
+        flat = _full(named[name]).detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).round().long()
+        h.update(name.encode())
+        h.update(_bf16_bytes(flat[idx.to(flat.device)]))
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identity of a base model: architecture, shapes, a hash of its (bf16-rounded) embeddings and
+    of values sampled from every other weight.
+
+    The base weights are never changed by an unmerged LoRA, so the fingerprint of the base is the
+    same before and after linearization. Rounding to bf16 makes it independent of the dtype the
+    base was loaded in. On a sharded base it is a collective (all ranks call it).
     """
     model = unwrap_peft(model)
     cfg = model.config
-    emb = model.get_input_embeddings().weight.detach()
-    if hasattr(emb, "full_tensor"):  # FSDP2-sharded (a DTensor): gathered, so every rank must call this
-        emb = emb.full_tensor()
-    digest = hashlib.sha256(emb.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()
+    emb = _full(model.get_input_embeddings().weight.detach())
     return {
         "model_type": cfg.model_type,
         "num_hidden_layers": cfg.num_hidden_layers,
@@ -109,7 +102,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
         "vocab_size": cfg.vocab_size,
-        "embedding_sha256": digest,
+        "embedding_sha256": hashlib.sha256(_bf16_bytes(emb)).hexdigest(),
+        "layers_sha256": _layers_digest(model),
     }
 
 
@@ -128,13 +122,25 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _refuse_non_finite(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    for what in (tensors, lora):
+        for name, t in what.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"refusing to save a broken model: {name} holds NaN or infinite values")
+    alpha = getattr(getattr(model, "peft_config", {}).get("default"), "lora_alpha", 1.0)
+    if not math.isfinite(float(alpha)):
+        raise CheckpointError(f"refusing to save a broken model: lora_alpha is {alpha}")
+
+
 def save_delta(
     model: nn.Module, save_directory: str | os.PathLike, *, extra: dict | None = None,
-    base_fingerprint: dict[str, Any] | None = None, **_ignored,
+    base_fingerprint: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None, **_ignored,
 ) -> Path:
     """Write the delta folder atomically (complete or not at all). LoRA goes through PEFT.
 
-    `base_fingerprint`: `fingerprint(base)` taken beforehand (needed when the base is sharded)."""
+    `base_fingerprint`: `fingerprint(base)` taken beforehand (needed when the base is sharded).
+    `extra_files`: {name: text} written beside (e.g. metrics.json), covered by the integrity record."""
     inner = unwrap_peft(model)
     if getattr(inner, "lolcats_lora_merged", False):
         raise CheckpointError(
@@ -142,14 +148,25 @@ def save_delta(
             "from_pretrained(..., merge_lora=False) to save it again"
         )
     config: LolcatsConfig = inner.lolcats_config
+    tensors = delta_state_dict(model)
+    _refuse_non_finite(model, tensors)
     final = Path(save_directory).expanduser().resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    make_dirs(final.parent)
+    tmp = make_temp_dir(final.parent, prefix=f".{final.name}.tmp-")
     try:
-        atomic_save_safetensors(delta_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         has_lora = inner is not model
         if has_lora:
-            model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
+            from lolcats.compat import quiet_peft
+
+            try:
+                with quiet_peft():
+                    model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
+                apply_umask(tmp / LORA_DIR)
+            except OSError as e:
+                raise StorageError.wrap(e, tmp / LORA_DIR) from None
+            except SafetensorError as e:  # its I/O errors are not OSErrors
+                raise StorageError(f"cannot write {tmp / LORA_DIR}: {' '.join(str(e).split())}") from None
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -159,7 +176,10 @@ def save_delta(
             "lora": has_lora,
             **(extra or {}),
         }
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write_json(tmp / CONFIG_NAME, meta, sort_keys=True)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+        write_manifest(tmp)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,16 +192,72 @@ def save_delta(
 # load
 
 
+def _type_name(x: Any) -> str:
+    return "null" if x is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+                                     int: "a number", float: "a number"}.get(type(x), type(x).__name__)
+
+
+def validate_delta_meta(meta: Any, cfg_path: Path) -> dict[str, Any]:
+    """The config.json of a delta, checked key by key (any shape of bad JSON gives one line)."""
+    def bad(key: str, expected: str, got: Any) -> CheckpointError:
+        return CheckpointError(f"{cfg_path}: '{key}' must be {expected}, got {_type_name(got)}; the delta folder "
+                               "is corrupted or was edited")
+
+    if not isinstance(meta, dict):
+        raise bad("(top level)", "an object", meta)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{cfg_path.parent}' is not a lolcats delta folder (config.json has no format '{FORMAT}')")
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version!r} is not one this lolcats reads "
+                              f"(1 to {FORMAT_VERSION}); upgrade lolcats or re-save the delta")
+    if not isinstance(meta.get("lolcats"), dict):
+        raise bad("lolcats", "an object of LolcatsConfig keys", meta.get("lolcats"))
+    base = meta.get("base_model")
+    if not isinstance(base, dict):
+        raise bad("base_model", "an object with source and fingerprint", base)
+    if base.get("source") is not None and not isinstance(base["source"], str):
+        raise bad("base_model.source", "a string or null", base["source"])
+    if not isinstance(base.get("fingerprint"), dict):
+        raise bad("base_model.fingerprint", "an object", base.get("fingerprint"))
+    if not isinstance(meta.get("lora", False), bool):
+        raise bad("lora", "true or false", meta.get("lora"))
+    try:
+        LolcatsConfig.from_dict(meta["lolcats"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: {' '.join(str(e).split())}") from None
+    return meta
+
+
 def read_delta_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"'{path}' is not a lolcats delta folder (no {CONFIG_NAME})")
     try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the folder is corrupted") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a lolcats delta folder (config.json has no format '{FORMAT}')")
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({' '.join(str(e).split())}); "
+                              "the folder is corrupted") from None
+    except OSError as e:
+        raise StorageError.wrap(e, cfg_path, doing="read") from None
+    return validate_delta_meta(meta, cfg_path)
+
+
+def verify_delta(path: str | os.PathLike) -> dict[str, Any]:
+    """Hashes first (before any file is parsed), then the config's shape; returns the config."""
+    path = Path(path)
+    if has_manifest(path):
+        required = [CONFIG_NAME, WEIGHTS_NAME]
+        verify_folder(path, required)
+        meta = read_delta_config(path)
+        if meta.get("lora"):
+            verify_folder(path, required + [LORA_CONFIG, LORA_WEIGHTS])
+        return meta
+    meta = read_delta_config(path)
+    if meta.get("format_version", 1) >= 2:
+        raise IntegrityError(f"{path / 'integrity.json'} is missing; the delta folder is incomplete or was edited; "
+                             "pass verify=False (lolcats CLI: --no-verify) to load it anyway")
+    logger.warning("delta '%s' was saved by an older lolcats: it has no integrity record to check", path)
     return meta
 
 
@@ -195,14 +271,21 @@ def check_fingerprint(expected: dict[str, Any], model: nn.Module, where: str) ->
         )
 
 
-def load_delta_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    file = Path(path) / WEIGHTS_NAME
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing; the delta folder is incomplete")
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is truncated or corrupted ({e}); re-save or re-download it") from None
+        raise CheckpointError(f"{file} is truncated or corrupted ({' '.join(str(e).split())}); "
+                              "re-save or re-download it") from None
+    check_finite(tensors, file)
+    return tensors
+
+
+def load_delta_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    file = Path(path) / WEIGHTS_NAME
+    tensors = _load_safetensors(file)
     own = {n: p for n, p in model.named_parameters() if ".lolcats." in n}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -217,18 +300,56 @@ def load_delta_weights(model: nn.Module, path: str | os.PathLike) -> None:
             p.copy_(t)
 
 
+def _check_lora_files(path: Path) -> None:
+    """PEFT's adapter files, checked before PEFT reads them (its own errors are raw and misleading)."""
+    cfg_file, weights = path / LORA_CONFIG, path / LORA_WEIGHTS
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; the delta folder is incomplete")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({type(e).__name__}); the folder is corrupted") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_file} is not a LoRA adapter config (peft_type must be 'LORA')")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{cfg_file}: 'r' must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{cfg_file}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    _load_safetensors(weights)  # readable and finite
+
+
+def _attach_lora(model: nn.Module, path: Path):
+    from peft import PeftModel
+
+    from lolcats.compat import quiet_peft
+
+    _check_lora_files(path)
+    try:
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(path / LORA_DIR))
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path / LORA_DIR} cannot be loaded ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+
+
 def from_pretrained(
     path: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None, *,
     dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, merge_lora: bool = True,
+    verify: bool = True,
 ) -> nn.Module:
-    """Rebuild a linearized model from a delta folder (base from the recorded source unless given)."""
+    """Rebuild a linearized model from a delta folder (base from the recorded source unless given).
+
+    `verify=False` skips the sha256 check of the delta's files (for deltas edited on purpose);
+    non-finite weights are refused either way."""
     from lolcats.convert import convert
     from lolcats.loading import ModelNotFoundError, load_base
 
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"delta folder '{path}' does not exist")
-    meta = read_delta_config(path)
+    meta = verify_delta(path) if verify else read_delta_config(path)
     config = LolcatsConfig.from_dict(meta["lolcats"])
     if isinstance(base_model, nn.Module):
         model = base_model
@@ -249,12 +370,7 @@ def from_pretrained(
     convert(model, config)
     load_delta_weights(model, path)
     if meta.get("lora"):
-        from peft import PeftModel
-
-        lora_dir = path / LORA_DIR
-        if not (lora_dir / "adapter_config.json").is_file():
-            raise CheckpointError(f"{lora_dir} is missing or incomplete; the delta folder is corrupted")
-        peft_model = PeftModel.from_pretrained(model, str(lora_dir))
+        peft_model = _attach_lora(model, path)
         if merge_lora:
             model = peft_model.merge_and_unload()
             model.lolcats_lora_merged = True

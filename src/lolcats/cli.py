@@ -160,7 +160,7 @@ def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         data = args.data
     kwargs = {"model": args.model, "data": data, "config": config, **options,
               "overwrite": bool(args.overwrite), "resume": bool(args.resume)}
-    kwargs["skip_stage2"] = bool(kwargs.get("skip_stage2") or False)
+    kwargs.setdefault("skip_stage2", False)  # (a YAML value is type-checked by linearize)
     if args.out is not None:
         kwargs["out"] = args.out
     else:
@@ -315,6 +315,20 @@ def _error_line(message: str) -> None:
     print(" ".join(str(message).split()), file=sys.stderr, flush=True)
 
 
+def report_error(command: str, e: BaseException, say=_error_line) -> int:
+    """The one way a failure reaches the user: `lolcats CMD: error: MESSAGE` (one line); the exit code.
+
+    A LolcatsError carries its exit code (2: bad input, 1: training failed); an OSError that got
+    this far (disk full, permissions) is bad input for the user to fix, said in one line too."""
+    from lolcats.errors import LolcatsError, StorageError, TrainError, one_line
+
+    if isinstance(e, OSError) and not isinstance(e, LolcatsError):
+        e = StorageError.wrap(e, doing="use")
+    kind = "training failed" if isinstance(e, TrainError) else "error"
+    say(f"lolcats {command}: {kind}: {one_line(e)}")
+    return e.exit_code if isinstance(e, LolcatsError) else EXIT_USAGE
+
+
 def _quiet_gguf_progress() -> None:
     """transformers' GGUF loader has its own tqdm bar that ignores disable_progress_bar()."""
     try:
@@ -332,9 +346,9 @@ def run_linearize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    from lolcats.config import ConfigError
-    from lolcats.linearize import LinearizeError, linearize
-    from lolcats.train import ResumeError, TrainError, distributed
+    from lolcats.errors import LolcatsError
+    from lolcats.linearize import linearize
+    from lolcats.train import distributed
 
     console = Console(stderr=True)
     level = logging.INFO if args.verbose else logging.WARNING
@@ -367,12 +381,8 @@ def run_linearize(args: argparse.Namespace) -> int:
         kwargs = linearize_kwargs(args)
         with _Display(console, args.quiet or not main) as display:
             metrics = linearize(**kwargs, progress=display)
-    except (LinearizeError, ConfigError, ResumeError) as e:
-        say(f"lolcats linearize: error: {e}")
-        return EXIT_USAGE
-    except TrainError as e:
-        say(f"lolcats linearize: training failed: {e}")
-        return 1
+    except (LolcatsError, OSError) as e:
+        return report_error("linearize", e, say)
     except KeyboardInterrupt:
         say("lolcats linearize: interrupted; run again with --resume to continue")
         return 130
@@ -449,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return int(args.func(args) or 0)
+    from lolcats.errors import LolcatsError
+
+    try:
+        return int(args.func(args) or 0)
+    except (LolcatsError, OSError) as e:  # caught once, for every command
+        return report_error(args.command, e)
 
 
 if __name__ == "__main__":  # pragma: no cover

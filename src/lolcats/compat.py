@@ -1,6 +1,9 @@
 """The one place for differences between supported transformers versions (>= 5.17, < 6)."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -93,3 +96,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model,
+    which prints a FutureWarning on every LoRA load or save; silence that one warning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -6,11 +6,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lolcats import validate
+from lolcats.errors import ConfigError
+
 KeyMapSharing = Literal["query", "kv"]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used."""
+FEATURE_MAP_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -81,29 +81,23 @@ class LolcatsConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.window_size < 0:
-            raise ConfigError(f"window_size must be >= 0, got {self.window_size}")
-        if self.feature_dim < 1:
-            raise ConfigError(f"feature_dim must be >= 1, got {self.feature_dim}")
-        if not 0.0 < self.init_gamma < 1.0:
-            raise ConfigError(f"init_gamma must lie strictly between 0 and 1, got {self.init_gamma}")
-        if self.key_map_sharing not in ("query", "kv"):
-            raise ConfigError(f"key_map_sharing must be 'query' or 'kv', got {self.key_map_sharing!r}")
-        for name in ("sink_size", "global_cache_size"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.global_cache_interval, int) or self.global_cache_interval < 1:
-            raise ConfigError(f"global_cache_interval must be an integer >= 1, got {self.global_cache_interval!r}")
-        if isinstance(self.global_cache_dedup, bool) or not isinstance(self.global_cache_dedup, (int, float)) \
-                or not -1.0 <= self.global_cache_dedup <= 1.0:
-            raise ConfigError(f"global_cache_dedup must be a number in [-1, 1], got {self.global_cache_dedup!r}")
+        # typed: a YAML value of the wrong type is named here, not met later as a traceback
+        v = validate
+        self.window_size = v.integer("window_size", self.window_size, minimum=0)
+        self.feature_dim = v.integer("feature_dim", self.feature_dim, minimum=1)
+        self.init_gamma = v.number("init_gamma", self.init_gamma, above=0.0, below=1.0)
+        v.choice("key_map_sharing", self.key_map_sharing, ("query", "kv"))
+        self.softmax_layers = sorted(v.integer_list("softmax_layers", self.softmax_layers, minimum=0))
+        v.boolean("convert_sliding_layers", self.convert_sliding_layers)
+        self.sink_size = v.integer("sink_size", self.sink_size, minimum=0)
+        self.global_cache_size = v.integer("global_cache_size", self.global_cache_size, minimum=0)
+        self.global_cache_interval = v.integer("global_cache_interval", self.global_cache_interval, minimum=1)
+        self.global_cache_dedup = v.number("global_cache_dedup", self.global_cache_dedup, minimum=-1.0, maximum=1.0)
         if self.global_cache_size and self.window_size < 1:
             raise ConfigError("global_cache_size needs window_size >= 1")
-        if not isinstance(self.feature_map_rope, bool):
-            raise ConfigError(f"feature_map_rope must be true or false, got {self.feature_map_rope!r}")
-        if self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        self.softmax_layers = sorted(int(i) for i in self.softmax_layers)
+        v.boolean("feature_map_rope", self.feature_map_rope)
+        self.chunk_size = v.integer("chunk_size", self.chunk_size, minimum=1)
+        v.choice("feature_map_dtype", self.feature_map_dtype, FEATURE_MAP_DTYPES)
 
     @property
     def memory(self):

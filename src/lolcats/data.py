@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lolcats.errors import DataError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,6 @@ _SYSTEM_ROLES = {"system"}
 
 _JSON_READ_CHARS = 1 << 20  # characters read per refill of the streaming JSON decoder
 _TEXT_CHUNK_CHARS = 1 << 16  # long plain-text documents are tokenised in pieces of about this size
-
-
-class DataError(ValueError):
-    """The training data cannot be used (missing, empty, unknown format, too small...)."""
 
 
 @dataclass
@@ -408,6 +406,25 @@ def _iter_raw(src: _Source) -> Iterator[Any]:
         raise AssertionError(src.kind)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(x: Any) -> Any:
+    """`x` with lone surrogates (a JSON escape like "\\ud800" without its pair) replaced by U+FFFD:
+    no tokenizer accepts them, and one broken record must not stop a run over millions."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+            return x
+        except UnicodeEncodeError:
+            return _LONE_SURROGATE.sub("\ufffd", x)
+    if isinstance(x, dict):
+        return {k: _valid_text(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_valid_text(v) for v in x]
+    return x
+
+
 def _iter_examples(src: _Source) -> Iterator[Example]:
     used = skipped = 0
     for rec in _iter_raw(src):
@@ -416,7 +433,7 @@ def _iter_examples(src: _Source) -> Iterator[Example]:
             skipped += 1
             continue
         used += 1
-        yield ex
+        yield _valid_text(ex)
     if used == 0:
         if src.kind in ("text", "textdir"):
             raise DataError(f"{src.description} has no usable text (only blank documents): add text")
@@ -786,9 +803,9 @@ def _cache_key(src: _Source, tokenizer, params: dict[str, Any]) -> str:
 
 
 def _save_cache(path: Path, splits: DataSplits) -> None:
-    from safetensors.torch import save_file
+    from lolcats.fileio import atomic_save_safetensors, make_dirs
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tensors = {
         "train_input_ids": splits.train.input_ids.to(torch.int32).contiguous(),
         "train_labels": splits.train.labels.to(torch.int32).contiguous(),
@@ -801,17 +818,7 @@ def _save_cache(path: Path, splits: DataSplits) -> None:
         "source": splits.source,
         "num_examples": json.dumps(list(splits.num_examples)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_save_safetensors(tensors, path, metadata=meta)
 
 
 def _load_cache(path: Path, block_size: int) -> DataSplits | None:

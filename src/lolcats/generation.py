@@ -20,6 +20,7 @@ from torch import nn
 
 from lolcats.attention.cache import cache_nbytes
 from lolcats.compat import cache_argument_name, output_cache
+from lolcats.errors import LolcatsError
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default float32)",
     )
+    p.add_argument("--no-verify", action="store_false", dest="verify",
+                   help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
 
 
 def add_parsers(subparsers) -> None:
@@ -252,24 +255,26 @@ def add_parsers(subparsers) -> None:
     chat.set_defaults(func=run_chat)
 
 
-def _resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(args):
     from lolcats.loading import load_model_and_tokenizer
+    from lolcats.validate import resolve_device
 
+    device = str(resolve_device(args.device))  # CUDA asked for but absent: one line, before loading
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    return load_model_and_tokenizer(args.path, dtype=args.dtype, device=_resolve_device(args.device))
+    return load_model_and_tokenizer(args.path, dtype=args.dtype, device=device, verify=args.verify)
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from lolcats.validate import utf8_text
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _sampling_kwargs(args.sample, args.temperature, args.top_p)
+    for text in getattr(args, "prompt", None) or []:
+        utf8_text("--prompt", text)
+    if getattr(args, "system", None):
+        utf8_text("--system", args.system)
 
 
 EXIT_USAGE = 2  # the CLI's code for bad input (reported as one line on stderr)
@@ -297,9 +302,10 @@ def _checked_load(args: argparse.Namespace, command: str):
         _check_args(args)
         _quiet_loading()
         return _load(args)
-    except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, ConfigError, ...
-        sys.stderr.flush()
-        print(" ".join(f"lolcats {command}: error: {e}".split()), file=sys.stderr, flush=True)
+    except (LolcatsError, FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, ...
+        from lolcats.cli import report_error
+
+        report_error(command, e)
         return None
 
 
@@ -318,6 +324,14 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"=== [{i + 1}/{len(texts)}] {prompt}")
         print(text)
     return 0
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -340,9 +354,14 @@ def run_chat(args: argparse.Namespace) -> int:
             line = input("> " if interactive else "")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            line = "\udcff"  # (reported just below)
         except KeyboardInterrupt:
             print()
             break
+        if not _is_utf8(line):  # a non-UTF-8 line (undecodable, or smuggled in as surrogates): keep chatting
+            print("[that line is not valid UTF-8 text; ignored]", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue

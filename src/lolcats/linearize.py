@@ -21,8 +21,10 @@ millions of tokens per stage).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from lolcats.config import ConfigError, LolcatsConfig
+from lolcats.errors import LinearizeError, LolcatsError, one_line  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,6 @@ PARTIAL_NAME = "metrics.partial.json"
 DEFAULT_PROMPT = "What are three tips for staying healthy?"
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-class LinearizeError(ValueError):
-    """Bad input to linearize (model, data, options, output folder); the message is one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,11 +279,7 @@ def _phase(progress: Progress | None, phase: str, message: str) -> None:
     _emit(progress, {"event": "phase", "phase": phase, "message": message})
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip()
-    if isinstance(e, KeyError) and msg.startswith("'"):
-        msg = msg.strip("'")
-    return " ".join(msg.split()) or type(e).__name__
+_one_line = one_line
 
 
 def _check_out(out: Path, *, overwrite: bool) -> None:
@@ -305,36 +300,47 @@ def _check_out(out: Path, *, overwrite: bool) -> None:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LinearizeError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LinearizeError("device 'cuda' requested but CUDA is not available; use --device cpu")
-    return dev
+    from lolcats.validate import resolve_device
+
+    return resolve_device(device, error=LinearizeError)
 
 
-def _check_positive(opts: dict[str, Any]) -> None:
-    for k in ("stage1_tokens", "stage2_tokens", "block_size", "micro_batch_size", "grad_accum", "eval_tokens",
-              "lora_r", "max_new_tokens"):
-        v = opts[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("stage2_tokens", "max_new_tokens") else 1):
-            raise LinearizeError(f"{k} must be a positive integer, got {v!r}")
-    if opts["data_tokens"] is not None and (not isinstance(opts["data_tokens"], int) or opts["data_tokens"] < 1):
-        raise LinearizeError(f"data_tokens must be a positive integer, got {opts['data_tokens']!r}")
-    for k in ("lr1", "lr2"):
-        if k == "lr2" and opts[k] is None:  # chosen by model size once the model is loaded
+# The type of every linearize option (what a --config YAML file or a flag may set), checked before
+# any work: (check, bounds). Numbers must be finite; None where allowed means "the preset's value".
+_INTEGER_OPTIONS = {
+    "stage1_tokens": 1, "stage2_tokens": 0, "block_size": 1, "micro_batch_size": 1, "grad_accum": 1,
+    "eval_tokens": 1, "lora_r": 1, "max_new_tokens": 0, "warmup_steps": 0, "eval_every": 0,
+    "checkpoint_every": 0, "seed": 0,
+}
+_OPTIONAL_INTEGER_OPTIONS = {"data_tokens": 1, "eval_batches": 1}
+_NUMBER_OPTIONS = {  # key: (minimum, strictly above, strictly below)
+    "lr1": (None, 0.0, None), "lr2": (None, 0.0, None), "lora_alpha": (None, 0.0, None),
+    "lora_dropout": (0.0, None, 1.0), "mse_weight": (0.0, None, None), "ce_weight": (0.0, None, None),
+    "weight_decay": (0.0, None, None), "max_grad_norm": (None, 0.0, None),
+}
+_MAY_BE_NONE = {"lr2", "max_grad_norm"}  # lr2: by model size; max_grad_norm: no clipping
+
+
+def _check_options(opts: dict[str, Any]) -> None:
+    """Every option of the right type and range (one line naming the key), normalised in place."""
+    from lolcats import validate as v
+
+    err = LinearizeError
+    for k, low in _INTEGER_OPTIONS.items():
+        opts[k] = v.integer(k, opts[k], minimum=low, error=err)
+    for k, low in _OPTIONAL_INTEGER_OPTIONS.items():
+        if opts.get(k) is not None:
+            opts[k] = v.integer(k, opts[k], minimum=low, error=err)
+    for k, (low, above, below) in _NUMBER_OPTIONS.items():
+        if opts.get(k) is None and k in _MAY_BE_NONE:
             continue
-        if not isinstance(opts[k], (int, float)) or not opts[k] > 0:
-            raise LinearizeError(f"{k} must be a positive number, got {opts[k]!r}")
-    if opts["dtype"] not in ("float32", "bfloat16"):
-        raise LinearizeError(f"dtype must be float32 or bfloat16, got {opts['dtype']!r}")
-    if opts["schedule"] not in ("cosine", "linear", "constant"):
-        raise LinearizeError(f"schedule must be cosine, linear or constant, got {opts['schedule']!r}")
-    if not 0.0 <= float(opts["lora_dropout"]) < 1.0:
-        raise LinearizeError(f"lora_dropout must lie in [0, 1), got {opts['lora_dropout']!r}")
+        opts[k] = v.number(k, opts[k], minimum=low, above=above, below=below, error=err)
+    v.choice("dtype", opts["dtype"], ("float32", "bfloat16"), error=err)
+    v.choice("schedule", opts["schedule"], ("cosine", "linear", "constant"), error=err)
+    v.boolean("activation_checkpointing", opts["activation_checkpointing"], error=err)
+    v.string("sample_prompt", opts["sample_prompt"], error=err)
+    if opts.get("lora_targets") is not None:
+        opts["lora_targets"] = v.string_list("lora_targets", opts["lora_targets"], error=err)
 
 
 def _precheck_model(model_arg: Any) -> None:
@@ -352,6 +358,16 @@ def _precheck_model(model_arg: Any) -> None:
         if model_type is None:
             raise LinearizeError(f"{local / 'config.json'} has no model_type; is '{model_arg}' a transformers model?")
         get_adapter(str(model_type))
+
+
+# What each stage's result depends on (keys of the run identity): a resume whose settings differ
+# only outside stage 1's keys keeps stage 1 and runs the rest again.
+_STAGE_KEYS = {
+    "stage1": ("lolcats", "stage1", "loss", "data", "blockwise", "world_size"),
+    "stage2": ("lolcats", "stage1", "loss", "data", "blockwise", "world_size", "stage2", "lora"),
+}
+# the metrics.partial.json entries to forget when a stage (and what follows it) runs again
+_PARTIAL_KEYS_OF = {"stage2": ("ppl_stage2", "sample_teacher", "sample"), "sample": ("sample_teacher", "sample")}
 
 
 def _data_hash(splits) -> str:
@@ -373,7 +389,33 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def linearize(
+def _check_trained(model: nn.Module, ppl: dict[str, float], stage: str) -> None:
+    """A stage whose perplexity or trained weights are not finite has failed (never saved)."""
+    from lolcats.train import TrainError
+
+    if not math.isfinite(ppl["ppl"]):
+        raise TrainError(f"{stage} diverged: the held-out perplexity after it is {ppl['ppl']}")
+    for name, p in model.named_parameters():
+        if (".lolcats." in name or "lora_" in name) and not bool(torch.isfinite(p).all()):
+            raise TrainError(f"{stage} diverged: {name} holds NaN or infinite values")
+
+
+@contextlib.contextmanager
+def _failed_run(stage: str, out: Path, work: Path):
+    """A TrainError of `stage`, completed with what was (not) written and how to go on."""
+    from lolcats.train import TrainError
+
+    try:
+        yield
+    except TrainError as e:
+        then = (f"fix the stage-2 settings (e.g. a lower --lr2) and run again with --resume: stage 1 is kept in {work}"
+                if stage == "stage2" else
+                f"fix the settings (e.g. a lower --lr1) and start again with --overwrite (the checkpoints in {work} "
+                "are kept until then)")
+        raise TrainError(f"{e}; nothing was saved to {out}; {then}") from None
+
+
+def _linearize(
     model: nn.Module | str | os.PathLike | None = None,
     data: Any = None,
     *,
@@ -448,7 +490,13 @@ def linearize(
     }
     opts = preset(dev)
     opts.update({k: v for k, v in given.items() if v is not None})
-    _check_positive(opts)
+    _check_options(opts)
+    from lolcats import validate
+
+    skip_stage2 = validate.boolean("skip_stage2", skip_stage2, error=LinearizeError)
+    fsdp = validate.boolean("fsdp", fsdp, error=LinearizeError)
+    if isinstance(data, str):
+        validate.utf8_text("data", data, error=LinearizeError)
     if blockwise is not None and (isinstance(blockwise, bool) or not isinstance(blockwise, int) or blockwise < 1):
         raise LinearizeError(f"blockwise must be a positive number of decoder layers per block, got {blockwise!r}")
     try:
@@ -474,7 +522,7 @@ def linearize(
     from lolcats.adapters import UnsupportedModelError, get_adapter
     from lolcats.checkpoint import fingerprint
     from lolcats.convert import is_converted
-    from lolcats.loading import ModelNotFoundError, load_base, load_tokenizer
+    from lolcats.loading import load_base, load_tokenizer
 
     from lolcats.data import DataError, DataSplits, build_datasets, load_examples
 
@@ -483,7 +531,7 @@ def linearize(
             _precheck_model(model)
         if not isinstance(data, DataSplits):
             load_examples(data).close()
-    except (ModelNotFoundError, UnsupportedModelError, DataError) as e:
+    except LolcatsError as e:  # ModelNotFoundError, RemoteCodeError, UnsupportedModelError, DataError, ...
         raise LinearizeError(_one_line(e)) from None
     except (OSError, ValueError) as e:
         raise LinearizeError(f"cannot load model '{model}': {_one_line(e)}") from None
@@ -508,10 +556,10 @@ def linearize(
             base = load_base(model, dtype=load_dtype, device=load_dev)
             source = base.lolcats_source
             get_adapter(base)
-    except (ModelNotFoundError, UnsupportedModelError) as e:
-        raise LinearizeError(_one_line(e)) from None
     except LinearizeError:
         raise
+    except LolcatsError as e:
+        raise LinearizeError(_one_line(e)) from None
     except (OSError, ValueError, distributed.RankZeroError) as e:
         raise LinearizeError(f"cannot load model '{model}': {_one_line(e)}") from None
     try:
@@ -519,10 +567,10 @@ def linearize(
             if source is None:
                 raise LinearizeError("pass tokenizer= for a model object that was not loaded with lolcats.load_base")
             tokenizer = load_tokenizer(source)
-    except (ModelNotFoundError, UnsupportedModelError) as e:
-        raise LinearizeError(_one_line(e)) from None
     except LinearizeError:
         raise
+    except LolcatsError as e:
+        raise LinearizeError(_one_line(e)) from None
     except (OSError, ValueError) as e:
         raise LinearizeError(f"cannot load the tokenizer of '{source}': {_one_line(e)}") from None
     try:
@@ -604,6 +652,8 @@ def linearize(
     if world > 1:  # (idem) a step takes world x micro-batch blocks: resume with as many processes
         identity["world_size"] = world
     chash = _config_hash(identity)
+    stage_hash = {stage: _config_hash({k: identity.get(k) for k in keys}) for stage, keys in _STAGE_KEYS.items()}
+    redo: set[str] = set()  # what a resume with other later-stage settings must run again
     if run_state is not None:
         if run_state.get("fingerprint") != fp:
             raise LinearizeError(
@@ -614,10 +664,14 @@ def linearize(
             old = run_state.get("identity", {})
             diff = sorted(k for k in set(old) | set(identity) if json.dumps(old.get(k), sort_keys=True, default=str)
                           != json.dumps(identity.get(k), sort_keys=True, default=str))
-            raise LinearizeError(
-                f"cannot resume: '{work}' was made with other options or data (differs in: {', '.join(diff)}); "
-                "use the same options or start without --resume"
-            )
+            if set(diff) & set(_STAGE_KEYS["stage1"]) or "stage_hash" not in run_state:
+                raise LinearizeError(
+                    f"cannot resume: '{work}' was made with other options or data (differs in: {', '.join(diff)}); "
+                    "use the same options or start without --resume"
+                )
+            # stage 1 is the same run: keep it, and redo what the changed settings affect
+            redo = {"stage2", "sample"} if set(diff) & {"stage2", "lora"} else {"sample"}
+            logger.info("resuming with other %s settings: stage 1 is kept", "stage-2" if "stage2" in redo else "sample")
 
     if blockwise and run_state is None:  # refuse before anything is written if the stored states cannot fit
         from lolcats.convert import layers_to_convert
@@ -631,18 +685,26 @@ def linearize(
             raise LinearizeError(_one_line(e)) from None
 
     # ---- from here on we write (into the work folder only) ----------------------------------
-    from lolcats.checkpoint import atomic_write_text
+    from lolcats.fileio import atomic_write_text, make_dirs
 
     # (a fresh run starts from an empty work folder: nothing partial to read)
     partial: dict[str, Any] = (_read_json(work / PARTIAL_NAME) or {}) if (resume and run_state is not None) else {}
     distributed.barrier()  # every rank has read the work folder before rank 0 rewrites it
-    if run_state is None:
-        run_state = {"fingerprint": fp, "config_hash": chash, "identity": identity, "source": source}
+    fresh = run_state is None
+    if fresh or redo:
+        run_state = {"fingerprint": fp, "config_hash": chash, "stage_hash": stage_hash, "identity": identity,
+                     "source": source}
+        for key in _PARTIAL_KEYS_OF.get("stage2" if "stage2" in redo else "sample", ()) if redo else ():
+            partial.pop(key, None)
         if distributed.is_main():
-            if work.exists():
+            if fresh and work.exists():
                 shutil.rmtree(work)
-            work.mkdir(parents=True)
+            if "stage2" in redo:
+                shutil.rmtree(work / "stage2", ignore_errors=True)
+            make_dirs(work)
             atomic_write_text(work / RUN_NAME, json.dumps(run_state, indent=2, sort_keys=True, default=str))
+            if redo:
+                atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
     distributed.barrier()
 
     def remember(key: str, value: Any) -> None:
@@ -650,7 +712,8 @@ def linearize(
         if distributed.is_main():
             atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
 
-    meta = {"fingerprint": fp, "config_hash": chash}
+    meta1 = {"fingerprint": fp, "config_hash": stage_hash["stage1"]}  # stored in and checked against checkpoints
+    meta2 = {"fingerprint": fp, "config_hash": stage_hash["stage2"]}
     evb = opts["micro_batch_size"]
     metrics: dict[str, Any] = {
         "model": source, "device": str(dev), "data_source": splits.source,
@@ -718,18 +781,21 @@ def linearize(
         try:
             res1 = train_blockwise(base, blockwise, splits.train, splits.val, config=tc1, work_dir=work / "blockwise",
                                    mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]),
-                                   resume=resume, callback=progress, meta=meta, name="stage1", device=dev)
+                                   resume=resume, callback=progress, meta=meta1, name="stage1", device=dev)
         except BlockwiseError as e:
             raise LinearizeError(_one_line(e)) from None
     else:
         loss1 = TransferLoss(base, mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]))
-        res1 = train(base, transfer_parameters(base), loss1, splits.train, splits.val, config=tc1,
-                     checkpoint_dir=work / "stage1", resume=resume, callback=progress, meta=meta, name="stage1",
-                     device=dev)
+        with _failed_run("stage1", out_path, work):
+            res1 = train(base, transfer_parameters(base), loss1, splits.train, splits.val, config=tc1,
+                         checkpoint_dir=work / "stage1", resume=resume, callback=progress, meta=meta1, name="stage1",
+                         device=dev)
     for p in transfer_parameters(base).values():
         p.requires_grad_(False)
     set_mode(base, "hybrid")
     ppl_s1 = ppl("ppl_stage1", base, "after stage 1")
+    with _failed_run("stage1", out_path, work):
+        _check_trained(base, ppl_s1, "stage 1")
     final_model: nn.Module = base
 
     # ---- stage 2 ---------------------------------------------------------------------------
@@ -745,18 +811,22 @@ def linearize(
                                   target_modules=opts["lora_targets"])
         except ValueError as e:  # e.g. target modules not found
             raise LinearizeError(f"cannot add LoRA: {_one_line(e)}") from None
-        res2 = train(peft_model, lora_parameters(peft_model), causal_lm_loss, splits.train, splits.val, config=tc2,
-                     checkpoint_dir=work / "stage2", resume=resume, callback=progress, meta=meta, name="stage2",
-                     device=dev)
+        with _failed_run("stage2", out_path, work):
+            res2 = train(peft_model, lora_parameters(peft_model), causal_lm_loss, splits.train, splits.val,
+                         config=tc2, checkpoint_dir=work / "stage2", resume=resume, callback=progress, meta=meta2,
+                         name="stage2", device=dev)
         for p in peft_model.parameters():
             p.requires_grad_(False)
         ppl_s2 = ppl("ppl_stage2", peft_model, "after stage 2")
+        with _failed_run("stage2", out_path, work):
+            _check_trained(peft_model, ppl_s2, "stage 2")
         final_model = peft_model
 
     sample_final = sample("sample", final_model)
 
     # ---- save: delta folder + metrics, then put in place ---------------------------------------
-    from lolcats.checkpoint import replace_dir, save_delta
+    from lolcats.checkpoint import save_delta
+    from lolcats.fileio import json_text, make_dirs, replace_dir
 
     _phase(progress, "save", f"saving the delta folder to {out_path}")
 
@@ -794,20 +864,44 @@ def linearize(
         staging = work / "final"
         extra = {"training": {"data_source": splits.source, "tokens": metrics["tokens"],
                               "perplexity": metrics["perplexity"]}}
-        save_delta(final_model, staging, extra=extra, base_fingerprint=fp)  # (fp: FSDP shards the embeddings)
         metrics["timing"]["total_s"] = time.perf_counter() - t_start
         metrics["timing"]["cpu_s"] = time.process_time() - cpu_start
-        atomic_write_text(staging / METRICS_NAME, json.dumps(metrics, indent=2, default=_json_default))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
+        save_delta(final_model, staging, extra=extra, base_fingerprint=fp,  # (fp: FSDP shards the embeddings)
+                   extra_files={METRICS_NAME: json_text(metrics, default=_json_default) + "\n"})
+        make_dirs(out_path.parent)
         replace_dir(staging, out_path)
         shutil.rmtree(work, ignore_errors=True)
         logger.info("linearized model saved to %s (%.0f s)", out_path, metrics["timing"]["total_s"])
     distributed.barrier()
     _emit(progress, {"event": "done", "metrics": metrics})
     return metrics
+
+
+def linearize(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    # (the arguments and doc are _linearize's.) The output location is checked and locked before
+    # any work: a bad --out fails in a second, not after the model is loaded, and two runs never
+    # train into the same folders (lolcats.lock).
+    from lolcats.errors import StorageError
+    from lolcats.fileio import check_writable_location, make_dirs
+    from lolcats.lock import folder_lock
+    from lolcats.train import distributed
+
+    if kwargs.get("out") is None:
+        raise TypeError("linearize() needs out=, the delta folder to write")
+    out_path = Path(kwargs["out"]).expanduser().resolve()
+    if not distributed.is_main():  # rank 0 holds the lock for the whole launch
+        return _linearize(*args, **kwargs)
+    try:
+        check_writable_location(out_path)
+        make_dirs(out_path.parent)
+    except StorageError as e:
+        raise LinearizeError(f"{e}; choose another --out") from None
+    with folder_lock(out_path):
+        return _linearize(*args, **kwargs)
+
+
+linearize.__doc__ = _linearize.__doc__
+linearize.__signature__ = inspect.signature(_linearize)  # type: ignore[attr-defined]
 
 
 def _json_default(x: Any) -> Any:

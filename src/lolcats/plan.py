@@ -132,7 +132,7 @@ def resolve_shape(model: str | None) -> ModelShape:
 
     _, local = resolve_source(model)
     where, extra = _from_pretrained_args(local)
-    return ModelShape.from_config(AutoConfig.from_pretrained(where, **extra))
+    return ModelShape.from_config(AutoConfig.from_pretrained(where, trust_remote_code=False, **extra))
 
 
 def format_plan(rows: list[StagePlan], gpus: int, gpu_gib: float) -> str:

@@ -12,9 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model family has no adapter."""
+from lolcats.errors import UnsupportedModelError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

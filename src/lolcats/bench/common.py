@@ -23,12 +23,9 @@ H200_BANDWIDTH = 4.3e12  # bytes/s reachable on an H200 (4.8 TB/s peak HBM3e)
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device`, or cuda when available, else cpu; an unavailable CUDA device is a ValueError."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
-    return device
+    from lolcats.validate import resolve_device as resolve
+
+    return resolve(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +39,12 @@ def _clean(x: Any) -> Any:
 
 
 def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write results as JSON via a temporary file + rename (a kill never leaves half a file)."""
+    """Write results as JSON, atomically (a kill never leaves half a file)."""
+    from lolcats.fileio import atomic_write_text, make_dirs
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(results), f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    make_dirs(path.parent)
+    atomic_write_text(path, json.dumps(_clean(results), indent=1))
     return path
 
 
@@ -95,11 +88,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    from lolcats.fileio import atomic_write_text, make_dirs
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(markdown(results))
-    os.replace(tmp, path)
+    make_dirs(path.parent)
+    atomic_write_text(path, markdown(results))
     return path
 
 

@@ -14,11 +14,7 @@ subcommand costs nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +67,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: the loader's)")
+    p.add_argument("--no-verify", action="store_false", dest="verify",
+                   help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
     _add_long_arguments(p)
     p.set_defaults(func=run, tasks_given=False)
     return p
@@ -163,21 +161,11 @@ def _err(msg: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` as standard JSON to ``path``, atomically (lolcats.fileio)."""
+    from lolcats.fileio import atomic_write_json, make_dirs
+
+    make_dirs(Path(path).parent)
+    atomic_write_json(path, data)
 
 
 def _print_table(results: dict[str, Any], title: str) -> None:
@@ -209,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     tasks: list[str] = []
     try:
         if run_lm_eval:
-            tasks = parse_task_list(args.tasks or DEFAULT_TASKS)
+            tasks = parse_task_list(args.tasks)  # an explicit --tasks "" is an error, not the defaults
     except ValueError as e:
         _err(str(e))
         return 2
@@ -256,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
 
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device,
+                                                    verify=getattr(args, "verify", True))
     except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
         _err(" ".join(str(e).split()))
         return 2

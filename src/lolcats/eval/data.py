@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lolcats.errors import EvalDataError  # noqa: F401 (re-exported)
+
 ENV_VAR = "LOLCATS_EVAL_DATA"
 
 #: Tasks scored in the LoLCATs paper's zero-shot table; their headline metrics are averaged.
@@ -47,13 +49,6 @@ TASK_FILES: dict[str, tuple[str, ...]] = {
 }
 
 _HOW_TO_POINT = f"point at the evaluation data with --data-dir DIR or {ENV_VAR}=DIR"
-
-
-class EvalDataError(FileNotFoundError):
-    """A local evaluation data file (or the data directory) is missing."""
-
-    def __str__(self) -> str:  # keep it to the one-line message, not errno formatting
-        return str(self.args[0]) if self.args else "evaluation data missing"
 
 
 def parse_task_list(tasks: str | Iterable[str]) -> list[str]:

@@ -66,7 +66,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lolcats.attention.layer import LolcatsAttention, set_mode
-from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text, fingerprint
+from lolcats.checkpoint import fingerprint
+from lolcats.errors import BlockwiseError  # noqa: F401 (re-exported)
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text
 from lolcats.train import distributed
 from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train, visited_rows
 from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters
@@ -83,10 +85,6 @@ BLOCK_FORMAT = "lolcats-blockwise-block"
 CAPTURE_NAME = "block inputs (teacher)"
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-class BlockwiseError(ValueError):
-    """Block-wise training cannot run (e.g. too little disk space); the message is one line."""
 
 
 @dataclass(frozen=True)

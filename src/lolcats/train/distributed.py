@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lolcats.errors import DistributedError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,10 +49,6 @@ T = TypeVar("T")
 
 #: Seconds a collective may wait (rank 0 tokenising a large data set keeps the others waiting).
 DEFAULT_TIMEOUT_S = 7200.0
-
-
-class DistributedError(RuntimeError):
-    """The multi-process setup is wrong (device, backend, launch); the message says how to fix it."""
 
 
 class RankZeroError(RuntimeError):

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +51,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lolcats.checkpoint import atomic_save_safetensors, atomic_write_text
+from lolcats.errors import ResumeError, TrainError  # noqa: F401 (re-exported)
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text, make_dirs, make_temp_dir, replace_dir
+from lolcats import validate
 from lolcats.train import distributed
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,6 @@ DTYPES = ("float32", "bfloat16")
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 Callback = Callable[[dict[str, Any]], None]
-
-
-class TrainError(RuntimeError):
-    """Training cannot go on (e.g. every step diverges)."""
-
-
-class ResumeError(ValueError):
-    """A checkpoint that cannot be resumed here (other model, other config, corrupted)."""
 
 
 @dataclass
@@ -105,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     max_consecutive_nonfinite: int = 25  # then TrainError
+    max_nonfinite_fraction: float = 0.5  # more skipped steps than this by the end: TrainError (diverged)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -112,8 +106,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.lr = validate.number("lr", self.lr, above=0.0)
+        self.weight_decay = validate.number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:  # a negative norm would reverse the gradients
+            self.max_grad_norm = validate.number("max_grad_norm", self.max_grad_norm, above=0.0)
         for name in ("micro_batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,7 +136,7 @@ class TrainConfig:
 
 
 # Options that do not change the trained weights (may differ on resume).
-_RESUME_FREE = {"log_every", "keep_checkpoints", "max_consecutive_nonfinite"}
+_RESUME_FREE = {"log_every", "keep_checkpoints", "max_consecutive_nonfinite", "max_nonfinite_fraction"}
 
 
 @dataclass
@@ -159,6 +155,11 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def divergence_advice(config: TrainConfig) -> str:
+    """What to try when training diverges (float32 is only advice when it is not already in use)."""
+    return "lower the learning rate" + (" or use float32" if config.dtype != "float32" else "")
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -559,8 +560,8 @@ def train(
         if not distributed.is_main():  # rank 0 writes (the replicas are equal); the others wait for it
             distributed.barrier()
             return
-        ckdir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".{_step_dir_name(step)}.tmp-"))
+        make_dirs(ckdir)
+        tmp = make_temp_dir(ckdir, prefix=f".{_step_dir_name(step)}.tmp-")
         try:
             atomic_save_safetensors({n: p.detach() for n, p in named.items()}, tmp / TRAINABLE_NAME)
             if best_state is not None:
@@ -580,10 +581,7 @@ def train(
                 "done": done, "result": result.to_dict() if result is not None else None, "world_size": world,
             }
             atomic_write_text(tmp / STATE_NAME, json.dumps(state, allow_nan=True))
-            final = ckdir / _step_dir_name(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, ckdir / _step_dir_name(step))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -685,10 +683,8 @@ def train(
             event["logs"] = means
             running.reset()
         if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-            raise TrainError(
-                f"{name}: {consecutive_nonfinite} consecutive steps had non-finite loss or gradients; "
-                "lower the learning rate or use float32"
-            )
+            raise TrainError(f"{name}: {consecutive_nonfinite} consecutive steps had non-finite loss or gradients; "
+                             f"{divergence_advice(config)}")
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
             run_eval()
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
@@ -697,6 +693,9 @@ def train(
 
     if has_val and last_eval_step != step:
         run_eval()
+    if nonfinite > config.max_nonfinite_fraction * step:
+        raise TrainError(f"{name}: {nonfinite} of {step} steps had non-finite loss or gradients and were skipped; "
+                         f"{divergence_advice(config)}")
     if best_state is not None:
         with torch.no_grad():
             for n, p in named.items():

@@ -43,7 +43,10 @@ def add_lora(
         r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, cfg)
+    from lolcats.compat import quiet_peft
+
+    with quiet_peft():
+        peft_model = get_peft_model(model, cfg)
     for n, p in peft_model.named_parameters():
         if ".lolcats." in n:
             p.requires_grad_(False)
