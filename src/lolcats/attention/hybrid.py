@@ -509,12 +509,12 @@ def hybrid_attention_chunked(
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
     memory = check_memory(memory, window)
+    if memory.global_size and key_map is None:  # also where the interval pass would not need it
+        raise ValueError("a global cache needs key_map to score and fold the keys it selects")
     if memory.global_size and initial_state is None and not output_final_state:
         return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
                                        softcap=softcap, key_mask=key_mask), None
     if memory.global_size:
-        if key_map is None:
-            raise ValueError("a global cache needs key_map to score and fold the keys it selects")
         o, state = _memory_segments(
             q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
             softcap=softcap, key_mask=key_mask, key_map_input=key_map_input, feature_dim=fk.shape[-1],
