@@ -13,7 +13,9 @@ variant's inference settings (memory switched on after training with `lolcats.co
         --wiki .gpu/wiki.test.raw --variants teacher,default,sinks_nope --out $OUT/long.json
 
 Rows are written to --out after every evaluation, so a run cut short keeps what it measured.
---save-deltas/--load-deltas keep trained variants between calls on the same machine.
+--save-deltas/--load-deltas keep trained variants between calls on the same machine (a delta saved
+under $OUT does not come back whole: its lora/ folder is deeper than the device returns; save to
+$HOME/cache and tar it into $OUT).
 """
 from __future__ import annotations
 
