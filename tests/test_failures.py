@@ -17,19 +17,10 @@ import lolcats
 from lolcats.cli import main
 from lolcats.linearize import work_dir_for
 from lolcats.lock import lock_path_for
-from tiny_models import tiny_model
 
 TINY = ["--stage1-tokens", "128", "--stage2-tokens", "128", "--block-size", "32", "--device", "cpu", "-q"]
 YAML = ("window_size: 8\nfeature_dim: 8\nchunk_size: 16\neval_tokens: 64\nmax_new_tokens: 0\n"
         "micro_batch_size: 2\ncheckpoint_every: 1\nwarmup_steps: 1\n")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny") / "base"
-    tiny_model("llama", vocab_size=49152, max_position_embeddings=128).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ FAST = dict(stage1_tokens=1024, stage2_tokens=1024, block_size=64, eval_tokens=1
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    """A tiny llama HF folder that uses the SmolLM2 tokenizer (vocab 49152)."""
-    d = tmp_path_factory.mktemp("tiny") / "base"
-    tiny_model("llama", vocab_size=49152, max_position_embeddings=128).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("data") / "chat.jsonl"
     recs = [
