@@ -149,7 +149,10 @@ def save_delta(
         atomic_save_safetensors(delta_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         has_lora = inner is not model
         if has_lora:
-            model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
+            # PeftModel: only the adapter weights. Never the embeddings (a delta keeps the base's
+            # vocabulary): "auto" would look for the base's config.json (a GGUF has none; else the Hub)
+            # and warn "Could not find a config file" on every save
+            model.save_pretrained(str(tmp / LORA_DIR), save_embedding_layers=False)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -251,10 +254,13 @@ def from_pretrained(
     if meta.get("lora"):
         from peft import PeftModel
 
+        from lolcats.compat import peft_wrapping
+
         lora_dir = path / LORA_DIR
         if not (lora_dir / "adapter_config.json").is_file():
             raise CheckpointError(f"{lora_dir} is missing or incomplete; the delta folder is corrupted")
-        peft_model = PeftModel.from_pretrained(model, str(lora_dir))
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(lora_dir))
         if merge_lora:
             model = peft_model.merge_and_unload()
             model.lolcats_lora_merged = True

@@ -14,7 +14,6 @@ import logging
 import re
 import sys
 import time
-import warnings
 from typing import Any
 
 EXIT_USAGE = 2
@@ -315,23 +314,10 @@ def _error_line(message: str) -> None:
     print(" ".join(str(message).split()), file=sys.stderr, flush=True)
 
 
-def _quiet_gguf_progress() -> None:
-    """transformers' GGUF loader has its own tqdm bar that ignores disable_progress_bar()."""
-    try:
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-
-        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-
-
 def run_linearize(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.logging import RichHandler
 
+    from lolcats.console import make_console
     from lolcats.config import ConfigError
     from lolcats.linearize import LinearizeError, linearize
     from lolcats.train import ResumeError, TrainError, distributed
@@ -347,7 +333,6 @@ def run_linearize(args: argparse.Namespace) -> int:
         else logging.StreamHandler(sys.stderr)
     root.addHandler(handler)
     root.setLevel(level)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -356,7 +341,6 @@ def run_linearize(args: argparse.Namespace) -> int:
             hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-    _quiet_gguf_progress()
     import signal
 
     def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C (the last checkpoint stays for --resume)

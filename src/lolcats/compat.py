@@ -1,7 +1,9 @@
 """The one place for differences between supported transformers versions (>= 5.17, < 6)."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import warnings
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -93,3 +95,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT wrapping or loading a model (get_peft_model, PeftModel.from_pretrained).
+
+    PEFT (0.21) probes `model.is_gradient_checkpointing`, which transformers >= 5.2x deprecates
+    with a FutureWarning on every call: the probe and its answer are PEFT's, so that one warning
+    is dropped here rather than shown to every user of generate, chat, eval and the Python API.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

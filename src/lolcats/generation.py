@@ -278,15 +278,10 @@ EXIT_USAGE = 2  # the CLI's code for bad input (reported as one line on stderr)
 def _quiet_loading() -> None:
     """No progress bars or info logs from transformers while the CLI loads a model."""
     try:
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # the GGUF loader's own bar ignores the above
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
 

@@ -37,8 +37,24 @@ class _DropExpected(logging.Filter):
         return not any(q in msg for q in _QUIET)
 
 
+def _git_describe() -> str | None:
+    """lm-eval's get_git_commit_hash (`git describe` of the cwd) without git's stderr: outside a
+    checkout git prints "fatal: not a git repository" and lm-eval then falls back to None anyway."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # no git
+        return None
+    return out.stdout.strip() or None
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
+    import lm_eval.evaluator
+
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_describe
     flt = _DropExpected()
     names = ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator", "lm_eval")
     loggers = [logging.getLogger(n) for n in names]
@@ -54,6 +70,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     try:
         yield
     finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
         if ds_logging and bars_were_on:
             ds_logging.enable_progress_bar()
         for lg in loggers:
