@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lolcats.config import LolcatsConfig
+from lolcats.fsmode import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,6 +62,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -153,6 +156,8 @@ def save_delta(
             # vocabulary): "auto" would look for the base's config.json (a GGUF has none; else the Hub)
             # and warn "Could not find a config file" on every save
             model.save_pretrained(str(tmp / LORA_DIR), save_embedding_layers=False)
+            for f in (tmp / LORA_DIR).rglob("*"):  # (safetensors writes its files 0600)
+                follow_umask(f)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -163,6 +168,7 @@ def save_delta(
             **(extra or {}),
         }
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True))
+        follow_umask(tmp)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

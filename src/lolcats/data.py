@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lolcats.fsmode import follow_umask
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -805,6 +807,7 @@ def _save_cache(path: Path, splits: DataSplits) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -799,10 +799,7 @@ def linearize(
         metrics["timing"]["cpu_s"] = time.process_time() - cpu_start
         atomic_write_text(staging / METRICS_NAME, json.dumps(metrics, indent=2, default=_json_default))
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
-        replace_dir(staging, out_path)
+        replace_dir(staging, out_path)  # (save_delta gave the folder the umask's mode)
         shutil.rmtree(work, ignore_errors=True)
         logger.info("linearized model saved to %s (%.0f s)", out_path, metrics["timing"]["total_s"])
     distributed.barrier()

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lolcats.fsmode import follow_umask
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SECTIONS", "markdown", "write_json", "write_markdown", "write_plots"]
@@ -47,7 +49,7 @@ def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(results), f, indent=1)
-        os.chmod(tmp, 0o644)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -33,6 +33,7 @@ from lolcats.eval.data import (
     require_file,
     resolve_data_dir,
 )
+from lolcats.fsmode import follow_umask
 
 DEFAULT_TASKS = ",".join(PAPER_TASKS)
 
@@ -173,6 +174,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
