@@ -243,6 +243,16 @@ class _Display:
                 left = (total_t - event["step"]) * (event["tokens"] / max(event["step"], 1)) / max(rate, 1e-9)
                 self._line(f"  {stage} step {event['step']}/{total_t} {info} {rate:,.0f} tok/s eta {left:,.0f}s",
                            force=event["step"] == total_t)
+        elif kind in ("resumed", "done_before", "resume_from_scratch"):
+            label = {"stage1": "stage 1", "stage2": "stage 2"}.get(event["stage"], event["stage"])
+            text = {"resumed": f"• {label}: resumed from its checkpoint at step {event.get('step')}/"
+                               f"{event.get('total_steps')}",
+                    "done_before": f"• {label}: finished in an earlier session; its weights are loaded",
+                    "resume_from_scratch": f"• {label}: no checkpoint yet; it starts from step 0"}[kind]
+            if self.live:
+                self.progress.console.print(text, highlight=False, markup=False)
+            else:
+                self._line(text, force=True)
         elif kind == "blockwise_plan":
             def size(n: float) -> str:
                 return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
@@ -294,18 +304,26 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     table.add_column("time", justify="right")
     table.add_row("teacher (softmax)", _fmt(ppl["teacher"]), _fmt(resp.get("teacher")), "", "", "")
     table.add_row("after swap", _fmt(ppl["after_swap"]), _fmt(resp.get("after_swap")), "", "", "")
-    table.add_row("after stage 1", _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
+    def stage_label(stage: str) -> str:  # a resumed stage's rate is its last session's, its time all sessions'
+        res = metrics.get(stage) or {}
+        mark = " (earlier run)" if res.get("done_before") else (
+            " (resumed)" if res.get("resumed_from_step") is not None else "")
+        return f"after stage {stage[-1]}{mark}"
+
+    table.add_row(stage_label("stage1"), _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
                   f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), f"{timing.get('stage1_s', 0):.0f}s")
     if ppl.get("after_stage2") is not None:
-        table.add_row("after stage 2", _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
+        table.add_row(stage_label("stage2"), _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
                       f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), f"{timing.get('stage2_s', 0):.0f}s")
     console.print(table)
     for key, title in (("sample_teacher", "teacher"), ("sample", "linearized")):
         s = metrics.get(key)
         if s:
             console.print(Panel(s.get("text") or "(empty)", title=f"{title}: {s.get('prompt')}", title_align="left"))
-    console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {timing.get('total_s', 0):.0f}s "
-                  f"(load with lolcats.from_pretrained)")
+    this, earlier = timing.get("total_s", 0), timing.get("earlier_runs_s", 0)
+    runs = (metrics.get("resumed") or {}).get("runs", 1)
+    took = f"{this + earlier:.0f}s over {runs} sessions ({this:.0f}s in this one)" if earlier else f"{this:.0f}s"
+    console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {took} (load with lolcats.from_pretrained)")
 
 
 def _error_line(message: str) -> None:
