@@ -183,7 +183,9 @@ def run(args) -> int:
     rows = plan(shape, gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, config=cfg,
                 activation_checkpointing=args.activation_checkpointing)
     print(format_plan(rows, args.gpus, args.gpu_memory_gib))
-    print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB")
+    # the window's keys/values are in the model dtype: bfloat16 on CUDA, float32 on CPU (as lolcats bench state)
+    print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB in bfloat16 (GPU), "
+          f"{decode_state_bytes(shape, cfg, kv_bytes=4) / 2**20:.1f} MiB in float32 (CPU)")
     host = shape.params * 2 / GIB  # the base loaded in 16 bit
     print(f"host memory to load the base: {host:.1f} GiB on rank 0 under --fsdp (the other ranks build it on "
           f"the meta device), {host * args.gpus:.1f} GiB in all without --fsdp (one copy per process)")
