@@ -390,10 +390,11 @@ def test_cli_generate_and_chat_on_a_tiny_delta(tmp_path, capsys, monkeypatch):
     assert cli(["chat", str(delta_dir), "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err.startswith("lolcats chat: error: --max-new-tokens must be >= 1")
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("w7 w8\n\nw9\nexit\nw10\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("w7 w8\n\n/reset\nw9\nexit\nw10\n"))
     assert cli(["chat", str(delta_dir), "--max-new-tokens", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert len(lines) == 2  # two replies streamed, the line after 'exit' is never read
+    # two replies streamed, /reset confirmed between them, the line after 'exit' is never read
+    assert len(lines) == 3 and lines[1] == "(history cleared)", lines  # (replies are one line each)
 
 
 # ----------------------------------------------------------------------------------------------

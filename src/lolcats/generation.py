@@ -345,6 +345,7 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         if text == "/reset":
             session.reset()
+            print("(history cleared" + ("; system prompt kept)" if args.system else ")"), flush=True)
             continue
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:

@@ -183,9 +183,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _print_table(results: dict[str, Any], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from lolcats.console import make_console
     from lolcats.eval.harness import TABLE_HEADER, table_rows
 
     table = Table(title=title)
@@ -195,7 +195,7 @@ def _print_table(results: dict[str, Any], title: str) -> None:
     for row in rows:
         is_avg = row[0].startswith("average")
         table.add_row(*row, style="bold" if is_avg else None, end_section=is_avg)
-    Console().print(table)
+    make_console().print(table)
 
 
 def run(args: argparse.Namespace) -> int:
