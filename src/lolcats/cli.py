@@ -192,9 +192,10 @@ def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 class _Display:
     """Progress for linearize: rich bars on a terminal, plain log lines otherwise."""
 
-    def __init__(self, console, quiet: bool):
+    def __init__(self, console, quiet: bool, on_start=None):
         self.console = console
         self.quiet = quiet
+        self.on_start = on_start  # called at the first phase (the input checked out, the work begins)
         self.live = console.is_terminal and not quiet
         self.progress = None
         self.tasks: dict[str, Any] = {}
@@ -237,6 +238,9 @@ class _Display:
         if self.quiet:
             return
         kind = event.get("event")
+        if kind == "phase" and self.on_start is not None:
+            self.on_start()
+            self.on_start = None
         if kind == "phase":
             if self.live:
                 self.progress.console.print(f"[cyan]•[/cyan] {event['message']}")
@@ -387,7 +391,7 @@ def run_linearize(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         kwargs = linearize_kwargs(args)
-        with _Display(console, args.quiet or not main) as display:
+        with _Display(console, args.quiet or not main, on_start=lambda: announce_threads(args)) as display:
             metrics = linearize(**kwargs, progress=display)
     except (LinearizeError, ConfigError, ResumeError) as e:
         say(f"lolcats linearize: error: {e}")
@@ -471,7 +475,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # the commands that compute on the CPU, run as the process's own command line (argv None: its
+    # threads are ours to set; a caller of main([...]) keeps its own)
+    if argv is None and args.command in ("linearize", "generate", "chat", "eval"):
+        from lolcats.threads import set_cpu_threads
+
+        try:
+            args.threads_note = set_cpu_threads()
+        except ValueError as e:
+            _error_line(f"lolcats {args.command}: error: {e}")
+            return EXIT_USAGE
     return int(args.func(args) or 0)
+
+
+def announce_threads(args: argparse.Namespace) -> None:
+    """The thread-count note of `main`, once the command's input checked out and the work starts
+    (a bad path is still a one-line error)."""
+    note = getattr(args, "threads_note", None)
+    if note:
+        _error_line(note)
+        args.threads_note = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -304,6 +304,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     texts = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, chat=not args.no_chat_template,
@@ -323,6 +326,9 @@ def run_chat(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     session = ChatSession(
         model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p,

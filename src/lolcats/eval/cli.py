@@ -262,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
         _err(" ".join(str(e).split()))
         return 2
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     if long_opts is not None:  # a length above the model's context is a usage error: say so before any work
         from lolcats.eval.longcontext import model_context
         from lolcats.eval.needles import lengths_ok
