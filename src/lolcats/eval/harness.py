@@ -284,18 +284,40 @@ def evaluate(
 
 def _rolling_batch_lm(hflm: type) -> type:
     """HFLM whose rolling-loglikelihood (perplexity) requests run `rolling_batch_size` windows at a
-    time: lm-eval batches full-context windows with the multiple-choice batch size otherwise."""
+    time (lm-eval batches full-context windows with the multiple-choice batch size otherwise), under
+    one progress bar over all windows (lm-eval draws a fresh 0/1 bar per batch of windows, which sits
+    at 0/1 for minutes per 8K-token window on a CPU)."""
+    from lm_eval import utils as lm_utils
+    from tqdm import tqdm
 
     class RollingBatchLM(hflm):
         rolling_batch_size = 1
+        _windows_bar = None
+
+        def _count_windows(self, requests) -> int:
+            return sum(sum(1 for _ in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)) for req in requests)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             saved = self.batch_size_per_gpu
             self.batch_size_per_gpu = self.rolling_batch_size
+            self._windows_bar = tqdm(total=self._count_windows(requests), desc="perplexity windows", unit="window",
+                                     disable=disable_tqdm or self.rank != 0)
             try:
-                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)  # (its per-document pass only tokenises)
             finally:
+                self._windows_bar.close()
+                self._windows_bar = None
                 self.batch_size_per_gpu = saved
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            bar = self._windows_bar
+            if bar is None:  # multiple-choice requests: lm-eval's own bar
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            out = super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            bar.update(len(requests))
+            return out
 
     return RollingBatchLM
 
