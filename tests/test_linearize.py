@@ -122,13 +122,16 @@ def test_kill_and_resume_gives_the_same_delta(base_dir, data_file, tmp_path):
     assert {"done_before", "resumed"} <= {e["event"] for e in events}
     from rich.console import Console
 
-    from lolcats.cli import print_report
+    from lolcats.cli import _seconds, print_report
 
     console = Console(record=True, width=200)
     print_report(console, resumed)
     text = console.export_text()
-    assert "after stage 1 (earlier run)" in text and "after stage 2 (resumed)" in text
-    assert " 0s " not in text and "over 2 sessions" in text
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines())
+            if cells}
+    for stage, label in (("stage1", "after stage 1 (earlier run)"), ("stage2", "after stage 2 (resumed)")):
+        assert rows[label][3:] == [f"{resumed['tokens_per_s'][stage]:,.0f}", _seconds(resumed["timing"][f"{stage}_s"])]
+    assert "over 2 sessions" in text
     from safetensors.torch import load_file
 
     for name in ("lolcats.safetensors", "lora/adapter_model.safetensors"):

@@ -306,6 +306,10 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None or x != x else f"{x:,.{digits}f}"
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.1f}s" if t < 10 else f"{t:.0f}s"  # (a short stage is not "0s")
+
+
 def print_report(console, metrics: dict[str, Any]) -> None:
     """The perplexity table and the samples."""
     from rich.panel import Panel
@@ -318,8 +322,8 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     timing = metrics.get("timing", {})
     model = str(metrics.get("model"))
     model = model.rsplit("/", 1)[-1] if "/" in model else model
-    table = Table(title=f"LoLCATs: {model} on {metrics.get('data_source')} "
-                        f"({metrics.get('eval_tokens', 0):,} held-out tokens)")
+    title = f"LoLCATs: {model} on {metrics.get('data_source')} ({metrics.get('eval_tokens', 0):,} held-out tokens)"
+    table = Table()  # (the title is a line of its own: as a table title it wraps at the table's width)
     table.add_column("model")
     table.add_column("perplexity", justify="right")
     table.add_column("response ppl", justify="right")
@@ -335,10 +339,11 @@ def print_report(console, metrics: dict[str, Any]) -> None:
         return f"after stage {stage[-1]}{mark}"
 
     table.add_row(stage_label("stage1"), _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
-                  f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), f"{timing.get('stage1_s', 0):.0f}s")
+                  f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), _seconds(timing.get("stage1_s", 0)))
     if ppl.get("after_stage2") is not None:
         table.add_row(stage_label("stage2"), _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
-                      f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), f"{timing.get('stage2_s', 0):.0f}s")
+                      f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), _seconds(timing.get("stage2_s", 0)))
+    console.print(title, style="bold", highlight=False, markup=False)
     console.print(table)
     for key, title in (("sample_teacher", "teacher"), ("sample", "linearized")):
         s = metrics.get(key)
