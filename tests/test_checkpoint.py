@@ -67,8 +67,11 @@ def test_round_trip_keeps_memory_mechanisms(tmp_path):
 def test_lora_round_trip(tmp_path):
     from peft import LoraConfig, get_peft_model
 
+    from lolcats.compat import peft_wrapping
+
     model = trained_like(lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=4)))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with peft_wrapping():  # (PEFT's deprecated-property probe, as in lolcats' own calls)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
