@@ -333,10 +333,18 @@ def test_cli_bench_state(tmp_path, capsys):
     rc = main(["bench", "state", "--device", "cpu", "--out", str(tmp_path), "--no-plots"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "query: 72.5 MiB per sequence" in out
+    assert "query: 80.5 MiB per sequence" in out  # float32 on CPU, as --help says (the window's K/V: 4 bytes)
     data = json.loads((tmp_path / "bench-state.json").read_text())
-    assert {r["key_maps"] for r in data["state"]["rows"]} == {"query", "kv"}
+    assert {r["key_maps"] for r in data["state"]["rows"]} == {"query", "kv"} and data["state"]["config"]["dtype"] == "float32"
     assert (tmp_path / "bench-state.md").exists()
+    assert main(["bench", "state", "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert "query: 72.5 MiB per sequence" in capsys.readouterr().out
+    # SmolLM2 on CPU: what the real float32 cache holds (cache_nbytes after generate: 11.38 MiB), and plan agrees
+    assert main(["bench", "state", "--device", "cpu", "--preset", "smollm2-135m", "--out", str(tmp_path),
+                 "--no-plots"]) == 0
+    assert "query: 11.4 MiB per sequence" in capsys.readouterr().out
+    assert main(["plan", "smollm2-135m"]) == 0
+    assert "10.0 MiB in bfloat16 (GPU), 11.4 MiB in float32 (CPU)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -358,7 +366,7 @@ def test_gpu_script_runs_one_benchmark(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "bench.py"), "state", "--device", "cpu",
                         "--no-plots"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "state: kv: 24.1 MiB per sequence" in r.stdout
+    assert "state: kv: 32.1 MiB per sequence" in r.stdout  # float32 on --device cpu (24.1 in bfloat16)
     data = json.loads((tmp_path / "bench-state.json").read_text())
     assert data["meta"]["budget_s"] == 420
 

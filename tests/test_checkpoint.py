@@ -67,8 +67,11 @@ def test_round_trip_keeps_memory_mechanisms(tmp_path):
 def test_lora_round_trip(tmp_path):
     from peft import LoraConfig, get_peft_model
 
+    from lolcats.compat import peft_wrapping
+
     model = trained_like(lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=4)))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with peft_wrapping():  # (PEFT's deprecated-property probe, as in lolcats' own calls)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -160,3 +163,25 @@ def test_real_smollm2_converts_and_matches_with_a_large_window(smollm2, tmp_path
     small = lolcats.convert(copy.deepcopy(base), LolcatsConfig(window_size=4))
     with torch.no_grad():
         assert torch.isfinite(small(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); what lands has the mode open()/mkdir() would give."""
+    import os
+
+    from lolcats.checkpoint import atomic_write_text
+    from lolcats.train import add_lora
+
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=4))
+    old = os.umask(umask)
+    try:
+        lolcats.save_delta(add_lora(model, r=2), tmp_path / "d")
+        atomic_write_text(tmp_path / "note.txt", "x")
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "d", *(tmp_path / "d").rglob("*"), tmp_path / "note.txt"]
+    assert {p.name for p in paths} >= {"d", "config.json", WEIGHTS_NAME, "lora", "adapter_model.safetensors"}
+    for p in paths:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode & 0o777), oct(want))

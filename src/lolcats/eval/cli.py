@@ -169,9 +169,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _print_table(results: dict[str, Any], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from lolcats.console import make_console
     from lolcats.eval.harness import TABLE_HEADER, table_rows
 
     table = Table(title=title)
@@ -181,7 +181,7 @@ def _print_table(results: dict[str, Any], title: str) -> None:
     for row in rows:
         is_avg = row[0].startswith("average")
         table.add_row(*row, style="bold" if is_avg else None, end_section=is_avg)
-    Console().print(table)
+    make_console().print(table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
         _err(" ".join(str(e).split()))
         return 2
+    from lolcats.cli import announce_threads
+
+    announce_threads(args)
     if long_opts is not None:  # a length above the model's context is a usage error: say so before any work
         from lolcats.eval.longcontext import model_context
         from lolcats.eval.needles import lengths_ok

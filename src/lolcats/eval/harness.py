@@ -37,8 +37,24 @@ class _DropExpected(logging.Filter):
         return not any(q in msg for q in _QUIET)
 
 
+def _git_describe() -> str | None:
+    """lm-eval's get_git_commit_hash (`git describe` of the cwd) without git's stderr: outside a
+    checkout git prints "fatal: not a git repository" and lm-eval then falls back to None anyway."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # no git
+        return None
+    return out.stdout.strip() or None
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
+    import lm_eval.evaluator
+
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_describe
     flt = _DropExpected()
     names = ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator", "lm_eval")
     loggers = [logging.getLogger(n) for n in names]
@@ -54,6 +70,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     try:
         yield
     finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
         if ds_logging and bars_were_on:
             ds_logging.enable_progress_bar()
         for lg in loggers:
@@ -267,18 +284,40 @@ def evaluate(
 
 def _rolling_batch_lm(hflm: type) -> type:
     """HFLM whose rolling-loglikelihood (perplexity) requests run `rolling_batch_size` windows at a
-    time: lm-eval batches full-context windows with the multiple-choice batch size otherwise."""
+    time (lm-eval batches full-context windows with the multiple-choice batch size otherwise), under
+    one progress bar over all windows (lm-eval draws a fresh 0/1 bar per batch of windows, which sits
+    at 0/1 for minutes per 8K-token window on a CPU)."""
+    from lm_eval import utils as lm_utils
+    from tqdm import tqdm
 
     class RollingBatchLM(hflm):
         rolling_batch_size = 1
+        _windows_bar = None
+
+        def _count_windows(self, requests) -> int:
+            return sum(sum(1 for _ in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)) for req in requests)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             saved = self.batch_size_per_gpu
             self.batch_size_per_gpu = self.rolling_batch_size
+            self._windows_bar = tqdm(total=self._count_windows(requests), desc="perplexity windows", unit="window",
+                                     disable=disable_tqdm or self.rank != 0)
             try:
-                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)  # (its per-document pass only tokenises)
             finally:
+                self._windows_bar.close()
+                self._windows_bar = None
                 self.batch_size_per_gpu = saved
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            bar = self._windows_bar
+            if bar is None:  # multiple-choice requests: lm-eval's own bar
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            out = super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            bar.update(len(requests))
+            return out
 
     return RollingBatchLM
 

@@ -148,8 +148,9 @@ class TrainResult:
     best_step: int | None
     final_train_loss: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: float = 0.0  # this session only
-    tokens_per_s: float = 0.0  # this session only
+    wall_time_s: float = 0.0  # the session that trained (an earlier one when done_before)
+    tokens_per_s: float = 0.0  # idem
+    total_wall_time_s: float = 0.0  # all sessions of a resumed run (earlier ones up to their last checkpoint)
     resumed_from_step: int | None = None
     done_before: bool = False  # resumed from a finished run: nothing was trained
 
@@ -508,6 +509,7 @@ def train(
     history: list[dict[str, Any]] = []
     last_eval_step = -1
     resumed_from = None
+    earlier_s = 0.0  # training time of earlier sessions, up to the checkpoint resumed from
 
     def emit(event: dict[str, Any]) -> None:
         if callback is not None:
@@ -527,8 +529,8 @@ def train(
             best_state = {n: t.to(device) for n, t in _load_tensors(latest / BEST_NAME).items()}
         if state.get("done"):
             logger.info("%s: already finished in %s; loaded its weights", name, latest)
-            res = TrainResult(**{**state["result"], "wall_time_s": 0.0, "tokens_per_s": 0.0,
-                                 "resumed_from_step": state["step"], "done_before": True})
+            # the recorded numbers of the session that trained it, not zeros for this one
+            res = TrainResult(**{**state["result"], "resumed_from_step": state["step"], "done_before": True})
             emit({"event": "done_before", "step": res.steps, "tokens": res.tokens, "total_steps": total_steps})
             return res
         if state.get("world_size", 1) != world:
@@ -545,10 +547,13 @@ def train(
         history = state["history"]
         last_eval_step = state["last_eval_step"]
         resumed_from = step
+        earlier_s = float(state.get("trained_s", 0.0))
         logger.info("%s: resumed from %s (step %d/%d)", name, latest, step, total_steps)
+        emit({"event": "resumed", "step": step, "total_steps": total_steps})
     else:
         if resume and ckdir is not None:
             logger.info("%s: no checkpoint in %s; starting from scratch", name, ckdir)
+            emit({"event": "resume_from_scratch", "total_steps": total_steps})
         torch.manual_seed(config.seed)
     distributed.broadcast_parameters(params)  # replicas start equal (they already are, by seed or checkpoint)
 
@@ -579,6 +584,7 @@ def train(
                 "config": config.to_dict(), "meta": meta,
                 "params": {n: list(p.shape) for n, p in named.items()},
                 "done": done, "result": result.to_dict() if result is not None else None, "world_size": world,
+                "trained_s": earlier_s + time.perf_counter() - t0,
             }
             atomic_write_text(tmp / STATE_NAME, json.dumps(state, allow_nan=True))
             replace_dir(tmp, ckdir / _step_dir_name(step))
@@ -587,6 +593,7 @@ def train(
             raise
         for old in _step_dirs(ckdir)[: -max(1, config.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
+        emit({"event": "checkpoint", "step": step, "done": done})
         distributed.barrier()  # the checkpoint is complete before any rank goes on
 
     def run_eval() -> float | None:
@@ -706,7 +713,8 @@ def train(
     result = TrainResult(
         steps=step, tokens=tokens, nonfinite_steps=nonfinite, best_val_loss=best_val, best_step=best_step,
         final_train_loss=last_loss, history=history, wall_time_s=elapsed,
-        tokens_per_s=(tokens - start_tokens) / max(elapsed, 1e-9), resumed_from_step=resumed_from,
+        tokens_per_s=(tokens - start_tokens) / max(elapsed, 1e-9), total_wall_time_s=earlier_s + elapsed,
+        resumed_from_step=resumed_from,
     )
     save_checkpoint(done=True, result=result)
     emit({"event": "end", "step": step, "tokens": tokens, "result": result.to_dict()})

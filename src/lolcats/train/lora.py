@@ -34,6 +34,8 @@ def add_lora(
     """Wrap a converted model in a PEFT LoRA model (phi/gamma and the base frozen); hybrid mode."""
     from peft import LoraConfig, get_peft_model
 
+    from lolcats.compat import peft_wrapping
+
     if r < 1:
         raise ValueError(f"lora r must be >= 1, got {r}")
     targets = list(target_modules) if target_modules else default_target_modules(model)
@@ -43,9 +45,7 @@ def add_lora(
         r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
         task_type="CAUSAL_LM",
     )
-    from lolcats.compat import quiet_peft
-
-    with quiet_peft():
+    with peft_wrapping():
         peft_model = get_peft_model(model, cfg)
     for n, p in peft_model.named_parameters():
         if ".lolcats." in n:
