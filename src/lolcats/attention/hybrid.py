@@ -39,8 +39,9 @@ repeats K/V in memory.
 Forms:
   * hybrid_attention_quadratic: the reference; materialises T x T; can return the attention weights.
   * hybrid_attention_chunked:   training and prefill; O(T * (w + C + F * Dv / C)) memory without a
-    global cache; with one, an exact loop over selection intervals (the linear state is constant
-    inside an interval).
+    global cache; with one, the selections are replayed first (no gradient through them) and every
+    interval is then one vectorised chunk (training), or, when the state is carried (prefill), an
+    exact loop over selection intervals (the linear state is constant inside an interval).
   * hybrid_attention_recurrent: token by token from a HybridState; decoding.
 The linear state (S, z) is accumulated in float32 (float64 stays float64) whatever the input dtype.
 """
@@ -505,7 +506,9 @@ def hybrid_attention_chunked(
     Window part: each chunk of C queries scores only its C + w candidate keys (a band mask).
     Linear part: keys shifted right by w make it an ordinary inclusive causal linear attention,
     done chunk-wise (intra-chunk C x C + inter-chunk prefix states). Sinks are a few extra keys
-    per row. A global cache runs `_memory_segments` instead (one selection interval at a time).
+    per row. A global cache runs every selection interval at once on a fresh sequence whose state
+    is not asked for (`_global_cache_intervals`: training), else `_memory_segments` (one interval at
+    a time, the state carried: prefill).
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
     memory = check_memory(memory, window)
@@ -627,8 +630,8 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
 
     The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
     queries is one chunk: its band [cP - w + 1, i] (P + w - 1 candidate keys), the sinks and the
-    cached keys it attends exactly, and the linear state of the keys folded before it (a masked
-    sum per interval). No T x T tensor; the state is not returned (prefill runs the interval loop).
+    cached keys it attends exactly, and the linear state of the keys folded by its selection. No
+    T x T tensor; the state is not returned (prefill runs the interval loop).
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
