@@ -27,8 +27,11 @@ def lora_delta(path, seed=0):
     """A delta with LoRA (non-zero B, so the LoRA matters), saved from a tiny llama."""
     from peft import LoraConfig, get_peft_model
 
+    from lolcats.compat import peft_wrapping
+
     model = lolcats.convert(tiny_model("llama", seed=seed), CFG)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with peft_wrapping():  # (PEFT's own deprecation warning, as the library's calls do)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
