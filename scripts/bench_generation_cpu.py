@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     import torch
     from transformers import DynamicCache
-    from transformers.generation.streamers import BaseStreamer
+    from lolcats.bench.common import token_clock
 
     import lolcats
     from lolcats.compat import cache_argument_name, output_cache
@@ -72,19 +72,9 @@ def worker(args: argparse.Namespace) -> dict:
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     def run(length: int, new: int):
         ids = torch.randint(100, vocab, (1, length), generator=g)
-        clock = Clock()
+        clock = token_clock()
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             out = model.generate(

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from transformers.generation.streamers import BaseStreamer
+    from lolcats.bench.common import token_clock
 
     import lolcats
 
@@ -51,18 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = torch.randint(100, model.config.vocab_size, (1, args.prompt_tokens),
                                 generator=torch.Generator().manual_seed(0))
 
-            class Clock(BaseStreamer):
-                def __init__(self):
-                    self.times: list[float] = []
-
-                def put(self, value):
-                    self.times.append(time.perf_counter())
-
-                def end(self):
-                    pass
-
             def decode_rate(new: int) -> float:
-                clock = Clock()
+                clock = token_clock()
                 with torch.no_grad():
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                    min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=clock)

@@ -158,3 +158,21 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def token_clock():
+    """A `generate(streamer=...)` that records the time of each chunk it is handed (the prompt
+    first, then one token per step), for decode rates measured without the prefill."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    return TokenClock()
