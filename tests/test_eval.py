@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lolcats[eval]')")
 
 import torch  # noqa: E402
+from shared_data import EVALDATA  # noqa: E402
 
 from lolcats.eval.data import (  # noqa: E402
     ENV_VAR,
@@ -35,9 +36,6 @@ from lolcats.eval.data import (  # noqa: E402
     resolve_data_dir,
 )
 
-EVALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "evaldata"
-if not EVALDATA.is_dir():
-    EVALDATA = Path("/work/shared/evaldata")
 needs_data = pytest.mark.skipif(not EVALDATA.is_dir(), reason=f"evaluation data not found at {EVALDATA}")
 
 # documents per task in the local files (what lm-eval reports as n-samples "original")

@@ -13,11 +13,11 @@ import re
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from shared_data import EVALDATA
 from tiny_models import tiny_model
 
 from lolcats.compat import cache_argument_name
@@ -42,9 +42,6 @@ from lolcats.eval.needles import (
     parse_needle_task,
 )
 
-EVALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "evaldata"
-if not EVALDATA.is_dir():
-    EVALDATA = Path("/work/shared/evaldata")
 WIKI = EVALDATA / "wikitext2" / "wiki.test.raw"
 
 NEEDLE_TASKS = ["passkey", "niah_single", "niah_single_word", "niah_single_uuid", "niah_multikey"]
