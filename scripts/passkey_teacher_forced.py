@@ -6,6 +6,7 @@ greedy generation, so budgets and selection rules can be compared on a CPU.
 
     python3 scripts/passkey_teacher_forced.py DELTA 2048 global_cache_size=0 global_cache_size=128,global_cache_dedup=0.95
     python3 scripts/passkey_teacher_forced.py teacher 2048 -        # the softmax base
+    python3 scripts/passkey_teacher_forced.py DELTA 2048 mode=softmax  # the control: softmax + the delta's LoRA
     ... --scale-linear 0.3                                          # phi(q) scaled: less linear-state mass
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import torch
 
 import lolcats
-from lolcats.attention.layer import LolcatsAttention
+from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.eval.needles import build_sample
 from lolcats.loading import embedded_default_path
 
@@ -35,7 +36,7 @@ def _setting(spec: str) -> dict:
     if spec == "-":
         return {}
     pairs = (item.split("=") for item in spec.split(","))
-    return {k: float(v) if "." in v else int(v) for k, v in pairs}
+    return {k: v if k == "mode" else float(v) if "." in v else int(v) for k, v in pairs}
 
 
 def main() -> None:
@@ -62,8 +63,11 @@ def main() -> None:
     samples = [build_sample(tok, "passkey", args.length, float(d), seed=0, index=i)
                for d in args.depths.split(",") for i in range(args.samples)]
     for spec in args.settings:
-        if args.delta != "teacher" and _setting(spec):
-            lolcats.configure_memory(model, **_setting(spec))
+        setting = _setting(spec)
+        if args.delta != "teacher":
+            set_mode(model, setting.pop("mode", "hybrid"))  # "softmax": the same LoRA on exact attention
+            if setting:
+                lolcats.configure_memory(model, **setting)
         t, nll, exact = time.perf_counter(), [], 0
         for s in samples:
             answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
