@@ -97,17 +97,16 @@ def check_continue(sharing):
 
 def check_segmented_and_bt128():
     """Segmented chunk-state scans (several segments per sequence) and the 128 chunk (16-bit)."""
-    from lolcats.ops import _triton_prefill as P
-    old = P.CFG.scan_programs, P.CFG.BT, P.CFG.BT_train
+    from lolcats.ops.hybrid import chunk as P
+    old = P.CONFIG.scan_programs
     try:
-        P.CFG.scan_programs = 10**6
-        assert P._segments(1, 1, 1, 18)[0] == 2
+        P.CONFIG.scan_programs = 10**6
+        assert P.scan_segments(1, 1, 1, 18)[0] == 2
         check_prefill(1, 1100, 2, 1, 16, 16, 8, "query", window=64, pad=[5])
-        P.CFG.BT = P.CFG.BT_train = 128
-        check_prefill(2, 300, 4, 2, 32, 32, 16, "kv", window=64, pad=[0, 9], dtype=torch.float16, tol=3e-3)
+        with P.chunk_sizes(128):
+            check_prefill(2, 300, 4, 2, 32, 32, 16, "kv", window=64, pad=[0, 9], dtype=torch.float16, tol=3e-3)
     finally:
-        P.CFG.scan_programs, P.CFG.BT, P.CFG.BT_train = old
-
+        P.CONFIG.scan_programs = old
 
 def main(quick: bool):
     check_prefill(2, 70, 4, 2, 16, 24, 8, "kv", window=8, pad=[0, 9])
