@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ from lolcats.bench.suite import run_suite
 from lolcats.bench.transfer import run_transfer, transfer_table
 from lolcats.cli import build_parser, main
 from lolcats.plan import PRESETS, ModelShape, decode_state_bytes
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_LCFG = {"window_size": 8, "feature_dim": 8}
 DECODE_KEYS = {"label", "attention", "key_maps", "runner", "context", "batch", "status", "steps", "seconds",
                "ms_per_step", "tokens_per_s", "peak_memory_bytes", "cache_bytes", "weight_bytes", "roofline_ms",
