@@ -160,7 +160,7 @@ def test_lean_step_with_triton_decode_kernel_under_interpreter():
     if not triton.__version__.startswith("3.6"):
         pytest.skip("the interpreter shim is written for Triton 3.6")
     code = r"""
-from lolcats.ops.testing import fix_interpreter_loop_bounds
+from kernel_helpers import fix_interpreter_loop_bounds  # (tests/ is on PYTHONPATH)
 fix_interpreter_loop_bounds()  # (TRITON_INTERPRET is set by the caller)
 import torch
 from transformers import DynamicCache, LlamaConfig
@@ -190,7 +190,8 @@ for mode in ("query", "kv"):
             torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
 print("LEAN TRITON OK")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "LEAN TRITON OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
