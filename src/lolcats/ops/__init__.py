@@ -10,7 +10,8 @@ PyTorch reference it is tested against, and the Triton kernel files beside them:
   backend.py  the backend choice ("auto", "triton", "torch"; see `resolve_backend`)
   common.py   the `@triton.jit` helpers the kernels share
 
-A new op: a folder like these, its dispatch re-exported here, its tests in tests/ops/test_<op>.py.
+A new op: a folder like these, its dispatch re-exported here, its kernel tests in
+tests/ops/test_<op>_kernels.py (parametrized, under the interpreter) and a case in check_kernels.py.
 Kernel modules import Triton; nothing here does until a kernel is called.
 """
 from __future__ import annotations
