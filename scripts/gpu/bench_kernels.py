@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -31,15 +33,17 @@ from triton.testing import do_bench
 
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import HybridState, empty_state
-from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
 from lolcats.bench.prefill import flash_gqa_ok, hybrid_inputs, sdpa_fns
-from lolcats.ops import _triton_prefill
+from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
+from lolcats.ops.hedgehog import fused as hedgehog_fused
+from lolcats.ops.hybrid import chunk as hybrid_chunk
 
 H, HK, D, FD, W, LAYERS = 32, 8, 128, 64, 64, 32
 TOKENS = 64 * 1024
 DEVICE = "cuda"
 if os.environ.get("BENCH_DRY"):  # a dry run of this script's code on CPU (TRITON_INTERPRET=1), tiny sizes
-    from lolcats.ops.testing import fix_interpreter_loop_bounds
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the kernel tests' helpers
+    from kernel_helpers import fix_interpreter_loop_bounds
 
     fix_interpreter_loop_bounds()
     H, HK, D, FD, W, TOKENS, DEVICE = 4, 2, 32, 16, 16, 256, "cpu"
@@ -86,15 +90,10 @@ def hybrid_fns(B, L, dt, mode, fused_fm=True, attn_only=False):
     return fwd_nograd, fwd_bwd, params
 
 
-def _set_bt(bt):
-    _triton_prefill.CFG.BT = _triton_prefill.CFG.BT_train = bt
-
-
 def bench_prefill(Ls, out_rows, modes=("kv", "query"), bts=(64, 128)):
     """SDPA once per L; the hybrid for each key-map mode and chunk size (inference and training)."""
     dt = DT
     gqa = flash_gqa_ok(torch.device(DEVICE), H, HK, D)
-    old = _triton_prefill.CFG.BT, _triton_prefill.CFG.BT_train
     for L in Ls:
         B = max(1, TOKENS // L)
         row = dict(L=L, B=B, sdpa_native_gqa=gqa)
@@ -102,9 +101,8 @@ def bench_prefill(Ls, out_rows, modes=("kv", "query"), bts=(64, 128)):
         row["sdpa_fwd"] = ms(f)
         row["sdpa_fwd_bwd"] = ms(fb)
         del f, fb
-        try:
-            for bt in bts:
-                _set_bt(bt)
+        for bt in bts:
+            with hybrid_chunk.chunk_sizes(bt):
                 for mode in modes:
                     f, fb, ps = hybrid_fns(B, L, dt, mode)
                     row[f"hyb_{mode}_fwd_bt{bt}"] = ms(f)
@@ -117,8 +115,6 @@ def bench_prefill(Ls, out_rows, modes=("kv", "query"), bts=(64, 128)):
                             row[f"hyb_{mode}_{tag}_fwd_bwd_bt{bt}"] = ms(
                                 lambda: (fb(), [setattr(p, "grad", None) for p in ps]))
                             del f, fb, ps
-        finally:
-            _triton_prefill.CFG.BT, _triton_prefill.CFG.BT_train = old
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         out_rows.append(row)
@@ -127,22 +123,20 @@ def bench_prefill(Ls, out_rows, modes=("kv", "query"), bts=(64, 128)):
 
 def bench_hedgehog(out):
     """The fused feature map's forward product: W in three 16-bit parts (2) vs tf32x3 (1)."""
-    from lolcats.ops import _triton_hedgehog
-
     B, L = max(1, TOKENS // 8192), min(8192, TOKENS)
     x = torch.randn(B, L, H, D, device=DEVICE, dtype=DT)
     w = torch.randn(H, D, FD, device=DEVICE) * D**-0.5
     res = {}
-    old = _triton_hedgehog.FWD_MODE
+    old = hedgehog_fused.CONFIG.fwd_mode
     try:
         for mode in (1, 2):
-            _triton_hedgehog.FWD_MODE = mode
+            hedgehog_fused.CONFIG.fwd_mode = mode
             with torch.no_grad():
                 res[f"mode{mode}_ms"] = ms(lambda: hedgehog_feature_map(x, w, out_dtype=DT))
         with torch.no_grad():
             res["torch_ms"] = ms(lambda: hedgehog(x, w).to(DT))
     finally:
-        _triton_hedgehog.FWD_MODE = old
+        hedgehog_fused.CONFIG.fwd_mode = old
     res["shape"] = [B, L, H, D, 2 * FD]
     out["hedgehog_fwd"] = res
     print(json.dumps(res), flush=True)
@@ -152,7 +146,7 @@ def bench_state_blocks(out):
     """The chunk-state scan: segmented (default) vs one segment per sequence vs 32-wide blocks."""
     dt = DT
     res = []
-    C = _triton_prefill.CFG
+    C = hybrid_chunk.CONFIG
     for L in ((8192, 65536) if DEVICE == "cuda" else (64, 256)):
         B = TOKENS // L
         for mode, hs in (("kv", HK), ("query", H)):
@@ -164,7 +158,7 @@ def bench_state_blocks(out):
             try:
                 for tag, prog, blk in (("auto", old[0], old[1]), ("one_segment", 0, old[1]), ("block32", old[0], 32)):
                     C.scan_programs, C.scan_block = prog, blk
-                    r[f"{tag}_ms"] = ms(lambda: _triton_prefill.fwd_states(fk, v, valid, W, HK, BT=64))
+                    r[f"{tag}_ms"] = ms(lambda: hybrid_chunk.fwd_states(fk, v, valid, W, HK, BT=64))
             finally:
                 C.scan_programs, C.scan_block = old
             res.append(r)

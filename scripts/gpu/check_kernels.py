@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -32,7 +33,9 @@ from lolcats.attention.hybrid import (
     hybrid_attention_recurrent,
 )
 from lolcats.ops import hybrid_attention, hybrid_decode
-from lolcats.ops.testing import hedgehog_errors, rel_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the kernel tests' helpers
+from kernel_helpers import hedgehog_errors, rel_error  # noqa: E402
 
 W = 64
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" + TRITON_INTERPRET=1: a dry run of this script
@@ -168,14 +171,14 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
 
 
 def check_hedgehog(hx, hw, dtype, seed=3, fwd_mode=None):
-    from lolcats.ops import _triton_hedgehog
+    from lolcats.ops.hedgehog.fused import CONFIG
 
     if fwd_mode is not None:
-        old, _triton_hedgehog.FWD_MODE = _triton_hedgehog.FWD_MODE, fwd_mode
+        old, CONFIG.fwd_mode = CONFIG.fwd_mode, fwd_mode
         try:
             return check_hedgehog(hx, hw, dtype, seed)
         finally:
-            _triton_hedgehog.FWD_MODE = old
+            CONFIG.fwd_mode = old
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     D, f = 128, 64
     x = torch.randn(2, 777, hx, D, generator=g, device=DEVICE).to(dtype).requires_grad_()
@@ -253,10 +256,10 @@ def main():
     per_case = ["| check | case | dtype | worst | ok | s |", "|---|---|---|---|---|---|"]
     per_case += [f"| {r['kind']} | {r['case']} | {r['dtype']} | {r['worst']:.1e} | {r['ok']} | {r['seconds']} |"
                  for r in rows]
-    from lolcats.ops import _triton_prefill
+    from lolcats.ops.hybrid.chunk import chunk_size
 
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
-                chunk=dict(infer=_triton_prefill.CFG.BT, train=_triton_prefill.CFG.BT_train),
+                chunk=dict(infer=chunk_size(torch.bfloat16, False), train=chunk_size(torch.bfloat16, True)),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"),
                 tolerances={DT[k]: v for k, v in TOL.items()})
     try:

@@ -1,6 +1,7 @@
 """Backend selection of lolcats.ops (runs on CPU; kernel checks skip without CUDA)."""
 import pytest
 import torch
+from kernel_helpers import hybrid_inputs, rel_error
 
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import empty_state, hybrid_attention_chunked, hybrid_attention_recurrent
@@ -16,23 +17,9 @@ from lolcats.ops import (
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and Triton")
 
 
-def make(B=2, T=40, H=4, Hk=2, D=8, f=4, sharing="kv", dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g, dtype=dtype)
-    k = torch.randn(B, T, Hk, D, generator=g, dtype=dtype)
-    v = torch.randn(B, T, Hk, D, generator=g, dtype=dtype)
-    wq = torch.randn(H, D, f, generator=g, dtype=dtype) * 0.5
-    nk = H if sharing == "query" else Hk
-    wk = torch.randn(nk, D, f, generator=g, dtype=dtype) * 0.5
-    gamma = torch.rand(H, generator=g, dtype=dtype) * 0.8 + 0.1
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, :7] = False
-    q, k, v, wq, wk, gamma, mask = (x.to(device) for x in (q, k, v, wq, wk, gamma, mask))
-
-    def key_map(x):
-        return hedgehog(x.repeat_interleave(nk // Hk, dim=2), wk)
-
-    return q, k, v, hedgehog(q, wq), key_map(k), gamma, key_map, mask
+def make(T=40, D=8, f=4, sharing="kv", dtype=torch.float32, device="cpu"):
+    """2 sequences (the second with 7 tokens of left padding), 4 query heads over 2 KV heads."""
+    return hybrid_inputs(2, T, 4, 2, D, f, sharing, pad=[0, 7], dtype=dtype, device=device)
 
 
 def test_unknown_backend_is_a_value_error():
@@ -101,10 +88,6 @@ def test_hedgehog_feature_map_fallback():
 # CUDA: the kernels against the reference (the full matrix is scripts/gpu/check_kernels.py)
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
-
-
 @cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("sharing", ["kv", "query"])
@@ -118,10 +101,10 @@ def test_cuda_kernels_match_reference(dtype, tol, sharing):
     refs = [x.detach().double().requires_grad_() for x in ins]
     ref, rst = hybrid_attention_chunked(*refs, window=16, key_mask=mask, output_final_state=True)
     (ref * do.double()).sum().backward()
-    assert rel(out, ref) <= tol
+    assert rel_error(out, ref) <= tol
     for a, b in zip(ins, refs):
-        assert rel(a.grad, b.grad) <= tol
-    assert rel(st.kv, rst.kv) <= tol and rel(st.k_sum, rst.k_sum) <= tol
+        assert rel_error(a.grad, b.grad) <= tol
+    assert rel_error(st.kv, rst.kv) <= tol and rel_error(st.k_sum, rst.k_sum) <= tol
     with torch.no_grad():
         nxt = slice(140, 150)
         _, st0 = hybrid_attention_chunked(*[x[:, :140].double() for x in (q, k, v, fq, fk)], gamma.double(),
@@ -130,7 +113,7 @@ def test_cuda_kernels_match_reference(dtype, tol, sharing):
         o, _ = hybrid_decode(q[:, nxt], k[:, nxt], v[:, nxt], fq[:, nxt], gamma, state=st0, key_map=key_map)
         ro, _ = hybrid_attention_recurrent(q[:, nxt], k[:, nxt], v[:, nxt], fq[:, nxt], gamma, state=st0,
                                            key_map=key_map)
-        assert rel(o, ro) <= 1e-4
+        assert rel_error(o, ro) <= 1e-4
 
 
 @cuda

@@ -10,7 +10,8 @@ constant B x L = `tokens`. Timed (medians; `triton.testing.do_bench` on CUDA):
   [B, H, L, D]; on CUDA forced to the flash backend, with native GQA when flash takes
   `enable_gqa` (otherwise K/V are given with H heads, repeated before timing).
 * hybrid, per key-map mode ("kv": one key map per KV head, "query": per query head): both
-  Hedgehog projections (`lolcats.ops.hedgehog_feature_map`) + `lolcats.ops.hybrid_attention`
+  Hedgehog projections (`lolcats.ops.hedgehog_feature_map`: on CUDA the fused kernel, which the
+  model itself does not call yet, issue #14) + `lolcats.ops.hybrid_attention`
   (backend "auto": the Triton kernels on CUDA, the chunked PyTorch form on CPU).
 
 Forward ("fwd", no autograd) and, with backward=True, forward + backward ("fwd_bwd"). With
@@ -126,15 +127,10 @@ def _chunk_size(bt: int | None, device: torch.device):
         return
     if device.type != "cuda":
         raise ValueError("chunk_sizes applies to the Triton kernels (CUDA) only")
-    from lolcats.ops import _triton_prefill
+    from lolcats.ops.hybrid.chunk import chunk_sizes
 
-    cfg = _triton_prefill.CFG
-    old = cfg.BT, cfg.BT_train
-    cfg.BT = cfg.BT_train = bt
-    try:
+    with chunk_sizes(bt):
         yield
-    finally:
-        cfg.BT, cfg.BT_train = old
 
 
 def run_prefill(

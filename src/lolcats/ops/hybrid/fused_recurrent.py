@@ -1,6 +1,7 @@
-"""Triton kernel for one batched decode step of the hybrid attention.
+"""Triton kernel of the hybrid attention's decode: one batched step, and the entry point
+`hybrid_decode_triton` (what `lolcats.ops.hybrid_decode` calls) that runs it token by token.
 
-Same function as `hybrid_attention_recurrent` for one token: the oldest window slot is evicted
+Same function as `hybrid_attention_recurrent` (reference.py names it) for one token: the oldest window slot is evicted
 into (S, z) (its key featurised by key_map, done in PyTorch before the launch), the new key/value
 enters the buffer (oldest first, as HybridState keeps it), and the output is the window softmax over
 the w slots (gamma e^{s - m}, m the max window score) plus the state read, with one normaliser.
@@ -15,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.attention.hybrid import HybridState
-
-NEG = tl.constexpr(-1.0e30)  # "minus infinity" for masked scores (finite, so that m - m stays 0)
+from lolcats.ops.common import NEG, block, softcap
+from lolcats.ops.hybrid.reference import HybridState, KeyMap, hybrid_attention_recurrent
 
 
 @triton.jit(do_not_specialize=["H", "Hk", "Hs", "G"])
@@ -78,9 +78,7 @@ def _decode_step(
     for gi in range(nq):
         hq = hq0 + gi
         qv = tl.load(q + (b64 * H + hq) * D + od, mask=dm, other=0.0).to(tl.float32)
-        s = tl.sum(kwf * qv[None, :], 1) * scale
-        if cap > 0:
-            s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+        s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
         s = tl.where(wok, s, NEG)
         mx = tl.max(s, 0)
         e = tl.where(wok, tl.exp(s - mx), 0.0)
@@ -94,7 +92,7 @@ def _decode_step(
         tl.store(o + (b64 * H + hq) * DV + ov, out.to(o.dtype.element_ty), mask=vm)
 
 
-def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, softcap: float | None,
+def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float, softcap: float | None,
                 key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None):
     """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state).
 
@@ -118,18 +116,43 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map, scale: float, s
     ksum_out = torch.empty(state.k_sum.shape, dtype=state.k_sum.dtype, **new)
     wk_out = torch.empty(state.win_k.shape, dtype=state.win_k.dtype, **new)
     wv_out = torch.empty(state.win_v.shape, dtype=state.win_v.dtype, **new)
-    BV = min(64, max(16, triton.next_power_of_2(DV)))
+    BV = min(64, block(DV))
     grid = (triton.cdiv(DV, BV), B * Hs)
     _decode_step[grid](
         q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
         fk_old, kv, state.k_sum.contiguous(), state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid,
         gamma.contiguous(), o, kv_out, ksum_out, wk_out, wv_out,
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, D, DV, F,
-        BW=max(16, triton.next_power_of_2(W)), BD=max(16, triton.next_power_of_2(D)), BV=BV,
-        BF=max(16, triton.next_power_of_2(F)), num_warps=4,
+        BW=block(W), BD=block(D), BV=BV, BF=block(F), num_warps=4,
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
     win_kf = None
     if state.win_kf is not None:
         win_kf = torch.cat([state.win_kf[:, :, 1:], key_map_input.transpose(1, 2).to(state.win_kf.dtype)], 2)
     return o, HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid, win_kf=win_kf, position=state.position + 1)
+
+
+def hybrid_decode_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
+    *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
+    key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, HybridState]:
+    """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`."""
+    B, T, H, D = q.shape
+    if state.has_memory or state.win_valid.shape[1] == 0 or torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, fq, gamma, *state.tensors())
+    ):  # memory beyond the window, no window (w = 0) or autograd: the reference form
+        return hybrid_attention_recurrent(
+            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+            key_map_input=key_map_input,
+        )
+    scale = D**-0.5 if scale is None else float(scale)
+    outs = []
+    for t in range(T):
+        o, state = decode_step(
+            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fq[:, t : t + 1], gamma.float(), state, key_map,
+            scale, softcap, None if key_mask is None else key_mask[:, t : t + 1],
+            None if key_map_input is None else key_map_input[:, t : t + 1],
+        )
+        outs.append(o)
+    return (outs[0] if T == 1 else torch.cat(outs, 1)), state

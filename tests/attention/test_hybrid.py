@@ -1,8 +1,8 @@
 """The three forms of the hybrid (quadratic, chunked, recurrent) compute one function (float64)."""
 import pytest
 import torch
+from kernel_helpers import hybrid_inputs
 
-from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
     empty_state,
     hybrid_attention_chunked,
@@ -14,24 +14,7 @@ W = 8  # window for the sweeps (small so that 3w+5 and 1000 stay cheap in float6
 
 
 def make_inputs(B, T, H, Hk, D, f, sharing, seed=0, pad=None, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g, dtype=dtype)
-    k = torch.randn(B, T, Hk, D, generator=g, dtype=dtype)
-    v = torch.randn(B, T, Hk, D + 3, generator=g, dtype=dtype)  # Dv != D on purpose
-    wq = torch.randn(H, D, f, generator=g, dtype=dtype) * 0.5
-    nk = H if sharing == "query" else Hk
-    wk = torch.randn(nk, D, f, generator=g, dtype=dtype) * 0.5
-    gamma = torch.rand(H, generator=g, dtype=dtype) * 0.8 + 0.1
-
-    def key_map(x):  # [B, T, Hk, D] -> [B, T, nk, 2f]
-        return hedgehog(x.repeat_interleave(nk // Hk, dim=2), wk)
-
-    mask = None
-    if pad is not None:
-        mask = torch.ones(B, T, dtype=torch.bool)
-        for b, p in enumerate(pad):
-            mask[b, :p] = False
-    return q, k, v, hedgehog(q, wq), key_map(k), gamma, key_map, mask
+    return hybrid_inputs(B, T, H, Hk, D, f, sharing, Dv=D + 3, seed=seed, pad=pad, dtype=dtype)  # Dv != D on purpose
 
 
 def run_recurrent(q, k, v, fq, gamma, key_map, mask, window, softcap=None, split=None):

@@ -28,12 +28,12 @@ from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, l
 from lolcats.train import distributed
 from lolcats.train.loop import latest_checkpoint
 from tiny_models import tiny_model
+from repo_paths import ROOT
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 

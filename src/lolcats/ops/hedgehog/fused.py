@@ -1,15 +1,19 @@
 """Fused Triton Hedgehog feature map: phi(x) = [softmax(x W), softmax(-x W)], one W per head.
 
-Same function as `lolcats.attention.feature_map.hedgehog` (projection and softmax in float32),
+Same function as `hedgehog_reference` (reference.py; projection and softmax in float32),
 in one pass over x instead of five (upcast, einsum, two softmaxes, concatenation).  The weight may
 have r times as many heads as x (head h of W reads head h // r of x): the per-query-head key maps
 of GQA without repeating the keys.  Backward: dx, and dW accumulated per program then atomically.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
+
+from lolcats.ops.common import block
 
 
 @triton.jit
@@ -18,6 +22,16 @@ def _proj(xb, wb, IEEE: tl.constexpr):
         return tl.dot(xb, wb, input_precision="ieee")
     else:
         return tl.dot(xb, wb, input_precision="tf32x3")  # float32-accurate on tensor cores
+
+
+@triton.jit
+def _softmax_pair(p, fm):
+    """softmax(p) and softmax(-p) over the F columns fm of the rows of p [BM, BF]."""
+    pp = tl.where(fm[None, :], p, -float("inf"))
+    e1 = tl.exp(pp - tl.max(pp, 1)[:, None])
+    pn = tl.where(fm[None, :], -p, -float("inf"))
+    e2 = tl.exp(pn - tl.max(pn, 1)[:, None])
+    return e1 / tl.sum(e1, 1)[:, None], e2 / tl.sum(e2, 1)[:, None]
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -41,12 +55,7 @@ def _hh_fwd(x, w, y, R, HX, HW, D: tl.constexpr, FD: tl.constexpr, BM: tl.conste
         p += tl.dot(xb, tl.load(wp + 2 * HW * D * FD, mask=wm, other=0.0))
     else:
         p = _proj(xb.to(tl.float32), tl.load(wp, mask=wm, other=0.0).to(tl.float32), MODE == 0)
-    pp = tl.where(fm[None, :], p, -float("inf"))
-    e1 = tl.exp(pp - tl.max(pp, 1)[:, None])
-    y1 = e1 / tl.sum(e1, 1)[:, None]
-    pn = tl.where(fm[None, :], -p, -float("inf"))
-    e2 = tl.exp(pn - tl.max(pn, 1)[:, None])
-    y2 = e2 / tl.sum(e2, 1)[:, None]
+    y1, y2 = _softmax_pair(p, fm)
     yb = y + r[:, None].to(tl.int64) * HW * 2 * FD + hw * 2 * FD + of[None, :]
     msk = rm[:, None] & fm[None, :]
     tl.store(yb, y1.to(y.dtype.element_ty), mask=msk)
@@ -71,12 +80,7 @@ def _hh_bwd(x, w, dy, dx, dw, R, HX, HW, NPROG, D: tl.constexpr, FD: tl.constexp
         xb = tl.load(x + r[:, None].to(tl.int64) * HX * D + hx * D + od[None, :], mask=rm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         p = _proj(xb, wb, IEEE)
-        pp = tl.where(fm[None, :], p, -float("inf"))
-        e1 = tl.exp(pp - tl.max(pp, 1)[:, None])
-        y1 = e1 / tl.sum(e1, 1)[:, None]
-        pn = tl.where(fm[None, :], -p, -float("inf"))
-        e2 = tl.exp(pn - tl.max(pn, 1)[:, None])
-        y2 = e2 / tl.sum(e2, 1)[:, None]
+        y1, y2 = _softmax_pair(p, fm)
         dyb = dy + r[:, None].to(tl.int64) * HW * 2 * FD + hw * 2 * FD + of[None, :]
         msk = rm[:, None] & fm[None, :]
         d1 = tl.load(dyb, mask=msk, other=0.0).to(tl.float32)
@@ -93,11 +97,14 @@ def _hh_bwd(x, w, dy, dx, dw, R, HX, HW, NPROG, D: tl.constexpr, FD: tl.constexp
     tl.atomic_add(dw + hw * D * FD + od[:, None] * FD + of[None, :], dwa, mask=dm[:, None] & fm[None, :])
 
 
-FWD_MODE = 2  # forward product for 16-bit x: 2 (W in three 16-bit parts) or 1 (tf32x3); see _hh_fwd
+@dataclasses.dataclass
+class LaunchConfig:
+    """Launch parameters of the fused map; `CONFIG` is the one in use (benchmarks change it)."""
+
+    fwd_mode: int = 2  # forward product for 16-bit x: 2 (W in three 16-bit parts) or 1 (tf32x3); see _hh_fwd
 
 
-def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+CONFIG = LaunchConfig()
 
 
 class _HedgehogFn(torch.autograd.Function):
@@ -111,8 +118,8 @@ class _HedgehogFn(torch.autograd.Function):
         y = torch.empty(*lead, HW, 2 * FD, device=x.device, dtype=out_dtype)
         BM = 64
         ieee = not x.is_cuda  # Triton's interpreter (tests) has no tf32x3
-        mode = 0 if ieee else (2 if FWD_MODE == 2 and xc.dtype in (torch.bfloat16, torch.float16) else 1)
-        if not x.is_cuda and xc.dtype == torch.float16 and FWD_MODE == 2:
+        mode = 0 if ieee else (2 if CONFIG.fwd_mode == 2 and xc.dtype in (torch.bfloat16, torch.float16) else 1)
+        if not x.is_cuda and xc.dtype == torch.float16 and CONFIG.fwd_mode == 2:
             mode = 2  # the interpreter runs float16 dots (tests)
         wk = wc
         if mode == 2:  # W = hi + mid + lo in x's 16-bit type
@@ -120,7 +127,7 @@ class _HedgehogFn(torch.autograd.Function):
             w1 = (wc - w0.float()).to(xc.dtype)
             w2 = (wc - w0.float() - w1.float()).to(xc.dtype)
             wk = torch.stack([w0, w1, w2])
-        _hh_fwd[(triton.cdiv(R, BM), HW)](xc, wk, y, R, HX, HW, D, FD, BM=BM, BD=_p2(D), BF=_p2(FD), MODE=mode,
+        _hh_fwd[(triton.cdiv(R, BM), HW)](xc, wk, y, R, HX, HW, D, FD, BM=BM, BD=block(D), BF=block(FD), MODE=mode,
                                           num_warps=4)
         ctx.save_for_backward(xc, wc)
         ctx.ieee = ieee
@@ -136,8 +143,8 @@ class _HedgehogFn(torch.autograd.Function):
         dx = (torch.zeros if HW != HX else torch.empty)(xc.shape, device=xc.device, dtype=torch.float32)
         dw = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32)
         nprog = max(1, min(triton.cdiv(R, BM), triton.cdiv(4 * 132, HW)))
-        _hh_bwd[(nprog, HW)](xc, wc, dy.contiguous(), dx, dw, R, HX, HW, nprog, D, FD, BM=BM, BD=_p2(D),
-                             BF=_p2(FD), IEEE=ctx.ieee, num_warps=4, num_stages=1)
+        _hh_bwd[(nprog, HW)](xc, wc, dy.contiguous(), dx, dw, R, HX, HW, nprog, D, FD, BM=BM, BD=block(D),
+                             BF=block(FD), IEEE=ctx.ieee, num_warps=4, num_stages=1)
         return dx.to(xc.dtype), dw.to(wc.dtype), None
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ from lolcats.bench.suite import run_suite
 from lolcats.bench.transfer import run_transfer, transfer_table
 from lolcats.cli import build_parser, main
 from lolcats.plan import PRESETS, ModelShape, decode_state_bytes
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_LCFG = {"window_size": 8, "feature_dim": 8}
 DECODE_KEYS = {"label", "attention", "key_maps", "runner", "context", "batch", "status", "steps", "seconds",
                "ms_per_step", "tokens_per_s", "peak_memory_bytes", "cache_bytes", "weight_bytes", "roofline_ms",
@@ -161,7 +160,7 @@ def test_lean_step_with_triton_decode_kernel_under_interpreter():
     if not triton.__version__.startswith("3.6"):
         pytest.skip("the interpreter shim is written for Triton 3.6")
     code = r"""
-from lolcats.ops.testing import fix_interpreter_loop_bounds
+from kernel_helpers import fix_interpreter_loop_bounds  # (tests/ is on PYTHONPATH)
 fix_interpreter_loop_bounds()  # (TRITON_INTERPRET is set by the caller)
 import torch
 from transformers import DynamicCache, LlamaConfig
@@ -191,7 +190,8 @@ for mode in ("query", "kv"):
             torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
 print("LEAN TRITON OK")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "LEAN TRITON OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 

@@ -1,0 +1,64 @@
+"""Which implementation of an op runs: the Triton kernels or the pure-PyTorch reference.
+
+Backends (argument ``backend`` of every op):
+
+* ``"auto"``   (default) the Triton kernels for CUDA tensors of a supported dtype (float32, bfloat16,
+  float16) when Triton can be imported; the pure-PyTorch reference otherwise (CPU, float64, no Triton).
+* ``"triton"`` the kernels, or an error saying why they cannot run (CPU tensors are accepted
+  only under ``TRITON_INTERPRET=1``, Triton's interpreter, which tests use).
+* ``"torch"``  the reference.
+
+The environment (LOLCATS_BACKEND, TRITON_INTERPRET) is read at each call, never at import.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "resolve_backend", "triton_available"]
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_MODULES = ("lolcats.ops.hybrid.chunk", "lolcats.ops.hybrid.fused_recurrent", "lolcats.ops.hedgehog.fused")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the kernel modules import (Triton installed and working)."""
+    try:
+        for name in _KERNEL_MODULES:
+            importlib.import_module(name)
+    except Exception:  # ImportError, or a broken Triton install
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend ("triton" or "torch") that `backend` selects for inputs like x.
+
+    LOLCATS_BACKEND=torch|triton in the environment overrides "auto" (e.g. to rule a kernel out).
+    """
+    if backend == "auto":
+        backend = os.environ.get("LOLCATS_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        ok = x.is_cuda and x.dtype in KERNEL_DTYPES and triton_available()
+        return "triton" if ok else "torch"
+    # backend == "triton": say why it cannot run
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
+    if not (x.is_cuda or _interpreting()):
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' supports {KERNEL_DTYPES}, got {x.dtype}")
+    return "triton"

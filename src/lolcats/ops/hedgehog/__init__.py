@@ -1,0 +1,33 @@
+"""The Hedgehog feature-map op: phi(x) = [softmax(x W), softmax(-x W)], one W per head.
+
+  reference.py  `hedgehog_reference` (pure PyTorch, from `lolcats.attention.feature_map`)
+  fused.py      the fused Triton kernel (projection, both softmaxes and the concatenation in one pass)
+
+The model does not call this op yet: `lolcats.attention.feature_map` runs the PyTorch map (wiring the
+fused kernel into the model belongs to the throughput issue, #14); the benchmarks measure it.
+"""
+from __future__ import annotations
+
+import torch
+
+from lolcats.ops.backend import KERNEL_DTYPES, resolve_backend
+from lolcats.ops.hedgehog.reference import hedgehog_reference
+
+__all__ = ["hedgehog_feature_map", "hedgehog_reference"]
+
+
+def hedgehog_feature_map(
+    x: torch.Tensor, weight: torch.Tensor, *, out_dtype: torch.dtype | None = None, backend: str = "auto",
+) -> torch.Tensor:
+    """Hedgehog phi(x) = [softmax(x W), softmax(-x W)] (float32 projection and softmax).
+
+    x [..., Hx, D], weight [Hw, D, F] with Hw a multiple of Hx (head h of W reads head h // (Hw / Hx)
+    of x: per-query-head key maps without repeating the keys) -> [..., Hw, 2F] in out_dtype
+    (default: the weight's dtype, as `lolcats.attention.feature_map.hedgehog`). The Triton backend
+    fuses projection, both softmaxes and the concatenation in one pass.
+    """
+    if resolve_backend(backend, x) == "triton" and weight.dtype in KERNEL_DTYPES:
+        from lolcats.ops.hedgehog.fused import hedgehog_triton
+
+        return hedgehog_triton(x, weight, out_dtype)
+    return hedgehog_reference(x, weight, out_dtype)

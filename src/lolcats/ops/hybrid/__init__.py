@@ -1,0 +1,75 @@
+"""The hybrid-attention op: sliding-window softmax + linear attention beyond the window, one normaliser.
+
+  reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
+  chunk.py            Triton kernels for prefill / training, forward and backward
+  fused_recurrent.py  Triton kernel for decode, one token a step
+
+Memory beyond the window (sinks, the global cache) has no kernel yet: it always runs the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from lolcats.ops.backend import resolve_backend
+from lolcats.ops.hybrid.reference import (
+    HybridState,
+    KeyMap,
+    Memory,
+    hybrid_attention_chunked,
+    hybrid_attention_recurrent,
+)
+
+__all__ = ["hybrid_attention", "hybrid_decode"]
+
+
+def _has_memory(memory: Memory | None, state: HybridState | None) -> bool:
+    """Memory beyond the window (sinks, global cache) has no kernel yet: the reference forms run it."""
+    return (memory is not None and memory.active) or (state is not None and state.has_memory)
+
+
+def hybrid_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
+    *, window: int, scale: float | None = None, softcap: float | None = None,
+    key_mask: torch.Tensor | None = None, chunk_size: int = 64,
+    initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
+    memory: Memory | None = None, key_map_input: torch.Tensor | None = None, backend: str = "auto",
+) -> tuple[torch.Tensor, HybridState | None]:
+    """Prefill / training form (see `hybrid_attention_chunked` for the contract).
+
+    chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
+    the window (sinks, global cache) has no kernel yet: it always runs the pure-PyTorch form.
+    """
+    if not _has_memory(memory, initial_state) and resolve_backend(backend, q) == "triton":
+        from lolcats.ops.hybrid.chunk import hybrid_attention_triton
+
+        return hybrid_attention_triton(
+            q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
+            initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
+            key_map_input=key_map_input,
+        )
+    return hybrid_attention_chunked(
+        q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
+        chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
+        memory=memory, key_map_input=key_map_input,
+    )
+
+
+def hybrid_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
+    *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
+    key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, HybridState]:
+    """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
+    memory beyond the window, which runs the pure-PyTorch form)."""
+    if not _has_memory(memory, state) and resolve_backend(backend, q) == "triton":
+        from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
+
+        return hybrid_decode_triton(
+            q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+            key_map_input=key_map_input,
+        )
+    return hybrid_attention_recurrent(
+        q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
+        memory=memory, key_map_input=key_map_input,
+    )

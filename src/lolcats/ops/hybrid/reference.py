@@ -1,0 +1,31 @@
+"""The reference of the hybrid-attention op: the pure-PyTorch forms of `lolcats.attention.hybrid`.
+
+That module is the single source of truth of the math; this one only names what the kernels of
+this package are measured against and reuse (tests/ops compare them in float64):
+
+* `hybrid_attention_quadratic`  outputs and gradients of the prefill / training kernels (chunk.py);
+* `hybrid_attention_chunked`    their final state, and the torch backend of `lolcats.ops.hybrid_attention`;
+* `hybrid_attention_recurrent`  the decode kernel (fused_recurrent.py), and the torch backend of
+  `lolcats.ops.hybrid_decode`.
+"""
+from __future__ import annotations
+
+# The state plumbing that the kernels share with the chunked form (continuing from a state, the
+# window buffer of the final state). hybrid.py keeps them private; imported here, once, under
+# public names, until hybrid.py names them itself.
+from lolcats.attention.hybrid import _prepend_state as prepend_state  # noqa: F401
+from lolcats.attention.hybrid import _window_buffer as window_buffer  # noqa: F401
+from lolcats.attention.hybrid import (  # noqa: F401
+    HybridState,
+    KeyMap,
+    Memory,
+    check_shapes,
+    hybrid_attention_chunked,
+    hybrid_attention_quadratic,
+    hybrid_attention_recurrent,
+)
+
+__all__ = [
+    "HybridState", "KeyMap", "Memory", "check_shapes", "hybrid_attention_chunked", "hybrid_attention_quadratic",
+    "hybrid_attention_recurrent", "prepend_state", "window_buffer",
+]

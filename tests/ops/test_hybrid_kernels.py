@@ -1,0 +1,127 @@
+"""The hybrid-attention kernels (lolcats/ops/hybrid: chunk.py, fused_recurrent.py) against their
+float64 reference (`hybrid_attention_quadratic`; `_chunked` for final states, `_recurrent` for
+decode), under Triton's interpreter on CPU: outputs, every gradient and the final state, each
+error named. float16 covers the 16-bit paths (split dN, o's residual); the interpreter mishandles
+bfloat16 dots. The full matrix on a GPU is scripts/gpu/check_kernels.py."""
+import pytest
+import torch
+from kernel_helpers import check_errors, hybrid_inputs, rel_error
+
+from lolcats.ops import hybrid_attention, hybrid_decode
+from lolcats.ops.hybrid import chunk
+from lolcats.ops.hybrid.reference import (
+    hybrid_attention_chunked,
+    hybrid_attention_quadratic,
+    hybrid_attention_recurrent,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("interpreter"),
+    # numpy's overflow / invalid-value notes from the interpreter on masked lanes (results are masked out)
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+
+F32, F16 = torch.float32, torch.float16
+TOL = {F32: 1e-5, F16: 3e-3}
+
+
+def case(id_, B, T, H, Hk, D, Dv, f, sharing, window, pad=None, softcap=None, dtype=F32):
+    return pytest.param(dict(B=B, T=T, H=H, Hk=Hk, D=D, Dv=Dv, f=f, sharing=sharing, pad=pad, dtype=dtype),
+                        dict(window=window, softcap=softcap), id=id_)
+
+
+PREFILL = [
+    case("fp32-gqa2-kv-w8-pad", 2, 70, 4, 2, 16, 24, 8, "kv", window=8, pad=[0, 9]),
+    case("fp32-gqa4-query-w64-softcap", 1, 130, 4, 1, 32, 16, 16, "query", window=64, softcap=3.0),
+    case("fp16-gqa2-kv-w16-pad", 2, 100, 4, 2, 32, 32, 16, "kv", window=16, pad=[0, 9], dtype=F16),
+    case("fp32-gqa2-query-w70-pad", 2, 150, 6, 3, 16, 16, 8, "query", window=70, pad=[3, 100]),
+    case("fp32-mha-kv-w0", 1, 65, 2, 2, 16, 16, 8, "kv", window=0),
+    case("fp32-gqa2-kv-window-over-T-softcap", 1, 33, 2, 1, 16, 16, 8, "kv", window=100, softcap=2.0),
+    case("fp32-mha-kv-D20-w64", 2, 129, 4, 4, 20, 16, 12, "kv", window=64),
+]
+
+
+def prefill_errors(shape: dict, opts: dict) -> dict[str, float]:
+    """Kernel prefill (forward + backward, final state) vs the float64 reference on the same inputs."""
+    x = hybrid_inputs(shape["B"], shape["T"], shape["H"], shape["Hk"], shape["D"], shape["f"], shape["sharing"],
+                      Dv=shape["Dv"], pad=shape["pad"], dtype=F32, kernel_dtype=shape["dtype"])
+    leaves = (x.q, x.k, x.v, x.fq, x.fk, x.gamma)
+    ins = [t.clone().requires_grad_() for t in leaves]
+    o, st = hybrid_attention(*ins, key_mask=x.mask, output_final_state=True, backend="triton", **opts)
+    do = torch.randn_like(o)
+    (o * do).sum().backward()
+    refs = [t.double().clone().requires_grad_() for t in leaves]
+    ro, _ = hybrid_attention_quadratic(*refs, key_mask=x.mask, **opts)
+    (ro * do.double()).sum().backward()
+    _, rst = hybrid_attention_chunked(*[t.detach() for t in refs], key_mask=x.mask, output_final_state=True, **opts)
+    assert torch.equal(st.win_valid, rst.win_valid), "win_valid"
+    errors = {"o": rel_error(o, ro)}
+    errors.update({name: rel_error(a.grad, r.grad) for name, a, r in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"),
+                                                                          ins, refs)})
+    errors.update({name: rel_error(a, r) for name, a, r in zip(("S", "z", "win_k", "win_v"), st.tensors(),
+                                                               rst.tensors())})
+    return errors
+
+
+@pytest.mark.parametrize("shape,opts", PREFILL)
+def test_prefill_matches_reference(shape, opts):
+    check_errors(prefill_errors(shape, opts), TOL[shape["dtype"]])
+
+
+def test_segmented_state_scan(monkeypatch):
+    """Several segments per sequence in the chunk-state scans (forced: they pay off on GPUs only)."""
+    monkeypatch.setattr(chunk.CONFIG, "scan_programs", 10**6)
+    assert chunk.scan_segments(1, 1, 1, 18)[0] == 2
+    shape = dict(B=1, T=1100, H=2, Hk=1, D=16, Dv=16, f=8, sharing="query", pad=[5], dtype=F32)
+    check_errors(prefill_errors(shape, dict(window=64, softcap=None)), TOL[F32])
+
+
+def test_chunk_128_for_16_bit_inputs(monkeypatch):
+    """The 128-query chunk (the default of the 16-bit inference forward) in training too."""
+    monkeypatch.setattr(chunk.CONFIG, "scan_programs", 10**6)
+    shape = dict(B=2, T=300, H=4, Hk=2, D=32, Dv=32, f=16, sharing="kv", pad=[0, 9], dtype=F16)
+    with chunk.chunk_sizes(128):
+        assert chunk.chunk_size(F16, train=True) == 128
+        check_errors(prefill_errors(shape, dict(window=64, softcap=None)), TOL[F16])
+
+
+# ----------------------------------------------------------------------------------------------
+# continuing from a state: kernel prefill of the rest, and kernel decode, against one reference pass
+
+B, T, SPLIT, W, CAP = 2, 40, 23, 8, 2.0
+
+
+def continuation(sharing):
+    x = hybrid_inputs(B, T, 4, 2, 16, 8, sharing, Dv=16, pad=[0, 5], seed=3, dtype=F32, kernel_dtype=F32)
+    ref, _ = hybrid_attention_quadratic(*(t.double() for t in (x.q, x.k, x.v, x.fq, x.fk, x.gamma)), window=W,
+                                        key_mask=x.mask, softcap=CAP)
+    a = slice(0, SPLIT)
+    _, st = hybrid_attention(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], x.fk[:, a], x.gamma, window=W,
+                             key_mask=x.mask[:, a], output_final_state=True, softcap=CAP, backend="triton")
+    r = slice(SPLIT, T)
+    rest = (x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r])
+    _, rst = hybrid_attention_recurrent(*rest, x.gamma, state=st, key_map=x.key_map, key_mask=x.mask[:, r],
+                                        softcap=CAP)
+    return x, st, rest, ref[:, r], rst
+
+
+def state_errors(st, rst) -> dict[str, float]:
+    assert torch.equal(st.win_valid, rst.win_valid), "win_valid"
+    return {name: rel_error(a, b) for name, a, b in zip(("S", "z", "win_k", "win_v"), st.tensors(), rst.tensors())}
+
+
+@pytest.mark.parametrize("sharing", ["kv", "query"])
+def test_prefill_from_a_state(sharing):
+    x, st, rest, ref, rst = continuation(sharing)
+    r = slice(SPLIT, T)
+    o, st2 = hybrid_attention(*rest, x.fk[:, r], x.gamma, window=W, key_mask=x.mask[:, r], initial_state=st,
+                              key_map=x.key_map, softcap=CAP, output_final_state=True, backend="triton")
+    check_errors({"o": rel_error(o, ref), **state_errors(st2, rst)}, 1e-5)
+
+
+@pytest.mark.parametrize("sharing", ["kv", "query"])
+def test_decode_from_a_state(sharing):
+    x, st, rest, ref, rst = continuation(sharing)
+    o, st2 = hybrid_decode(*rest, x.gamma, state=st, key_map=x.key_map, key_mask=x.mask[:, SPLIT:T], softcap=CAP,
+                           backend="triton")
+    check_errors({"o": rel_error(o, ref), **state_errors(st2, rst)}, 1e-5)
