@@ -439,7 +439,7 @@ def hybrid_attention_quadratic(
 # b. chunked form
 
 
-def _prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMap | None, kf=None):
+def prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMap | None, kf=None):
     """Put the cached window in front of the new tokens (as dummy queries) so one pass continues it.
 
     Returns (q, k, v, fq, fk, key_mask, kf) with kf the key-map inputs (None: they are k).
@@ -461,7 +461,7 @@ def _prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMa
     return q, torch.cat([wk, k], 1), torch.cat([wv, v], 1), fq, fk, torch.cat([state.win_valid, mask], 1), kf
 
 
-def _window_buffer(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
+def window_buffer(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
     """The last `window` tokens of x [B, T, ...] as [B, ..., window] slots (transposed to [B, Hk, w, X]
     for 4-d inputs), invalid padding slots first when T < window."""
     T = x.shape[1]
@@ -485,9 +485,9 @@ def _final_state(k, v, fk, valid, window: int, Hk: int, initial: HybridState | N
     k_sum = fk_old.sum(-2)
     if initial is not None:
         kv, k_sum = kv + initial.kv, k_sum + initial.k_sum
-    state = HybridState(kv, k_sum, _window_buffer(k, window), _window_buffer(v, window),
-                        _window_buffer(valid, window, value=False),
-                        win_kf=None if kf is None else _window_buffer(kf, window), position=position)
+    state = HybridState(kv, k_sum, window_buffer(k, window), window_buffer(v, window),
+                        window_buffer(valid, window, value=False),
+                        win_kf=None if kf is None else window_buffer(kf, window), position=position)
     if sinks is not None:
         state.sink_k, state.sink_v, state.sink_pos = sinks
     return state
@@ -528,7 +528,7 @@ def hybrid_attention_chunked(
     position = 0 if initial_state is None else initial_state.position
     kf = key_map_input
     if initial_state is not None:
-        q, k, v, fq, fk, key_mask, kf = _prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
+        q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
     B, T, H, D = q.shape
     start = position + T_new - T  # tensor position of the first (possibly prepended) token
     scale = D**-0.5 if scale is None else scale

@@ -10,11 +10,8 @@ this package are measured against and reuse (tests/ops compare them in float64):
 """
 from __future__ import annotations
 
-# The state plumbing that the kernels share with the chunked form (continuing from a state, the
-# window buffer of the final state). hybrid.py keeps them private; imported here, once, under
-# public names, until hybrid.py names them itself.
-from lolcats.attention.hybrid import _prepend_state as prepend_state  # noqa: F401
-from lolcats.attention.hybrid import _window_buffer as window_buffer  # noqa: F401
+# prepend_state / window_buffer: the state plumbing the kernels share with the chunked form
+# (continuing from a state, the window buffer of the final state).
 from lolcats.attention.hybrid import (  # noqa: F401
     HybridState,
     KeyMap,
@@ -23,6 +20,8 @@ from lolcats.attention.hybrid import (  # noqa: F401
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
+    prepend_state,
+    window_buffer,
 )
 
 __all__ = [
