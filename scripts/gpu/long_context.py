@@ -4,7 +4,8 @@ One process loads SmolLM2 once and, for each variant, converts a fresh copy, tra
 transfer) and stage 2 (LoRA) on the same pre-tokenised ShareGPT blocks, then evaluates each of the
 variant's inference settings (memory switched on after training with `lolcats.configure_memory`):
 
-  * ShareGPT and WikiText-2 perplexity on 1024-token blocks (the short-context quality),
+  * ShareGPT and WikiText-2 perplexity on 1024-token blocks (the short-context quality), and the
+    same for the control (the variant's LoRA on softmax attention),
   * perplexity by token position over 8192-token WikiText-2 windows (`position_perplexity`),
   * passkey and needle retrieval through `generate()` (`evaluate_long`), per length x depth,
   * the decode state per sequence after an 8K prompt (bytes of the cache) and decode tokens/s.
@@ -161,6 +162,11 @@ def evaluate(model, tok, args, val, wiki, text: str, device) -> dict:
     model.eval()
     row["sharegpt_ppl"] = perplexity(model, val, micro_batch_size=8, dtype="bfloat16")["ppl"]
     row["wikitext_ppl"] = perplexity(model, wiki, micro_batch_size=8, dtype="bfloat16")["ppl"]
+    if lolcats.is_converted(model):  # the control: the same LoRA on softmax attention
+        lolcats.set_mode(model, "softmax")
+        row["control_sharegpt_ppl"] = perplexity(model, val, micro_batch_size=8, dtype="bfloat16")["ppl"]
+        row["control_wikitext_ppl"] = perplexity(model, wiki, micro_batch_size=8, dtype="bfloat16")["ppl"]
+        lolcats.set_mode(model, "hybrid")
     row["short_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     pp = position_perplexity(model, tok, text, window=max(args.lengths), max_windows=args.ppl_windows,
@@ -266,14 +272,16 @@ def main() -> None:
 
     # the summary table (last in the output)
     buckets = next((list(r["position_ppl"]) for r in rows.values() if "position_ppl" in r), [])
-    print("\n| row | ShareGPT | WikiText | " + " | ".join(buckets) + " | passkey by length | niah | state MiB | decode s |")
+    print("\n| row | ShareGPT (/ control) | WikiText | " + " | ".join(buckets)
+          + " | passkey by length | niah | state MiB | decode s |")
     for name, r in rows.items():
         if "position_ppl" not in r:
             print(f"| {name} | {r} |")
             continue
         pk = r.get("passkey", {}).get("by_length") or {}
         ni = r.get("niah_single", {}).get("accuracy")
-        print(f"| {name} | {r['sharegpt_ppl']:.2f} | {r['wikitext_ppl']:.2f} | "
+        control = f" ({r['sharegpt_ppl'] / r['control_sharegpt_ppl']:.3f}x)" if "control_sharegpt_ppl" in r else ""
+        print(f"| {name} | {r['sharegpt_ppl']:.2f}{control} | {r['wikitext_ppl']:.2f} | "
               + " | ".join(f"{r['position_ppl'][b]:.1f}" for b in buckets)
               + f" | {json.dumps(pk)} | {ni} | {r['state_mib_8k']:.1f} | {r['decode_seconds_33_after_1k']:.2f} |")
     save()
