@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lolcats.digest import json_digest
 from lolcats.errors import DataError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -798,8 +799,7 @@ def _cache_key(src: _Source, tokenizer, params: dict[str, Any]) -> str:
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         **params,
     }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:32]
+    return json_digest(payload, ensure_ascii=False)
 
 
 def _save_cache(path: Path, splits: DataSplits) -> None:

@@ -47,7 +47,6 @@ a caller may keep the rest of a large model off the training device.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -67,6 +66,7 @@ from torch import nn
 
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import fingerprint
+from lolcats.digest import tensor_digest
 from lolcats.errors import BlockwiseError  # noqa: F401 (re-exported)
 from lolcats.fileio import atomic_save_safetensors, atomic_write_text
 from lolcats.train import distributed
@@ -481,12 +481,6 @@ def _index_blocks(start: int, n: int, block_size: int):
 # finished blocks
 
 
-def _data_digest(ids: torch.Tensor) -> str:
-    h = hashlib.sha256(str(tuple(ids.shape)).encode())
-    h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
 def _block_params(model: nn.Module, attns: list[LolcatsAttention]) -> dict[str, nn.Parameter]:
     """phi/gamma of `attns` under the model's parameter names."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -602,7 +596,7 @@ def train_blockwise(
     base_ident = {
         "meta": json.loads(json.dumps(meta or {}, sort_keys=True, default=str)),
         "model": (meta or {}).get("fingerprint") or _model_identity(model), "lolcats": lcfg.to_dict() if lcfg is not None else None,
-        "converted": _converted_indices(model), "data": _data_digest(all_ids), "rows": rows,
+        "converted": _converted_indices(model), "data": tensor_digest(all_ids)[:32], "rows": rows,
         "block_size": block_size, "hidden": hidden_size, "autocast": config.dtype,
     }
 
