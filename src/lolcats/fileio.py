@@ -157,3 +157,12 @@ def check_writable_location(path: str | os.PathLike) -> None:
             except OSError as e:
                 raise StorageError.wrap(e, parent, doing="write in") from None
             return
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of `path`, or None when it is missing or unreadable (a state file that a
+    killed process may never have written: the caller treats it as absent)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None

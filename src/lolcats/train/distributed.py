@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lolcats.errors import DistributedError  # noqa: F401 (re-exported)
+from lolcats.errors import DistributedError, LolcatsError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 7200.0
 
 
-class RankZeroError(RuntimeError):
-    """Raised on the other ranks when a step that rank 0 runs first (e.g. tokenising) failed there."""
+class RankZeroError(LolcatsError, RuntimeError):
+    """Raised on the other ranks when a step that rank 0 runs first (e.g. tokenising) failed there
+    (its message is rank 0's one-line error)."""
 
 
 # --------------------------------------------------------------------------------------------
