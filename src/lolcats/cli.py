@@ -18,13 +18,12 @@ from typing import Any
 
 from lolcats import __version__
 from lolcats.config import LolcatsConfig
-from lolcats.console import make_console
-from lolcats.errors import LinearizeError, LolcatsError, StorageError, TrainError, one_line
+from lolcats.console import EXIT_USAGE, _error_line, announce_threads, make_console, report_error  # noqa: F401
+from lolcats.errors import LinearizeError, LolcatsError
 from lolcats.linearize import default_out_dir, linearize
 from lolcats.recipe import Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
 from lolcats.train import distributed
 
-EXIT_USAGE = 2
 
 def parse_layers(text: str) -> list[int]:
     text = text.strip()
@@ -300,24 +299,6 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {took} (load with lolcats.from_pretrained)")
 
 
-def _error_line(message: str) -> None:
-    """One line on stderr, never wrapped."""
-    sys.stderr.flush()
-    print(" ".join(str(message).split()), file=sys.stderr, flush=True)
-
-
-def report_error(command: str, e: BaseException, say=_error_line) -> int:
-    """The one way a failure reaches the user: `lolcats CMD: error: MESSAGE` (one line); the exit code.
-
-    A LolcatsError carries its exit code (2: bad input, 1: training failed); an OSError that got
-    this far (disk full, permissions) is bad input for the user to fix, said in one line too."""
-    if isinstance(e, OSError) and not isinstance(e, LolcatsError):
-        e = StorageError.wrap(e, doing="use")
-    kind = "training failed" if isinstance(e, TrainError) else "error"
-    say(f"lolcats {command}: {kind}: {one_line(e)}")
-    return e.exit_code if isinstance(e, LolcatsError) else EXIT_USAGE
-
-
 def run_linearize(args: argparse.Namespace) -> int:
     from rich.logging import RichHandler
 
@@ -440,15 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (LolcatsError, OSError) as e:  # caught once, for every command
         return report_error(args.command, e)
-
-
-def announce_threads(args: argparse.Namespace) -> None:
-    """The thread-count note of `main`, once the command's input checked out and the work starts
-    (a bad path is still a one-line error)."""
-    note = getattr(args, "threads_note", None)
-    if note:
-        _error_line(note)
-        args.threads_note = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lolcats.adapters import get_adapter
+from lolcats.adapters import Adapter, get_adapter
 from lolcats.attention.layer import set_mode
 from lolcats.checkpoint import fingerprint, save_delta
 from lolcats.compat import enable_activation_checkpointing
@@ -389,7 +389,7 @@ def _check_trained(model: nn.Module, ppl: dict[str, float], stage: str) -> None:
     if not math.isfinite(ppl["ppl"]):
         raise TrainError(f"{stage} diverged: the held-out perplexity after it is {ppl['ppl']}")
     for name, p in model.named_parameters():
-        if (".lolcats." in name or "lora_" in name) and not bool(torch.isfinite(p).all()):
+        if (Adapter.is_lolcats_parameter(name) or Adapter.is_lora_parameter(name)) and not bool(torch.isfinite(p).all()):
             raise TrainError(f"{stage} diverged: {name} holds NaN or infinite values")
 
 

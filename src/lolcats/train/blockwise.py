@@ -65,16 +65,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lolcats.adapters import get_adapter
+from lolcats.adapters import Adapter, get_adapter
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import fingerprint
+from lolcats.data import TokenBlocks
 from lolcats.digest import tensor_digest
 from lolcats.errors import BlockwiseError  # noqa: F401 (re-exported)
-from lolcats.fileio import atomic_save_safetensors, atomic_write_text, make_dirs
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text, commit_file, make_dirs, read_json
 from lolcats.train import distributed
 from lolcats.runtime import autocast
 from lolcats.train.loop import TrainConfig, TrainResult, train, visited_rows
-from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters
+from lolcats.train.transfer import gather_transfer_losses, transfer_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +129,11 @@ class BlockwiseResult(TrainResult):
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from lolcats.adapters import get_adapter
-
     return get_adapter(model).decoder_layers(model)
 
 
 def _converted_indices(model: nn.Module) -> list[int]:
-    from lolcats.adapters import get_adapter
-
-    return [i for i, _, attn in get_adapter(model).attention_modules(model) if isinstance(attn, LolcatsAttention)]
+    return [i for i, _ in get_adapter(model).converted_layers(model)]
 
 
 def plan_blocks(num_layers: int, k: int, converted: Sequence[int]) -> list[BlockSpec]:
@@ -337,7 +334,7 @@ class _Recorder:
         self.calls.clear()
         self.outputs.clear()
         try:
-            decoder_of(model)(input_ids=input_ids, use_cache=False)
+            Adapter.decoder(model)(input_ids=input_ids, use_cache=False)
         except _Stop:
             return
         if self.last not in self.calls:
@@ -358,11 +355,8 @@ class _StateFile:
         self.tmp = root / f".{self.path.name}.tmp"
 
     def done(self, ident: dict[str, Any]) -> bool:
-        try:
-            meta = json.loads(self.meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        if meta.get("format") != STATE_FORMAT or meta.get("identity") != ident:
+        meta = read_json(self.meta_path)
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("identity") != ident:
             return False
         try:
             return self.path.stat().st_size == int(meta["bytes"])
@@ -407,10 +401,8 @@ class _StateWriter:
 
     def commit(self) -> None:
         """Rank 0, after every rank flushed: fsync, rename into place, then the sidecar."""
-        with open(self.file.tmp, "rb+") as f:
-            os.fsync(f.fileno())
         nbytes = self.file.tmp.stat().st_size
-        os.replace(self.file.tmp, self.file.path)
+        commit_file(self.file.tmp, self.file.path)
         meta = {"format": STATE_FORMAT, "identity": self.ident, "bytes": nbytes}
         atomic_write_text(self.file.meta_path, json.dumps(meta, indent=1))
 
@@ -474,8 +466,6 @@ def _raise_stop(module, args, output):
 
 def _index_blocks(start: int, n: int, block_size: int):
     """A TokenBlocks whose every token is its row number in the stored states (the loop only indexes it)."""
-    from lolcats.data import TokenBlocks
-
     idx = torch.arange(start, start + n, dtype=torch.int64)[:, None].expand(n, block_size)
     return TokenBlocks(idx, idx)
 
