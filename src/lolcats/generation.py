@@ -287,14 +287,17 @@ def _quiet_loading() -> None:
 
 
 def _checked_load(args: argparse.Namespace, command: str):
-    """(model, tokenizer), or None after printing a one-line error (bad options, missing/corrupt model)."""
+    """(model, tokenizer), or None after printing a one-line error (bad options, missing/corrupt
+    model); once loaded, the thread note (the input checked out, the work starts)."""
     try:
         _check_args(args)
         _quiet_loading()
-        return _load(args)
+        loaded = _load(args)
     except (LolcatsError, FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, ...
         report_error(command, e)
         return None
+    announce_threads(args)
+    return loaded
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -303,7 +306,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
-    announce_threads(args)
     texts = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, chat=not args.no_chat_template,
@@ -331,7 +333,6 @@ def run_chat(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
-    announce_threads(args)
     session = ChatSession(
         model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p,

@@ -28,7 +28,7 @@ from typing import Any
 from lolcats import validate
 from lolcats.config import LolcatsConfig
 from lolcats.errors import LinearizeError
-from lolcats.train.loop import TrainConfig
+from lolcats.train.loop import DTYPES, SCHEDULES, TrainConfig
 
 __all__ = ["Recipe", "PRESETS", "DEFAULT_PROMPT", "default_lr2", "load_config_file", "parse_count", "parse_list"]
 
@@ -154,7 +154,7 @@ class Recipe:
     micro_batch_size: int = option(2, cuda=8, check=_integer(1), type=int, metavar="N",
                                    help="blocks per forward pass")
     grad_accum: int = option(1, check=_integer(1), type=int, metavar="N", help="micro-batches per optimiser step")
-    dtype: str = option("float32", cuda="bfloat16", choices=("float32", "bfloat16"),
+    dtype: str = option("float32", cuda="bfloat16", choices=DTYPES,
                         help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     device: str | None = option(None, check=_device, help="cpu, cuda or cuda:N (default: cuda if available)")
     seed: int = option(0, check=_integer(0), type=int, help="random seed (data order and initialisation)")
@@ -173,7 +173,7 @@ class Recipe:
     max_grad_norm: float | None = option(1.0, check=_optional(_number(above=0.0)), type=float, metavar="X",
                                          help="gradient clipping norm")
     weight_decay: float = option(0.0, check=_number(minimum=0.0), type=float, metavar="X", help="AdamW weight decay")
-    schedule: str = option("cosine", choices=("cosine", "linear", "constant"),
+    schedule: str = option("cosine", choices=SCHEDULES,
                            help="learning-rate schedule after warmup")
     skip_stage2: bool = option(False, check=_boolean, help="stop after attention transfer")
     max_new_tokens: int = option(40, check=_integer(0), type=int, metavar="N",
