@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lolcats import data as D
+from lolcats.data import chat, json_stream
 from lolcats.data import DataError, DataSplits, TokenBlocks, build_datasets, load_examples
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,7 +108,7 @@ def test_json_stream_stops_cleanly_at_truncation(monkeypatch, caplog):
     records = [{"id": i, "conversations": [{"from": "human", "value": "q" * i}]} for i in range(30)]
     complete = json.dumps(records, indent=2)
     truncated = complete[: complete.index('"id": 25') + 3]  # cut inside record 25
-    monkeypatch.setattr(D, "_JSON_READ_CHARS", 17)  # force many refills / records across chunks
+    monkeypatch.setattr(json_stream, "READ_CHARS", 17)  # force many refills / records across chunks
     with caplog.at_level(logging.WARNING, logger="lolcats.data"):
         got = list(D.iter_json_records(io.StringIO(truncated), name="t.json"))
     assert got == records[:25]
@@ -184,7 +185,7 @@ def test_json_alpaca_and_text_files(tmp_path, tok):
 
 def test_chat_template_response_mask(tok):
     assert tok.eos_token == "<|im_end|>"
-    enc = D._Encoder(tok)
+    enc = chat.Encoder(tok)
     ids, mask = enc.encode_chat(CHAT)
     assert len(ids) == len(mask)
     assert tok.decode(ids) == tok.apply_chat_template(CHAT, tokenize=False)
@@ -207,7 +208,7 @@ def test_chat_template_response_mask(tok):
 
 def test_fallback_layout_without_chat_template(tok, monkeypatch):
     monkeypatch.setattr(tok, "chat_template", None)
-    enc = D._Encoder(tok)
+    enc = chat.Encoder(tok)
     ids, mask = enc.encode_chat(CHAT[1:3])
     assert tok.decode(ids) == "User: Hi there\nAssistant: Hello! How can I help?<|im_end|>\n"
     assert [tok.decode(r) for r in response_runs(ids, mask)] == [" Hello! How can I help?<|im_end|>"]
@@ -291,13 +292,13 @@ def test_cache_hit_skips_tokenisation(tmp_path, tok, monkeypatch):
     cache = tmp_path / "cache"
     kw = dict(block_size=64, max_tokens=2000, max_val_tokens=128, val_fraction=0.1, cache_dir=cache)
     calls = {"n": 0}
-    real = D._encode_example
+    real = chat.encode_example
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(D, "_encode_example", counting)
+    monkeypatch.setattr(chat, "encode_example", counting)
     first = build_datasets(path, tok, **kw)
     assert calls["n"] > 0
     files = sorted(cache.iterdir())

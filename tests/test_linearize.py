@@ -231,10 +231,9 @@ def test_presets_by_device():
 def test_stage2_lr_by_model_size_when_the_preset_leaves_it_open(base_dir, data_file, tmp_path, monkeypatch):
     """The CUDA preset leaves lr2 to default_lr2(parameters of the loaded base); the resolved value
     is what stage 2 uses and what metrics.json records."""
-    import importlib
+    from lolcats.recipe import PRESETS
 
-    lin = importlib.import_module("lolcats.linearize")  # (the package's `linearize` is the function)
-    monkeypatch.setitem(lin._CPU_PRESET, "lr2", None)  # as on CUDA, on this CPU-only machine
+    monkeypatch.setitem(PRESETS["cpu"], "lr2", None)  # as on CUDA, on this CPU-only machine
     m = run(base_dir, data_file, tmp_path / "out", skip_stage2=False)
     assert m["options"]["lr2"] == 1e-3 == json.loads((tmp_path / "out" / "metrics.json").read_text())["options"]["lr2"]
     lrs = [h["lr"] for h in m["stage2"]["history"]]

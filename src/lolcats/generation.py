@@ -20,7 +20,9 @@ from torch import nn
 
 from lolcats.attention.cache import cache_nbytes
 from lolcats.compat import cache_argument_name, output_cache
+from lolcats.console import announce_threads, report_error
 from lolcats.errors import LolcatsError
+from lolcats.runtime import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +93,6 @@ def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict[
     return {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def generate_text(
     model: nn.Module, tokenizer, prompt: str | list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
@@ -116,7 +111,7 @@ def generate_text(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if streamer is not None and len(prompts) > 1:
         raise ValueError("a streamer can only follow a single prompt; pass one prompt or no streamer")
-    enc = encode_prompts(tokenizer, prompts, chat=chat, device=_model_device(model))
+    enc = encode_prompts(tokenizer, prompts, chat=chat, device=model_device(model))
     pad, eos = _special_ids(model, tokenizer)
     kwargs = {
         "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "streamer": streamer,
@@ -162,7 +157,7 @@ class ChatSession:
         else:  # no template: plain "role: text" lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in self.messages) + "assistant:"
             ids = tok(text, return_tensors="pt")["input_ids"]
-        return ids.to(_model_device(self.model))
+        return ids.to(model_device(self.model))
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
@@ -292,16 +287,17 @@ def _quiet_loading() -> None:
 
 
 def _checked_load(args: argparse.Namespace, command: str):
-    """(model, tokenizer), or None after printing a one-line error (bad options, missing/corrupt model)."""
+    """(model, tokenizer), or None after printing a one-line error (bad options, missing/corrupt
+    model); once loaded, the thread note (the input checked out, the work starts)."""
     try:
         _check_args(args)
         _quiet_loading()
-        return _load(args)
+        loaded = _load(args)
     except (LolcatsError, FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, ...
-        from lolcats.cli import report_error
-
         report_error(command, e)
         return None
+    announce_threads(args)
+    return loaded
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -310,9 +306,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
-    from lolcats.cli import announce_threads
-
-    announce_threads(args)
     texts = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, chat=not args.no_chat_template,
@@ -340,9 +333,6 @@ def run_chat(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     model, tokenizer = loaded
-    from lolcats.cli import announce_threads
-
-    announce_threads(args)
     session = ChatSession(
         model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p,

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lolcats.checkpoint import (
+    CheckpointError, attach_lora, check_fingerprint, load_delta_weights, read_delta_config, verify_delta,
+)
+from lolcats.config import LolcatsConfig
+from lolcats.convert import convert
 from lolcats.errors import ModelNotFoundError, ModelPathError, RemoteCodeError  # noqa: F401 (re-exported)
+from lolcats.gguf_fixes import fix_gemma3_gguf, gguf_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +160,6 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     where, extra = _from_pretrained_args(local)
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **extra)
     if local.suffix == ".gguf":  # transformers 5.17 builds Gemma-3's GGUF tokenizer wrongly
-        from lolcats.gguf_fixes import fix_gemma3_gguf, gguf_architecture
-
         _, tok = fix_gemma3_gguf(None, tok, gguf_path=local, model_type=gguf_architecture(local))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -168,8 +172,50 @@ def load_model_and_tokenizer(
 ):
     """Anything the CLI accepts: a delta folder (linearized model), an HF folder or .gguf (softmax)."""
     if path is not None and Path(path).is_dir() and is_delta_folder(path):
-        from lolcats.checkpoint import from_pretrained, read_delta_config
-
         model = from_pretrained(path, dtype=dtype, device=device, verify=verify)
         return model, load_tokenizer(read_delta_config(path)["base_model"]["source"])
     return load_base(path, dtype=dtype, device=device), load_tokenizer(path)
+
+
+def from_pretrained(
+    path: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None, *,
+    dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, merge_lora: bool = True,
+    verify: bool = True,
+) -> nn.Module:
+    """Rebuild a linearized model from a delta folder (base from the recorded source unless given).
+
+    `verify=False` skips the sha256 check of the delta's files (for deltas edited on purpose);
+    non-finite weights are refused either way."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"delta folder '{path}' does not exist")
+    meta = verify_delta(path) if verify else read_delta_config(path)
+    config = LolcatsConfig.from_dict(meta["lolcats"])
+    if isinstance(base_model, nn.Module):
+        model = base_model
+    else:
+        source = base_model if base_model is not None else meta["base_model"].get("source")
+        if source is None:
+            raise CheckpointError(
+                f"base model of delta '{path}' not found (none was recorded: the base was not loaded with "
+                "lolcats.load_base); pass base_model= the model it was trained from"
+            )
+        try:
+            model = load_base(source, dtype=dtype, device=device)
+        except ModelNotFoundError as e:
+            raise CheckpointError(
+                f"base model of delta '{path}' not found ({e}); pass base_model= the model it was trained from"
+            ) from None
+    check_fingerprint(meta["base_model"]["fingerprint"], model, str(path))
+    convert(model, config)
+    load_delta_weights(model, path)
+    if meta.get("lora"):
+        peft_model = attach_lora(model, path)
+        if merge_lora:
+            model = peft_model.merge_and_unload()
+            model.lolcats_lora_merged = True
+        else:
+            return peft_model.eval()
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -2,6 +2,11 @@
 
 Every supported family computes attention the same way (project -> optional q/k norm ->
 RoPE -> attention -> o_proj); an adapter only says where those pieces live.
+
+It is also the one place that knows a model's structure: the model inside a PEFT wrapper
+(`unwrap`), the decoder without the LM head (`decoder`), its layers (`decoder_layers`,
+`attention_modules`), the converted ones (`converted_layers`) and which parameters lolcats
+adds (`is_lolcats_parameter`, `is_lora_parameter`: chosen by name, as PEFT does).
 """
 from __future__ import annotations
 
@@ -12,7 +17,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lolcats.attention.layer import LolcatsAttention
 from lolcats.errors import UnsupportedModelError  # noqa: F401 (re-exported)
+
+LOLCATS_MARK = ".lolcats."  # phi/gamma live in a `lolcats` submodule of each converted attention
+LORA_MARK = "lora_"  # PEFT's LoRA parameter names
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,28 @@ class Adapter:
     attention_name: str = "self_attn"
 
     # -- where things live -------------------------------------------------------------------
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The transformers model inside a PeftModel (or the model itself)."""
+        inner = getattr(model, "base_model", None)
+        if inner is not None and hasattr(inner, "model") and type(model).__name__.startswith("Peft"):
+            return inner.model
+        return model
+
+    @staticmethod
+    def decoder(model: nn.Module) -> nn.Module:
+        """The decoder stack of a causal LM (the model without its LM head)."""
+        prefix = getattr(model, "base_model_prefix", "model")
+        inner = getattr(model, prefix, None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
+        inner = getattr(model, "model", None)
+        if isinstance(inner, nn.Module):
+            return inner
+        raise TypeError(f"cannot find the decoder of {type(model).__name__}")
+
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
-        obj = model
+        obj = self.unwrap(model)
         for part in self.layers_path.split("."):
             obj = getattr(obj, part)
         return list(obj)
@@ -35,6 +64,19 @@ class Adapter:
     def attention_modules(self, model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
         """(layer index, decoder layer, attention module) for every layer."""
         return [(i, layer, getattr(layer, self.attention_name)) for i, layer in enumerate(self.decoder_layers(model))]
+
+    def converted_layers(self, model: nn.Module) -> list[tuple[int, LolcatsAttention]]:
+        """(layer index, LolcatsAttention) of every converted layer."""
+        return [(i, attn) for i, _, attn in self.attention_modules(model) if isinstance(attn, LolcatsAttention)]
+
+    @staticmethod
+    def is_lolcats_parameter(name: str) -> bool:
+        """Is the parameter of this name a feature map or gamma (what the delta saves besides LoRA)?"""
+        return LOLCATS_MARK in name
+
+    @staticmethod
+    def is_lora_parameter(name: str) -> bool:
+        return LORA_MARK in name
 
     @staticmethod
     def is_sliding(attn: nn.Module) -> bool:

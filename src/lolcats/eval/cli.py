@@ -107,7 +107,7 @@ def _add_long_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_long_options(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the --long options (before any model is loaded); raises ValueError with a one-line message."""
-    from lolcats.cli import parse_count
+    from lolcats.recipe import parse_count
     from lolcats.eval.longcontext import parse_long_tasks
 
     tasks = parse_long_tasks(args.long)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
         _err(" ".join(str(e).split()))
         return 2
-    from lolcats.cli import announce_threads
+    from lolcats.console import announce_threads
 
     announce_threads(args)
     if long_opts is not None:  # a length above the model's context is a usage error: say so before any work

@@ -47,7 +47,7 @@ a caller may keep the rest of a large model off the training device.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import logging
 import math
@@ -65,13 +65,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lolcats.adapters import Adapter, get_adapter
 from lolcats.attention.layer import LolcatsAttention, set_mode
 from lolcats.checkpoint import fingerprint
+from lolcats.data import TokenBlocks
+from lolcats.digest import tensor_digest
 from lolcats.errors import BlockwiseError  # noqa: F401 (re-exported)
-from lolcats.fileio import atomic_save_safetensors, atomic_write_text
+from lolcats.fileio import atomic_save_safetensors, atomic_write_text, commit_file, make_dirs, read_json
 from lolcats.train import distributed
-from lolcats.train.loop import TrainConfig, TrainResult, _autocast, train, visited_rows
-from lolcats.train.transfer import decoder_of, gather_transfer_losses, transfer_parameters
+from lolcats.runtime import autocast
+from lolcats.train.loop import TrainConfig, TrainResult, train, visited_rows
+from lolcats.train.transfer import gather_transfer_losses, transfer_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +129,11 @@ class BlockwiseResult(TrainResult):
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from lolcats.adapters import get_adapter
-
     return get_adapter(model).decoder_layers(model)
 
 
 def _converted_indices(model: nn.Module) -> list[int]:
-    from lolcats.adapters import get_adapter
-
-    return [i for i, _, attn in get_adapter(model).attention_modules(model) if isinstance(attn, LolcatsAttention)]
+    return [i for i, _ in get_adapter(model).converted_layers(model)]
 
 
 def plan_blocks(num_layers: int, k: int, converted: Sequence[int]) -> list[BlockSpec]:
@@ -334,7 +334,7 @@ class _Recorder:
         self.calls.clear()
         self.outputs.clear()
         try:
-            decoder_of(model)(input_ids=input_ids, use_cache=False)
+            Adapter.decoder(model)(input_ids=input_ids, use_cache=False)
         except _Stop:
             return
         if self.last not in self.calls:
@@ -355,11 +355,8 @@ class _StateFile:
         self.tmp = root / f".{self.path.name}.tmp"
 
     def done(self, ident: dict[str, Any]) -> bool:
-        try:
-            meta = json.loads(self.meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        if meta.get("format") != STATE_FORMAT or meta.get("identity") != ident:
+        meta = read_json(self.meta_path)
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("identity") != ident:
             return False
         try:
             return self.path.stat().st_size == int(meta["bytes"])
@@ -404,10 +401,8 @@ class _StateWriter:
 
     def commit(self) -> None:
         """Rank 0, after every rank flushed: fsync, rename into place, then the sidecar."""
-        with open(self.file.tmp, "rb+") as f:
-            os.fsync(f.fileno())
         nbytes = self.file.tmp.stat().st_size
-        os.replace(self.file.tmp, self.file.path)
+        commit_file(self.file.tmp, self.file.path)
         meta = {"format": STATE_FORMAT, "identity": self.ident, "bytes": nbytes}
         atomic_write_text(self.file.meta_path, json.dumps(meta, indent=1))
 
@@ -471,20 +466,12 @@ def _raise_stop(module, args, output):
 
 def _index_blocks(start: int, n: int, block_size: int):
     """A TokenBlocks whose every token is its row number in the stored states (the loop only indexes it)."""
-    from lolcats.data import TokenBlocks
-
     idx = torch.arange(start, start + n, dtype=torch.int64)[:, None].expand(n, block_size)
     return TokenBlocks(idx, idx)
 
 
 # --------------------------------------------------------------------------------------------
 # finished blocks
-
-
-def _data_digest(ids: torch.Tensor) -> str:
-    h = hashlib.sha256(str(tuple(ids.shape)).encode())
-    h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def _block_params(model: nn.Module, attns: list[LolcatsAttention]) -> dict[str, nn.Parameter]:
@@ -525,21 +512,54 @@ def _model_identity(model: nn.Module) -> Any:
 # the entry point
 
 
+@dataclass
+class _Run:
+    """What one block-wise run works on: the model's blocks, the stored rows and their identity."""
+
+    model: nn.Module
+    k: int
+    config: TrainConfig
+    work: Path
+    name: str
+    device: torch.device
+    teacher_device: torch.device  # where the capture's input ids go
+    layers: list[nn.Module]
+    attn_of: dict[int, nn.Module]
+    specs: list[BlockSpec]
+    trained: list[BlockSpec]  # the blocks with converted layers
+    all_ids: torch.Tensor  # [rows, T]: the stored training rows, then the validation rows
+    slots: np.ndarray  # dataset row -> stored row (-1: not stored)
+    n_train: int
+    n_val: int
+    n_stored_train: int
+    hidden_size: int
+    base_ident: dict[str, Any]
+    mse_weight: float
+    ce_weight: float
+    emit: Callable[[dict[str, Any]], None]
+    sharded: bool = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.all_ids.shape[0])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.all_ids.shape[1])
+
+    def block_ident(self, spec: BlockSpec) -> dict[str, Any]:
+        return {**self.base_ident, "k": self.k, "block": spec.index, "layers": list(spec.layers),
+                "train": self.config.to_dict(), "mse_weight": self.mse_weight, "ce_weight": self.ce_weight,
+                "world_size": distributed.world_size()}
+
+    def block_file(self, spec: BlockSpec) -> Path:
+        return self.work / f"block-{spec.index:04d}.safetensors"
+
+
 def train_blockwise(
-    model: nn.Module,
-    k: int,
-    train_data,
-    val_data=None,
-    *,
-    config: TrainConfig,
-    work_dir: str | os.PathLike,
-    mse_weight: float = 1000.0,
-    ce_weight: float = 0.0,
-    resume: bool = True,
-    callback: Callback | None = None,
-    meta: dict[str, Any] | None = None,
-    name: str = "stage1",
-    device: torch.device | str | None = None,
+    model: nn.Module, k: int, train_data, val_data=None, *, config: TrainConfig, work_dir: str | os.PathLike,
+    mse_weight: float = 1000.0, ce_weight: float = 0.0, resume: bool = True, callback: Callback | None = None,
+    meta: dict[str, Any] | None = None, name: str = "stage1", device: torch.device | str | None = None,
     keep_states: bool = False,
 ) -> BlockwiseResult:
     """Stage 1 of a converted `model`, block by block (k decoder layers each); see the module doc.
@@ -556,28 +576,43 @@ def train_blockwise(
     t0 = time.perf_counter()
     if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight <= 0:
         raise ValueError("mse_weight and ce_weight must be >= 0 and not both 0")
-    from lolcats.adapters import get_adapter
-
     params_all = transfer_parameters(model)  # phi/gamma trainable (raises if nothing is converted)
+    run = _plan_run(model, k, train_data, val_data, config=config, work_dir=work_dir, mse_weight=mse_weight,
+                    ce_weight=ce_weight, callback=callback, meta=meta, name=name,
+                    device=torch.device(device) if device is not None else next(iter(params_all.values())).device)
+    if not resume and distributed.is_main() and run.work.exists():
+        shutil.rmtree(run.work)
+    distributed.barrier()
+    block_params = {s.index: _block_params(model, [run.attn_of[i] for i in s.converted]) for s in run.trained}
+    summaries = _load_finished(run, block_params)  # blocks finished earlier, loaded into the model
+    todo = [s for s in run.trained if s.index not in summaries]
+    files = {s.start: _StateFile(run.work, s.start) for s in todo}
+    calls, state_ident, capture_s, total_bytes = _store_block_inputs(run, todo, files)
+    results: dict[int, TrainResult] = {}
+    for spec in todo:  # one after another
+        results[spec.index], summaries[spec.index] = _train_block(run, spec, block_params[spec.index], calls,
+                                                                  files[spec.start], state_ident, callback)
+    # every block's phi/gamma are in the model; tidy up
+    if not keep_states and distributed.is_main():
+        _remove_states(run.work, files)
+    distributed.barrier()
+    for p in params_all.values():
+        p.requires_grad_(True)
+    wall = time.perf_counter() - t0
+    logger.info("%s: block-wise stage 1 done (%d blocks trained, %d reused, %.0f s)", name, len(results),
+                len(run.trained) - len(results), wall)
+    return _result(run, summaries, results, wall=wall, capture_s=capture_s, total_bytes=total_bytes)
+
+
+def _plan_run(model: nn.Module, k: int, train_data, val_data, *, config: TrainConfig, work_dir: str | os.PathLike,
+              mse_weight: float, ce_weight: float, callback: Callback | None, meta: dict[str, Any] | None,
+              name: str, device: torch.device) -> _Run:
+    """The blocks, the rows to store and the identity of what is stored (see `_Run`)."""
     layers = _decoder_layers(model)
     if int(k) < 1:
         raise BlockwiseError(f"block size k must be >= 1, got {k}")
     k = min(int(k), len(layers))  # k >= L: one block of all layers
-    attn_of = {i: attn for i, _, attn in get_adapter(model).attention_modules(model)}
     specs = plan_blocks(len(layers), k, _converted_indices(model))
-    trained = [s for s in specs if s.trains]
-    rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
-    sharded = distributed.is_sharded(model)
-    work = Path(work_dir)
-    device = torch.device(device) if device is not None else next(iter(params_all.values())).device
-    teacher_device = model.get_input_embeddings().weight.device  # where the capture's input ids go
-
-    def emit(event: dict[str, Any]) -> None:
-        if callback is not None:
-            callback({"stage": name, **event})
-
-    # ---- what is stored, and its identity ----------------------------------------------------
     n_train = len(train_data)
     if n_train < 1:
         raise BlockwiseError("no training blocks")
@@ -601,45 +636,56 @@ def train_blockwise(
     hidden_size = int(getattr(model.config, "hidden_size", emb.shape[1]))
     base_ident = {
         "meta": json.loads(json.dumps(meta or {}, sort_keys=True, default=str)),
-        "model": (meta or {}).get("fingerprint") or _model_identity(model), "lolcats": lcfg.to_dict() if lcfg is not None else None,
-        "converted": _converted_indices(model), "data": _data_digest(all_ids), "rows": rows,
+        "model": (meta or {}).get("fingerprint") or _model_identity(model),
+        "lolcats": lcfg.to_dict() if lcfg is not None else None,
+        "converted": _converted_indices(model), "data": tensor_digest(all_ids)[:32], "rows": rows,
         "block_size": block_size, "hidden": hidden_size, "autocast": config.dtype,
     }
+    return _Run(
+        model=model, k=k, config=config, work=Path(work_dir), name=name, device=device, teacher_device=emb.device,
+        layers=layers, attn_of={i: attn for i, _, attn in get_adapter(model).attention_modules(model)},
+        specs=specs, trained=[s for s in specs if s.trains], all_ids=all_ids, slots=slots, n_train=n_train,
+        n_val=n_val, n_stored_train=n_stored_train, hidden_size=hidden_size, base_ident=base_ident,
+        mse_weight=float(mse_weight), ce_weight=float(ce_weight), emit=functools.partial(_emit, callback, name),
+        sharded=distributed.is_sharded(model),
+    )
 
-    def block_ident(spec: BlockSpec) -> dict[str, Any]:
-        return {**base_ident, "k": k, "block": spec.index, "layers": list(spec.layers),
-                "train": config.to_dict(), "mse_weight": float(mse_weight), "ce_weight": float(ce_weight),
-                "world_size": world}
 
-    def block_file(spec: BlockSpec) -> Path:
-        return work / f"block-{spec.index:04d}.safetensors"
+def _emit(callback: Callback | None, name: str, event: dict[str, Any]) -> None:
+    if callback is not None:
+        callback({"stage": name, **event})
 
-    if not resume and main and work.exists():
-        shutil.rmtree(work)
-    distributed.barrier()
 
-    # ---- finished blocks (rank 0 decides; every rank loads them) -----------------------------
-    block_params = {s.index: _block_params(model, [attn_of[i] for i in s.converted]) for s in trained}
-    done_ids = distributed.broadcast_object([s.index for s in trained if _read_block(block_file(s), block_ident(s),
-                                                                   block_params[s.index]) is not None] if main else None)
+def _load_finished(run: _Run, block_params: dict[int, dict[str, nn.Parameter]]) -> dict[int, dict[str, Any]]:
+    """The blocks finished by an earlier run with the same identity (rank 0 decides; every rank
+    loads them into the model) -> their summaries by block index."""
+    main = distributed.is_main()
+    done_ids = distributed.broadcast_object(
+        [s.index for s in run.trained
+         if _read_block(run.block_file(s), run.block_ident(s), block_params[s.index]) is not None] if main else None)
     summaries: dict[int, dict[str, Any]] = {}
-    for s in trained:
+    for s in run.trained:
         if s.index not in done_ids:
             continue
-        found = _read_block(block_file(s), block_ident(s), block_params[s.index])
+        found = _read_block(run.block_file(s), run.block_ident(s), block_params[s.index])
         if found is None:
-            raise BlockwiseError(f"rank {rank} cannot read the finished block file {block_file(s)}; "
+            raise BlockwiseError(f"rank {distributed.rank()} cannot read the finished block file {run.block_file(s)}; "
                                  "the work folder must be on a file system that all ranks share")
         tensors, summaries[s.index] = found
         with torch.no_grad():
             for n, p in block_params[s.index].items():
                 p.copy_(tensors[n].to(device=p.device, dtype=p.dtype))
-        logger.info("%s: block %d (layers %d-%d) already trained; loaded", name, s.index, s.layers[0], s.layers[-1])
-    todo = [s for s in trained if s.index not in done_ids]
+        logger.info("%s: block %d (layers %d-%d) already trained; loaded", run.name, s.index, s.layers[0],
+                    s.layers[-1])
+    return summaries
 
-    # ---- probe, disk check, capture ---------------------------------------------------------
-    files = {s.start: _StateFile(work, s.start) for s in todo}
-    total_bytes = emb.element_size() * rows * block_size * hidden_size * len(trained)
+
+def _store_block_inputs(run: _Run, todo: list[BlockSpec], files: dict[int, _StateFile]):
+    """Probe the layer arguments, check the disk, capture the missing block inputs (teacher mode)
+    -> (recorded calls by micro-batch size, identity of the stored states, capture seconds, bytes)."""
+    model = run.model
+    total_bytes = run.model.get_input_embeddings().weight.element_size() * run.rows * run.block_size \
+        * run.hidden_size * len(run.trained)
     calls: dict[int, list[_LayerCall]] = {}
     state_ident: dict[str, Any] = {}
     capture_s = 0.0
@@ -648,131 +694,147 @@ def train_blockwise(
     model.eval()
     try:
         if todo:
-            # the arguments of every layer, for each micro-batch shape train() and evaluate() will use
-            sizes = {min(config.micro_batch_size, n_train)}
-            if n_val:
-                sizes.add(min(config.micro_batch_size, n_val))
-                if n_val % config.micro_batch_size:
-                    sizes.add(n_val % config.micro_batch_size)
-            last = max(s.converted[-1] for s in todo)
-            keep = set(files)
-            stream_dtype = None
-            with torch.no_grad(), _autocast(teacher_device, config.dtype):
-                for b in sorted(sizes):
-                    rows_b = all_ids[:b] if b <= n_stored_train else all_ids[n_stored_train : n_stored_train + b]
-                    with _Recorder(layers, keep=keep, last=last, stop=not sharded, check_chain=True) as rec:
-                        rec.run(model, rows_b.to(teacher_device))
-                    if rec.broken_chain is not None:
-                        raise BlockwiseError(
-                            f"decoder layer {rec.broken_chain} of this {type(model).__name__} does not receive the "
-                            "previous layer's output unchanged; block-wise training does not support this model"
-                        )
-                    calls[b] = [rec.calls[i] for i in range(last + 1)]
-                    stream_dtype = next(iter(rec.states.values())).dtype
-            state_ident = {**base_ident, "dtype": str(stream_dtype).removeprefix("torch.")}
-            per_boundary = torch.empty((), dtype=stream_dtype).element_size() * rows * block_size * hidden_size
-            total_bytes = per_boundary * len(trained)
-            decision: dict[str, Any] = {}
-            if main:
-                missing = sorted(layer for layer, f in files.items() if not f.done({**state_ident, "layer": layer}))
-                needed = per_boundary * len(missing)
-                try:
-                    free = check_disk_space(work, needed)
-                    decision = {"missing": missing, "needed": needed, "free": free}
-                except BlockwiseError as e:
-                    decision = {"error": str(e)}
-            decision = distributed.broadcast_object(decision)
-            if "error" in decision:
-                raise BlockwiseError(decision["error"])
-            missing, needed = decision["missing"], decision["needed"]
-            emit({"event": "blockwise_plan", "k": k, "blocks": len(specs), "train_blocks": len(trained),
-                  "todo_blocks": len(todo), "boundaries_to_store": len(missing), "bytes": total_bytes,
-                  "bytes_needed": needed, "free_bytes": decision["free"], "dir": str(work),
-                  "rank": rank, "world_size": world})
-            logger.info("%s: block-wise, k=%d: %d of %d blocks to train; storing %d block inputs (%s, %s free) in %s",
-                        name, k, len(todo), len(trained), len(missing), _gib(needed), _gib(decision["free"]), work)
+            calls, stream_dtype = _probe(run, todo, files)
+            state_ident = {**run.base_ident, "dtype": str(stream_dtype).removeprefix("torch.")}
+            per_boundary = torch.empty((), dtype=stream_dtype).element_size() * run.rows * run.block_size \
+                * run.hidden_size
+            total_bytes = per_boundary * len(run.trained)
+            missing = _plan_storage(run, todo, files, state_ident, per_boundary, total_bytes)
             if missing:
-                capture_s = _capture(model, layers, all_ids, files, missing, calls, state_ident, config=config,
-                                     device=teacher_device, stop=not sharded, sharded=sharded, emit=emit)
-                logger.info("%s: stored %d block inputs in %.1f s", name, len(missing), capture_s)
+                capture_s = _capture(model, run.layers, run.all_ids, files, missing, calls, state_ident,
+                                     config=run.config, device=run.teacher_device, stop=not run.sharded,
+                                     sharded=run.sharded, emit=run.emit)
+                logger.info("%s: stored %d block inputs in %.1f s", run.name, len(missing), capture_s)
     finally:
-        set_mode(model, "transfer", cross_entropy=ce_weight > 0)
+        set_mode(model, "transfer", cross_entropy=run.ce_weight > 0)
         model.train(was_training)
+    return calls, state_ident, capture_s, total_bytes
 
-    # ---- train the blocks, one after another -------------------------------------------------
-    results: dict[int, TrainResult] = {}
-    train_view = _index_blocks(0, n_train, block_size)
-    val_view = _index_blocks(n_train, n_val, block_size) if n_val else None
-    for spec in todo:
-        stop_layer = spec.converted[-1]
-        block_layers = [layers[i] for i in range(spec.start, stop_layer + 1)]
-        homes = [_module_device(layer) for layer in block_layers]
-        if not sharded:  # only the block's layers need to be on `device` (a no-op when the model is there)
-            for layer in block_layers:
-                layer.to(device)
-        attns = [attn_of[i] for i in spec.converted]
-        block_calls = {b: [c.to(device) for c in cs[spec.start : stop_layer + 1]] for b, cs in calls.items()}
-        reader = _StateReader(files[spec.start], {**state_ident, "layer": spec.start}, slots)
-        loss_fn = _BlockLoss(block_layers, attns, block_calls, reader, mse_weight=float(mse_weight),
-                             ce_weight=float(ce_weight), early_exit=not sharded)
-        params = block_params[spec.index]
-        ckdir = work / f"block-{spec.index:04d}"
-        if main:  # checkpoints of this block made with other options cannot be resumed: start it afresh
-            marker = ckdir / "identity.json"
-            ident_text = json.dumps(block_ident(spec), sort_keys=True)
-            if ckdir.exists() and (not marker.is_file() or marker.read_text() != ident_text):
-                logger.info("%s: block %d: discarding checkpoints made with other options", name, spec.index)
-                shutil.rmtree(ckdir)
-            ckdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, ident_text)
-        distributed.barrier()
-        logger.info("%s: block %d of %d (layers %d-%d)", name, spec.index + 1, len(specs),
-                    spec.layers[0], spec.layers[-1])
-        res = train(model, params, loss_fn, train_view, val_view, config=config, checkpoint_dir=ckdir,
-                    resume=True, callback=callback, meta={**base_ident, "k": k, "block": spec.index},
-                    name=f"{name}.block{spec.index:03d}", device=device)
-        del reader, loss_fn
-        if not sharded:
-            for layer, home in zip(block_layers, homes):
-                if home is not None and home != device:
-                    layer.to(home)
-        summaries[spec.index] = _block_summary(spec, res)
-        if main:
-            atomic_save_safetensors({n: p.detach() for n, p in params.items()}, block_file(spec), metadata={
-                "format": BLOCK_FORMAT, "identity": json.dumps(block_ident(spec), sort_keys=True),
-                "result": json.dumps(summaries[spec.index], default=str)})
-            shutil.rmtree(ckdir, ignore_errors=True)
-        distributed.barrier()
-        results[spec.index] = res
 
-    # ---- every block's phi/gamma are in the model; tidy up ----------------------------------
-    if not keep_states and main:
-        for f in files.values():
-            f.remove()
-        for stray in work.glob("h*.bin"):  # block inputs left by an earlier run with another k
-            if stray.stem[1:].isdigit():
-                _StateFile(work, int(stray.stem[1:])).remove()
+def _probe(run: _Run, todo: list[BlockSpec], files: dict[int, _StateFile]):
+    """The arguments of every layer, for each micro-batch shape train() and evaluate() will use
+    -> (calls by micro-batch size, dtype of the residual stream)."""
+    mb = run.config.micro_batch_size
+    sizes = {min(mb, run.n_train)}
+    if run.n_val:
+        sizes.add(min(mb, run.n_val))
+        if run.n_val % mb:
+            sizes.add(run.n_val % mb)
+    last = max(s.converted[-1] for s in todo)
+    calls: dict[int, list[_LayerCall]] = {}
+    stream_dtype = None
+    with torch.no_grad(), autocast(run.teacher_device, run.config.dtype):
+        for b in sorted(sizes):
+            ids = run.all_ids[:b] if b <= run.n_stored_train else \
+                run.all_ids[run.n_stored_train : run.n_stored_train + b]
+            with _Recorder(run.layers, keep=set(files), last=last, stop=not run.sharded, check_chain=True) as rec:
+                rec.run(run.model, ids.to(run.teacher_device))
+            if rec.broken_chain is not None:
+                raise BlockwiseError(
+                    f"decoder layer {rec.broken_chain} of this {type(run.model).__name__} does not receive the "
+                    "previous layer's output unchanged; block-wise training does not support this model"
+                )
+            calls[b] = [rec.calls[i] for i in range(last + 1)]
+            stream_dtype = next(iter(rec.states.values())).dtype
+    return calls, stream_dtype
+
+
+def _plan_storage(run: _Run, todo: list[BlockSpec], files: dict[int, _StateFile], state_ident: dict[str, Any],
+                  per_boundary: int, total_bytes: int) -> list[int]:
+    """The boundaries still to store (rank 0 checks the disk for them; every rank gets the answer)."""
+    decision: dict[str, Any] = {}
+    if distributed.is_main():
+        missing = sorted(layer for layer, f in files.items() if not f.done({**state_ident, "layer": layer}))
+        needed = per_boundary * len(missing)
+        try:
+            decision = {"missing": missing, "needed": needed, "free": check_disk_space(run.work, needed)}
+        except BlockwiseError as e:
+            decision = {"error": str(e)}
+    decision = distributed.broadcast_object(decision)
+    if "error" in decision:
+        raise BlockwiseError(decision["error"])
+    missing, needed = decision["missing"], decision["needed"]
+    run.emit({"event": "blockwise_plan", "k": run.k, "blocks": len(run.specs), "train_blocks": len(run.trained),
+              "todo_blocks": len(todo), "boundaries_to_store": len(missing), "bytes": total_bytes,
+              "bytes_needed": needed, "free_bytes": decision["free"], "dir": str(run.work),
+              "rank": distributed.rank(), "world_size": distributed.world_size()})
+    logger.info("%s: block-wise, k=%d: %d of %d blocks to train; storing %d block inputs (%s, %s free) in %s",
+                run.name, run.k, len(todo), len(run.trained), len(missing), _gib(needed), _gib(decision["free"]),
+                run.work)
+    return missing
+
+
+def _train_block(run: _Run, spec: BlockSpec, params: dict[str, nn.Parameter], calls: dict[int, list[_LayerCall]],
+                 file: _StateFile, state_ident: dict[str, Any], callback: Callback | None):
+    """Train one block on its stored inputs with the shared loop; its phi/gamma are written to its
+    block file -> (TrainResult, summary)."""
+    main, device = distributed.is_main(), run.device
+    stop_layer = spec.converted[-1]
+    block_layers = [run.layers[i] for i in range(spec.start, stop_layer + 1)]
+    homes = [_module_device(layer) for layer in block_layers]
+    if not run.sharded:  # only the block's layers need to be on `device` (a no-op when the model is there)
+        for layer in block_layers:
+            layer.to(device)
+    attns = [run.attn_of[i] for i in spec.converted]
+    block_calls = {b: [c.to(device) for c in cs[spec.start : stop_layer + 1]] for b, cs in calls.items()}
+    reader = _StateReader(file, {**state_ident, "layer": spec.start}, run.slots)
+    loss_fn = _BlockLoss(block_layers, attns, block_calls, reader, mse_weight=run.mse_weight,
+                         ce_weight=run.ce_weight, early_exit=not run.sharded)
+    ckdir = run.work / f"block-{spec.index:04d}"
+    if main:  # checkpoints of this block made with other options cannot be resumed: start it afresh
+        marker = ckdir / "identity.json"
+        ident_text = json.dumps(run.block_ident(spec), sort_keys=True)
+        if ckdir.exists() and (not marker.is_file() or marker.read_text() != ident_text):
+            logger.info("%s: block %d: discarding checkpoints made with other options", run.name, spec.index)
+            shutil.rmtree(ckdir)
+        make_dirs(ckdir)
+        atomic_write_text(marker, ident_text)
     distributed.barrier()
-    for p in params_all.values():
-        p.requires_grad_(True)
+    logger.info("%s: block %d of %d (layers %d-%d)", run.name, spec.index + 1, len(run.specs),
+                spec.layers[0], spec.layers[-1])
+    view = functools.partial(_index_blocks, block_size=run.block_size)
+    res = train(run.model, params, loss_fn, view(0, run.n_train), view(run.n_train, run.n_val) if run.n_val else None,
+                config=run.config, checkpoint_dir=ckdir, resume=True, callback=callback,
+                meta={**run.base_ident, "k": run.k, "block": spec.index}, name=f"{run.name}.block{spec.index:03d}",
+                device=device)
+    del reader, loss_fn
+    if not run.sharded:
+        for layer, home in zip(block_layers, homes):
+            if home is not None and home != device:
+                layer.to(home)
+    summary = _block_summary(spec, res)
+    if main:
+        atomic_save_safetensors({n: p.detach() for n, p in params.items()}, run.block_file(spec), metadata={
+            "format": BLOCK_FORMAT, "identity": json.dumps(run.block_ident(spec), sort_keys=True),
+            "result": json.dumps(summary, default=str)})
+        shutil.rmtree(ckdir, ignore_errors=True)
+    distributed.barrier()
+    return res, summary
 
-    wall = time.perf_counter() - t0
-    history = [{**summaries[s.index], "done_before": s.index not in results} for s in trained]
+
+def _remove_states(work: Path, files: dict[int, _StateFile]) -> None:
+    for f in files.values():
+        f.remove()
+    for stray in work.glob("h*.bin"):  # block inputs left by an earlier run with another k
+        if stray.stem[1:].isdigit():
+            _StateFile(work, int(stray.stem[1:])).remove()
+
+
+def _result(run: _Run, summaries: dict[int, dict[str, Any]], results: dict[int, TrainResult], *, wall: float,
+            capture_s: float, total_bytes: int) -> BlockwiseResult:
+    history = [{**summaries[s.index], "done_before": s.index not in results} for s in run.trained]
     first = history[0] if history else {}
     tokens = int(first.get("tokens") or 0)
     finals = [h.get("final_train_loss") for h in history]
     bests = [h.get("best_val_loss") for h in history]
-    out = BlockwiseResult(
+    return BlockwiseResult(
         steps=int(first.get("steps") or 0), tokens=tokens,
         nonfinite_steps=sum(int(h.get("nonfinite_steps") or 0) for h in history),
         best_val_loss=sum(bests) if bests and all(b is not None for b in bests) else None, best_step=None,
         final_train_loss=sum(finals) if finals and all(f is not None for f in finals) else None,
         history=history, wall_time_s=wall, tokens_per_s=tokens / max(wall, 1e-9) if results else 0.0,
-        done_before=not results, k=k, blocks=len(specs), capture_s=capture_s, stored_bytes=total_bytes,
+        done_before=not results, k=run.k, blocks=len(run.specs), capture_s=capture_s, stored_bytes=total_bytes,
     )
-    logger.info("%s: block-wise stage 1 done (%d blocks trained, %d reused, %.0f s)", name, len(results),
-                len(trained) - len(results), wall)
-    return out
 
 
 def _capture(model: nn.Module, layers: list[nn.Module], all_ids: torch.Tensor, files: dict[int, _StateFile],
@@ -804,7 +866,7 @@ def _capture(model: nn.Module, layers: list[nn.Module], all_ids: torch.Tensor, f
         if not main:
             for layer in missing:
                 writers[layer] = _StateWriter(files[layer], {**state_ident, "layer": layer}, create=False)
-        with torch.no_grad(), _autocast(device, config.dtype), \
+        with torch.no_grad(), autocast(device, config.dtype), \
                 _Recorder(layers, keep=set(missing), last=max(missing), stop=stop, check_chain=False) as rec:
             for n, (s0, counted) in enumerate(mine):
                 ids = all_ids[s0 : s0 + mb].to(device)

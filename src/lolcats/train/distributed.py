@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lolcats.errors import DistributedError  # noqa: F401 (re-exported)
+from lolcats.adapters import Adapter, get_adapter
+from lolcats.errors import DistributedError, LolcatsError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 7200.0
 
 
-class RankZeroError(RuntimeError):
-    """Raised on the other ranks when a step that rank 0 runs first (e.g. tokenising) failed there."""
+class RankZeroError(LolcatsError, RuntimeError):
+    """Raised on the other ranks when a step that rank 0 runs first (e.g. tokenising) failed there
+    (its message is rank 0's one-line error)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,13 +348,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-    from lolcats.adapters import get_adapter
-    from lolcats.checkpoint import unwrap_peft
-    from lolcats.train.transfer import decoder_of
-
-    inner = unwrap_peft(model)
-    layers = [layer for _, layer, _ in get_adapter(inner).attention_modules(inner)]
-    return decoder_of(inner), layers
+    inner = Adapter.unwrap(model)
+    return Adapter.decoder(inner), get_adapter(inner).decoder_layers(inner)
 
 
 def _shard_device(device: str | torch.device | None) -> torch.device:
@@ -388,7 +385,7 @@ def shard_model(
     decoder, layers = _decoder_layers(model)
     if not layers:
         raise DistributedError(f"found no decoder layers to shard in {type(model).__name__}")
-    ignored = {p for n, p in model.named_parameters() if ".lolcats." in n or "lora_" in n}
+    ignored = {p for n, p in model.named_parameters() if Adapter.is_lolcats_parameter(n) or Adapter.is_lora_parameter(n)}
     with torch.no_grad():
         for p in ignored:
             p.data = p.data.to(dev)

@@ -16,8 +16,9 @@
 * Checkpoints every ``checkpoint_every`` steps in ``checkpoint_dir/step-NNNNNNNN/``, each written
   to a temporary folder and renamed into place (complete or absent). They hold the trainable
   weights, the best weights, the optimiser state (tensors in safetensors, the rest in JSON), the
-  RNG states and the data position; nothing is unpickled on load. ``resume=True`` continues from
-  the newest one and ends with the same weights as an uninterrupted run (bit-exact on CPU).
+  RNG states and the data position; nothing is unpickled on load (`lolcats.train.state`:
+  `TrainState`, `Checkpoints`). ``resume=True`` continues from the newest one and ends with the
+  same weights as an uninterrupted run (bit-exact on CPU).
 * A step whose loss or gradients are not finite is skipped (no optimiser step), counted in
   ``TrainResult.nonfinite_steps`` and in the step events; non-finite weights are never saved.
 * Under torchrun (several processes; `lolcats.train.distributed`), data parallel: a micro-batch is
@@ -28,33 +29,30 @@
   ranks resume from the same one (with the same number of ranks). The model may be FSDP-sharded
   (`distributed.shard_model`) as long as the trainable parameters are whole.
 
-The loop never prints; progress goes to ``callback(event: dict)`` and to ``logging``.
+The loop never prints; progress goes to ``callback(event: dict)`` and to ``logging``. `train`
+reads as the algorithm: resume or seed, then per step `_optimizer_step` (forward, backward,
+all-reduce, clip, update), logging, validation and checkpoints; each host-device sync is marked.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from lolcats.errors import ResumeError, TrainError  # noqa: F401 (re-exported)
-from lolcats.fileio import atomic_save_safetensors, atomic_write_text, make_dirs, make_temp_dir, replace_dir
 from lolcats import validate
+from lolcats.errors import ResumeError, TrainError  # noqa: F401 (re-exported)
+from lolcats.runtime import autocast, model_device
 from lolcats.train import distributed
+from lolcats.train.state import Checkpoints, Sampler, TrainState, latest_checkpoint, read_checkpoint_state  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +61,6 @@ __all__ = [
     "latest_checkpoint", "read_checkpoint_state",
 ]
 
-STATE_NAME = "state.json"
-TRAINABLE_NAME = "trainable.safetensors"
-BEST_NAME = "best.safetensors"
-OPTIMIZER_NAME = "optimizer.safetensors"
-RNG_NAME = "rng.safetensors"
-CHECKPOINT_FORMAT = "lolcats-train-checkpoint"
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 
@@ -135,9 +127,6 @@ class TrainConfig:
         return max(1, math.ceil(int(self.max_tokens) / per_step))
 
 
-# Options that do not change the trained weights (may differ on resume).
-_RESUME_FREE = {"log_every", "keep_checkpoints", "max_consecutive_nonfinite", "max_nonfinite_fraction"}
-
 
 @dataclass
 class TrainResult:
@@ -183,44 +172,13 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
 # data order
 
 
-class _Sampler:
-    """Micro-batches of block indices: a seeded permutation per epoch, walked in order."""
-
-    def __init__(self, n: int, batch: int, seed: int, epoch: int = 0, offset: int = 0):
-        if n < 1:
-            raise ValueError("no training blocks")
-        self.n, self.batch, self.seed = n, batch, seed
-        self.epoch, self.offset = epoch, offset
-        self._perm: torch.Tensor | None = None
-        self._perm_epoch = -1
-
-    def _permutation(self) -> torch.Tensor:
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
-            self._perm = torch.randperm(self.n, generator=g)
-            self._perm_epoch = self.epoch
-        return self._perm  # type: ignore[return-value]
-
-    def next(self) -> torch.Tensor:
-        size = min(self.batch, self.n)
-        if self.offset + size > self.n:
-            self.epoch += 1
-            self.offset = 0
-        idx = self._permutation()[self.offset : self.offset + size]
-        self.offset += size
-        return idx
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
 def visited_rows(n: int, config: "TrainConfig", block_size: int, world_size: int = 1) -> torch.Tensor:
     """The training blocks (sorted indices) that `train` with `config` reads out of `n`.
 
     The same sampler as `train`, walked for every micro-batch of the run: a budget smaller than
     one epoch reads only part of the data (block-wise stage 1 then stores only those rows).
     """
-    sampler = _Sampler(n, world_size * config.micro_batch_size, config.seed)
+    sampler = Sampler(n, world_size * config.micro_batch_size, config.seed)
     seen = []
     for _ in range(config.total_steps(block_size, world_size) * config.grad_accum):
         seen.append(sampler.next())
@@ -234,127 +192,6 @@ def _batch(blocks, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
         "input_ids": blocks.input_ids[idx].to(device, non_blocking=True),
         "labels": blocks.labels[idx].to(device, non_blocking=True),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _step_dirs(checkpoint_dir: Path) -> list[Path]:
-    if not checkpoint_dir.is_dir():
-        return []
-    dirs = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[5:]))
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint folder (they are renamed into place only when complete)."""
-    dirs = [d for d in _step_dirs(Path(checkpoint_dir)) if (d / STATE_NAME).is_file()]
-    return dirs[-1] if dirs else None
-
-
-def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
-    file = Path(path) / STATE_NAME
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"checkpoint {file} is unreadable ({e}); delete it or start without --resume") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ResumeError(f"{file} is not a lolcats training checkpoint")
-    return state
-
-
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ResumeError(f"checkpoint file {file} is missing or corrupted ({e}); delete the checkpoint folder") from None
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        if distributed.world_size() > 1:  # one GPU per process (ranks share the seed): its own generator only
-            tensors["cuda_current"] = torch.cuda.get_rng_state()
-        else:
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"cuda_{i}"] = s
-    py = random.getstate()
-    npst = np.random.get_state()
-    scalars = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-    }
-    return tensors, scalars
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = sorted((int(k[5:]), v) for k, v in tensors.items() if k.startswith("cuda_"))
-    if cuda and torch.cuda.is_available():
-        states = [v for _, v in cuda]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    if "cuda_current" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda_current"])
-    if "python" in scalars:
-        v, st, gauss = scalars["python"]
-        random.setstate((v, tuple(st), gauss))
-    if "numpy" in scalars:
-        name, keys, pos, has_gauss, cached = scalars["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "state_scalars": _jsonable(scalars)}
-
-
-def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    for idx, extra in meta.get("state_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    tensors = [t.detach() for t in tensors]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,7 +210,7 @@ def evaluate(
     process's with the larger micro-batch (the same number on every rank). Every rank runs the
     same number of forward passes (a spare one is not counted), as FSDP needs.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     n = len(blocks)
     world = distributed.world_size() if across_ranks else 1
     starts = list(range(0, n, world * micro_batch_size))
@@ -384,7 +221,7 @@ def evaluate(
     total, count = 0.0, 0
     sums = torch.zeros(len(starts), 2, dtype=torch.float64)  # per global micro-batch: sum of loss x blocks, blocks
     try:
-        with torch.no_grad(), _autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             for i, s in enumerate(starts):
                 if world == 1:
                     idx = torch.arange(s, min(s + micro_batch_size, n))
@@ -404,18 +241,6 @@ def evaluate(
         sums = torch.tensor(distributed.all_reduce_sum(sums.reshape(-1).tolist()), dtype=torch.float64).view(-1, 2)
         total, count = float((sums[:, 0] / sums[:, 1]).sum()), len(starts)
     return total / max(count, 1)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _autocast(device: torch.device, dtype: str):
-    enabled = dtype == "bfloat16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _named(trainable: Mapping[str, nn.Parameter] | Iterable[nn.Parameter]) -> dict[str, nn.Parameter]:
@@ -459,19 +284,10 @@ class _Running:
 
 
 def train(
-    model: nn.Module,
-    trainable: Mapping[str, nn.Parameter] | Iterable[nn.Parameter],
-    loss_fn: LossFn,
-    train_data,
-    val_data=None,
-    *,
-    config: TrainConfig,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    callback: Callback | None = None,
-    meta: dict[str, Any] | None = None,
-    name: str = "train",
-    device: torch.device | str | None = None,
+    model: nn.Module, trainable: Mapping[str, nn.Parameter] | Iterable[nn.Parameter], loss_fn: LossFn,
+    train_data, val_data=None, *, config: TrainConfig, checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False, callback: Callback | None = None, meta: dict[str, Any] | None = None,
+    name: str = "train", device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train `trainable` to minimise `loss_fn` over `train_data` (TokenBlocks); see the module doc.
 
@@ -481,262 +297,216 @@ def train(
     named = _named(trainable)
     params = list(named.values())
     device = torch.device(device) if device is not None else params[0].device
-    # under torchrun: each step takes world * micro_batch_size blocks per micro-batch, rank r the
-    # r-th slice; token counts are of all ranks (distributed.py)
-    world, rank = distributed.world_size(), distributed.rank()
     distributed.check_replicated(named)
-    sharded = distributed.is_sharded(model)  # FSDP: collectives inside forward/backward, so ranks keep in step
+    # under torchrun each step takes world * micro_batch_size blocks per micro-batch, rank r the
+    # r-th slice; token counts are of all ranks (distributed.py)
+    total_steps, tokens_per_step = _budget(train_data, config, name)
+    has_val = val_data is not None and len(val_data) > 0 and config.eval_every > 0
+    emit = functools.partial(_emit, callback, name)
+
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    state = TrainState(sampler=Sampler(len(train_data), distributed.world_size() * config.micro_batch_size,
+                                       config.seed))
+    store = Checkpoints(checkpoint_dir, named, opt, config=config, meta=meta or {}, name=name)
+    finished = _resume(store, state, resume=resume, device=device, total_steps=total_steps, config=config, emit=emit)
+    if finished is not None:
+        return finished
+    distributed.broadcast_parameters(params)  # replicas start equal (they already are, by seed or checkpoint)
+    run_validation = functools.partial(_validate, model, loss_fn, val_data, named, state, config, device, name, emit)
+    t0 = time.perf_counter()
+    checkpoint = functools.partial(_checkpoint, store, state, emit, total_steps=total_steps, t0=t0)
+    emit({"event": "start", "step": state.step, "tokens": state.tokens, "total_steps": total_steps,
+          "total_tokens": total_steps * tokens_per_step, "tokens_per_step": tokens_per_step})
+    start_tokens, running, last_loss = state.tokens, _Running(), None
+    model.train()
+    if state.step == 0 and has_val and state.best_val is None:
+        run_validation()  # baseline: the initial weights are a candidate too
+    while state.step < total_steps:
+        lr = lr_at(state.step, config, total_steps)
+        loss, finite, grad_norm, logs = _optimizer_step(model, loss_fn, opt, params, train_data, state.sampler,
+                                                        lr=lr, config=config, device=device)
+        state.tokens += tokens_per_step
+        if finite:
+            state.consecutive_nonfinite = 0
+            running.add({"loss": loss, **distributed.mean_logs(logs.means(raw=True))})
+            last_loss = loss
+        else:
+            _skipped(state, config, name)
+        state.step += 1
+        event = {
+            "event": "step", "step": state.step, "total_steps": total_steps, "tokens": state.tokens, "lr": lr,
+            "loss": loss if finite else float("nan"), "grad_norm": float(grad_norm),  # host sync
+            "skipped": not finite, "nonfinite_steps": state.nonfinite,
+            "tokens_per_s": (state.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9),
+        }
+        if state.step % max(1, config.log_every) == 0 or state.step == total_steps:
+            event["logs"] = _log_point(state, running, event, name)
+        if has_val and config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
+            run_validation()
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < total_steps:
+            checkpoint()
+        emit(event)
+
+    if has_val and state.last_eval_step != state.step:
+        run_validation()
+    result = _finish(model, named, state, config, name, last_loss=last_loss, elapsed=time.perf_counter() - t0,
+                     new_tokens=state.tokens - start_tokens)
+    checkpoint(done=True, result=result)
+    emit({"event": "end", "step": state.step, "tokens": state.tokens, "result": result.to_dict()})
+    return result
+
+
+def _budget(train_data, config: TrainConfig, name: str) -> tuple[int, int]:
+    """(optimiser steps, tokens per step of all ranks) of a run over `train_data`."""
+    world = distributed.world_size()
     if world > 1 and len(train_data) < world * config.micro_batch_size:
         raise ValueError(
             f"{name}: {len(train_data)} training blocks are fewer than {world} processes x micro-batch "
             f"{config.micro_batch_size}; use more data or a smaller micro-batch"
         )
     block_size = int(train_data.input_ids.shape[1])
-    total_steps = config.total_steps(block_size, world)
-    tokens_per_micro = min(world * config.micro_batch_size, len(train_data)) * block_size
-    meta = _jsonable(meta or {})
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    has_val = val_data is not None and len(val_data) > 0 and config.eval_every > 0
+    per_micro = min(world * config.micro_batch_size, len(train_data)) * block_size
+    return config.total_steps(block_size, world), config.grad_accum * per_micro
 
-    opt = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-    )
-    sampler = _Sampler(len(train_data), world * config.micro_batch_size, config.seed)
-    step = tokens = nonfinite = consecutive_nonfinite = 0
-    best_val: float | None = None
-    best_step: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, Any]] = []
-    last_eval_step = -1
-    resumed_from = None
-    earlier_s = 0.0  # training time of earlier sessions, up to the checkpoint resumed from
 
-    def emit(event: dict[str, Any]) -> None:
-        if callback is not None:
-            callback({"stage": name, **event})
+def _skipped(state: TrainState, config: TrainConfig, name: str) -> None:
+    """Count a skipped step; too many in a row is a TrainError (diverged)."""
+    state.nonfinite += 1
+    state.consecutive_nonfinite += 1
+    logger.warning("%s: step %d skipped: non-finite loss or gradients (%d so far)", name, state.step, state.nonfinite)
+    if state.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+        raise TrainError(f"{name}: {state.consecutive_nonfinite} consecutive steps had non-finite loss or "
+                         f"gradients; {divergence_advice(config)}")
 
-    # ---- resume ---------------------------------------------------------------------------
-    latest = latest_checkpoint(ckdir) if (resume and ckdir is not None) else None
-    latest = distributed.broadcast_object(latest)  # every rank resumes from rank 0's choice
-    if latest is not None:
-        state = read_checkpoint_state(latest)
-        _check_resumable(state, named, config, meta, latest)
-        trained = _load_tensors(latest / TRAINABLE_NAME)
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(trained[n])
-        if state.get("has_best"):
-            best_state = {n: t.to(device) for n, t in _load_tensors(latest / BEST_NAME).items()}
-        if state.get("done"):
-            logger.info("%s: already finished in %s; loaded its weights", name, latest)
-            # the recorded numbers of the session that trained it, not zeros for this one
-            res = TrainResult(**{**state["result"], "resumed_from_step": state["step"], "done_before": True})
-            emit({"event": "done_before", "step": res.steps, "tokens": res.tokens, "total_steps": total_steps})
-            return res
-        if state.get("world_size", 1) != world:
-            raise ResumeError(
-                f"checkpoint {latest} was made by {state.get('world_size', 1)} process(es), this run has {world}; "
-                f"resume with torchrun --nproc_per_node {state.get('world_size', 1)} or start afresh"
-            )
-        opt.load_state_dict(_optimizer_join(_load_tensors(latest / OPTIMIZER_NAME), state["optimizer"]))
-        _set_rng_state(_load_tensors(latest / RNG_NAME), state["rng"])
-        sampler = _Sampler(len(train_data), world * config.micro_batch_size, config.seed, **state["sampler"])
-        step, tokens = state["step"], state["tokens"]
-        nonfinite, consecutive_nonfinite = state["nonfinite_steps"], state.get("consecutive_nonfinite", 0)
-        best_val, best_step = state["best_val_loss"], state["best_step"]
-        history = state["history"]
-        last_eval_step = state["last_eval_step"]
-        resumed_from = step
-        earlier_s = float(state.get("trained_s", 0.0))
-        logger.info("%s: resumed from %s (step %d/%d)", name, latest, step, total_steps)
-        emit({"event": "resumed", "step": step, "total_steps": total_steps})
-    else:
-        if resume and ckdir is not None:
-            logger.info("%s: no checkpoint in %s; starting from scratch", name, ckdir)
-            emit({"event": "resume_from_scratch", "total_steps": total_steps})
-        torch.manual_seed(config.seed)
-    distributed.broadcast_parameters(params)  # replicas start equal (they already are, by seed or checkpoint)
 
-    def save_checkpoint(done: bool = False, result: TrainResult | None = None) -> None:
-        if ckdir is None:
-            return
-        if not _all_finite(params):
-            raise TrainError(f"{name}: trainable weights are not finite at step {step}; not saving them")
-        if not distributed.is_main():  # rank 0 writes (the replicas are equal); the others wait for it
-            distributed.barrier()
-            return
-        make_dirs(ckdir)
-        tmp = make_temp_dir(ckdir, prefix=f".{_step_dir_name(step)}.tmp-")
-        try:
-            atomic_save_safetensors({n: p.detach() for n, p in named.items()}, tmp / TRAINABLE_NAME)
-            if best_state is not None:
-                atomic_save_safetensors(best_state, tmp / BEST_NAME)
-            opt_tensors, opt_meta = _optimizer_split(opt)
-            atomic_save_safetensors(opt_tensors, tmp / OPTIMIZER_NAME)
-            rng_tensors, rng_scalars = _rng_state()
-            atomic_save_safetensors(rng_tensors, tmp / RNG_NAME)
-            state = {
-                "format": CHECKPOINT_FORMAT, "name": name, "step": step, "tokens": tokens,
-                "total_steps": total_steps, "sampler": sampler.state(), "nonfinite_steps": nonfinite,
-                "consecutive_nonfinite": consecutive_nonfinite, "best_val_loss": best_val,
-                "best_step": best_step, "has_best": best_state is not None, "history": history,
-                "last_eval_step": last_eval_step, "optimizer": opt_meta, "rng": rng_scalars,
-                "config": config.to_dict(), "meta": meta,
-                "params": {n: list(p.shape) for n, p in named.items()},
-                "done": done, "result": result.to_dict() if result is not None else None, "world_size": world,
-                "trained_s": earlier_s + time.perf_counter() - t0,
-            }
-            atomic_write_text(tmp / STATE_NAME, json.dumps(state, allow_nan=True))
-            replace_dir(tmp, ckdir / _step_dir_name(step))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in _step_dirs(ckdir)[: -max(1, config.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        emit({"event": "checkpoint", "step": step, "done": done})
+def _checkpoint(store: Checkpoints, state: TrainState, emit: Callable[[dict[str, Any]], None], *, total_steps: int,
+                t0: float, done: bool = False, result: TrainResult | None = None) -> None:
+    trained_s = state.earlier_s + time.perf_counter() - t0  # (earlier sessions + this one)
+    if store.save(state, total_steps=total_steps, trained_s=trained_s, done=done,
+                  result=result.to_dict() if result is not None else None):
+        emit({"event": "checkpoint", "step": state.step, "done": done})
         distributed.barrier()  # the checkpoint is complete before any rank goes on
 
-    def run_eval() -> float | None:
-        nonlocal best_val, best_step, best_state, last_eval_step
-        if not has_val:
-            return None
-        val = evaluate(
-            model, loss_fn, val_data, micro_batch_size=config.micro_batch_size,
-            max_batches=config.eval_batches, dtype=config.dtype, device=device, across_ranks=world > 1,
-        )
-        last_eval_step = step
-        improved = math.isfinite(val) and (best_val is None or val < best_val)
-        if improved:
-            best_val, best_step = val, step
-            best_state = {n: p.detach().clone() for n, p in named.items()}
-        history.append({"step": step, "tokens": tokens, "val_loss": val})
-        logger.info("%s: step %d val_loss %.6g%s", name, step, val, " (best)" if improved else "")
-        emit({"event": "eval", "step": step, "tokens": tokens, "val_loss": val, "best_val_loss": best_val})
-        return val
 
-    # ---- train ----------------------------------------------------------------------------
-    emit({"event": "start", "step": step, "tokens": tokens, "total_steps": total_steps,
-          "total_tokens": total_steps * config.grad_accum * tokens_per_micro,
-          "tokens_per_step": config.grad_accum * tokens_per_micro})
-    t0 = time.perf_counter()
-    start_tokens = tokens
-    running = _Running()
-    last_loss: float | None = None
-    model.train()
-    if step == 0 and has_val and best_val is None:
-        run_eval()  # baseline: the initial weights are a candidate too
-    while step < total_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, config, total_steps)
+def _emit(callback: Callback | None, name: str, event: dict[str, Any]) -> None:
+    if callback is not None:
+        callback({"stage": name, **event})
+
+
+def _resume(store: Checkpoints, state: TrainState, *, resume: bool, device: torch.device, total_steps: int,
+            config: TrainConfig, emit: Callable[[dict[str, Any]], None]) -> TrainResult | None:
+    """Continue from the newest checkpoint (`resume`): the finished run's result if it had ended,
+    else None with `state` restored; a fresh run seeds torch."""
+    latest = distributed.broadcast_object(store.latest() if resume else None)  # every rank: rank 0's choice
+    name = store.name
+    if latest is not None:
+        finished = store.restore(latest, state, device)
+        if finished is not None:
+            logger.info("%s: already finished in %s; loaded its weights", name, latest)
+            # the recorded numbers of the session that trained it, not zeros for this one
+            res = TrainResult(**finished)
+            emit({"event": "done_before", "step": res.steps, "tokens": res.tokens, "total_steps": total_steps})
+            return res
+        logger.info("%s: resumed from %s (step %d/%d)", name, latest, state.step, total_steps)
+        emit({"event": "resumed", "step": state.step, "total_steps": total_steps})
+        return None
+    if resume and store.dir is not None:
+        logger.info("%s: no checkpoint in %s; starting from scratch", name, store.dir)
+        emit({"event": "resume_from_scratch", "total_steps": total_steps})
+    torch.manual_seed(config.seed)
+    return None
+
+
+def _optimizer_step(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                    data, sampler: Sampler, *, lr: float, config: TrainConfig,
+                    device: torch.device) -> tuple[float, bool, torch.Tensor, "_Running"]:
+    """One optimiser step over `grad_accum` micro-batches -> (mean loss, finite, gradient norm, logs).
+    A non-finite loss or gradient (on any rank) skips the step: no update, gradients dropped."""
+    world, rank, mb = distributed.world_size(), distributed.rank(), config.micro_batch_size
+    sharded = distributed.is_sharded(model)  # FSDP: collectives inside forward/backward, so ranks keep in step
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    step_loss, finite, logs = 0.0, True, _Running()
+    for _ in range(config.grad_accum):
+        idx = sampler.next()  # the global micro-batch; this rank's slice of it
+        if world > 1:
+            idx = idx[rank * mb : (rank + 1) * mb]
+        batch = _batch(data, idx, device)  # input_ids, labels: [B, L]
+        with autocast(device, config.dtype):
+            loss, extra = loss_fn(model, batch)
+        loss_value = float(loss.detach().float())  # host sync: a non-finite loss skips the step
+        if not math.isfinite(loss_value):
+            finite = False
+            if not sharded:  # (FSDP's backward has collectives: every rank runs it; the step is skipped)
+                del loss
+                continue  # the whole step is skipped; keep the data position consistent
+        (loss / config.grad_accum).backward()
+        step_loss += loss_value / config.grad_accum
+        logs.add(extra)  # (host sync for tensor logs)
+    if world > 1:  # mean gradients and loss over ranks; a non-finite rank makes every rank skip
+        loss_sum, finite_ranks = distributed.average_gradients(params, [step_loss, float(finite)])
+        step_loss, finite = loss_sum / world, finite_ranks == world
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.tensor(float("nan"))
+    if finite and grads:
+        if config.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        finite = bool(torch.isfinite(grad_norm))  # host sync: the gradient norm decides the step
+    if finite:
+        opt.step()
+    else:
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        finite = True
-        step_logs = _Running()
-        for _ in range(config.grad_accum):
-            idx = sampler.next()  # the global micro-batch; this rank's slice of it
-            if world > 1:
-                idx = idx[rank * config.micro_batch_size : (rank + 1) * config.micro_batch_size]
-            batch = _batch(train_data, idx, device)
-            with _autocast(device, config.dtype):
-                loss, logs = loss_fn(model, batch)
-            loss_value = float(loss.detach().float())
-            if not math.isfinite(loss_value):
-                finite = False
-                if not sharded:  # (FSDP's backward has collectives: every rank runs it; the step is skipped)
-                    del loss
-                    continue  # the whole step is skipped; keep the data position consistent
-            (loss / config.grad_accum).backward()
-            step_loss += loss_value / config.grad_accum
-            step_logs.add(logs)
-        tokens += config.grad_accum * tokens_per_micro
-        if world > 1:  # mean gradients and loss over ranks; a non-finite rank makes every rank skip
-            loss_sum, finite_ranks = distributed.average_gradients(params, [step_loss, float(finite)])
-            step_loss, finite = loss_sum / world, finite_ranks == world
-        grads = [p.grad for p in params if p.grad is not None]
-        if finite and grads:
-            if config.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-            finite = bool(torch.isfinite(grad_norm))
-        else:
-            grad_norm = torch.tensor(float("nan"))
-        if finite:
-            opt.step()
-            consecutive_nonfinite = 0
-            running.add({"loss": step_loss, **distributed.mean_logs(step_logs.means(raw=True))})
-            last_loss = step_loss
-        else:
-            opt.zero_grad(set_to_none=True)
-            nonfinite += 1
-            consecutive_nonfinite += 1
-            logger.warning("%s: step %d skipped: non-finite loss or gradients (%d so far)", name, step, nonfinite)
-        lr = opt.param_groups[0]["lr"]
-        step += 1
-        elapsed = time.perf_counter() - t0
-        event = {
-            "event": "step", "step": step, "total_steps": total_steps, "tokens": tokens, "lr": lr,
-            "loss": step_loss if finite else float("nan"), "grad_norm": float(grad_norm), "skipped": not finite,
-            "nonfinite_steps": nonfinite, "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9),
-        }
-        if step % max(1, config.log_every) == 0 or step == total_steps:
-            means = running.means()
-            logger.info(
-                "%s: step %d/%d loss %.6g lr %.3g tokens %d (%.0f tok/s)%s", name, step, total_steps,
-                means.get("loss", float("nan")), lr, tokens, event["tokens_per_s"],
-                f" nonfinite_steps {nonfinite}" if nonfinite else "",
-            )
-            history.append({"step": step, "tokens": tokens, "lr": lr, **means, "nonfinite_steps": nonfinite})
-            event["logs"] = means
-            running.reset()
-        if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-            raise TrainError(f"{name}: {consecutive_nonfinite} consecutive steps had non-finite loss or gradients; "
-                             f"{divergence_advice(config)}")
-        if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-            run_eval()
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-            save_checkpoint()
-        emit(event)
+    return step_loss, finite, grad_norm, logs
 
-    if has_val and last_eval_step != step:
-        run_eval()
-    if nonfinite > config.max_nonfinite_fraction * step:
-        raise TrainError(f"{name}: {nonfinite} of {step} steps had non-finite loss or gradients and were skipped; "
-                         f"{divergence_advice(config)}")
-    if best_state is not None:
+
+def _validate(model: nn.Module, loss_fn: LossFn, val_data, named: dict[str, nn.Parameter], state: TrainState,
+              config: TrainConfig, device: torch.device, name: str, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Validation loss now; the weights are kept as the best when it is the lowest so far."""
+    val = evaluate(model, loss_fn, val_data, micro_batch_size=config.micro_batch_size,
+                   max_batches=config.eval_batches, dtype=config.dtype, device=device,
+                   across_ranks=distributed.world_size() > 1)
+    state.last_eval_step = state.step
+    improved = math.isfinite(val) and (state.best_val is None or val < state.best_val)
+    if improved:
+        state.best_val, state.best_step = val, state.step
+        state.best_weights = {n: p.detach().clone() for n, p in named.items()}
+    state.history.append({"step": state.step, "tokens": state.tokens, "val_loss": val})
+    logger.info("%s: step %d val_loss %.6g%s", name, state.step, val, " (best)" if improved else "")
+    emit({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val, "best_val_loss": state.best_val})
+
+
+def _log_point(state: TrainState, running: "_Running", event: dict[str, Any], name: str) -> dict[str, Any]:
+    """The running means since the last log point: logged, kept in the history, then reset."""
+    means = running.means()
+    logger.info(
+        "%s: step %d/%d loss %.6g lr %.3g tokens %d (%.0f tok/s)%s", name, state.step, event["total_steps"],
+        means.get("loss", float("nan")), event["lr"], state.tokens, event["tokens_per_s"],
+        f" nonfinite_steps {state.nonfinite}" if state.nonfinite else "",
+    )
+    state.history.append({"step": state.step, "tokens": state.tokens, "lr": event["lr"], **means,
+                          "nonfinite_steps": state.nonfinite})
+    running.reset()
+    return means
+
+
+def _finish(model: nn.Module, named: dict[str, nn.Parameter], state: TrainState, config: TrainConfig, name: str,
+            *, last_loss: float | None, elapsed: float, new_tokens: int) -> TrainResult:
+    """The end of training: too many skipped steps is a TrainError; the best weights are put back."""
+    if state.nonfinite > config.max_nonfinite_fraction * state.step:
+        raise TrainError(f"{name}: {state.nonfinite} of {state.step} steps had non-finite loss or gradients and "
+                         f"were skipped; {divergence_advice(config)}")
+    if state.best_weights is not None:
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(best_state[n])
-        logger.info("%s: restored the best weights (step %s, val_loss %.6g)", name, best_step, best_val)
+                p.copy_(state.best_weights[n])
+        logger.info("%s: restored the best weights (step %s, val_loss %.6g)", name, state.best_step, state.best_val)
     model.eval()
-    elapsed = time.perf_counter() - t0
-    result = TrainResult(
-        steps=step, tokens=tokens, nonfinite_steps=nonfinite, best_val_loss=best_val, best_step=best_step,
-        final_train_loss=last_loss, history=history, wall_time_s=elapsed,
-        tokens_per_s=(tokens - start_tokens) / max(elapsed, 1e-9), total_wall_time_s=earlier_s + elapsed,
-        resumed_from_step=resumed_from,
+    return TrainResult(
+        steps=state.step, tokens=state.tokens, nonfinite_steps=state.nonfinite, best_val_loss=state.best_val,
+        best_step=state.best_step, final_train_loss=last_loss, history=state.history, wall_time_s=elapsed,
+        tokens_per_s=new_tokens / max(elapsed, 1e-9), total_wall_time_s=state.earlier_s + elapsed,
+        resumed_from_step=state.resumed_from,
     )
-    save_checkpoint(done=True, result=result)
-    emit({"event": "end", "step": step, "tokens": tokens, "result": result.to_dict()})
-    return result
-
-
-def _check_resumable(state: dict, named: dict[str, nn.Parameter], config: TrainConfig, meta: dict, where: Path) -> None:
-    if state.get("meta") != meta:
-        old, new = state.get("meta") or {}, meta
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ResumeError(
-            f"checkpoint {where} was made for another model or configuration (differs in: "
-            f"{', '.join(keys) or 'metadata'}); start without --resume (and with --overwrite) to train afresh"
-        )
-    old_cfg = {k: v for k, v in state.get("config", {}).items() if k not in _RESUME_FREE}
-    new_cfg = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
-    if old_cfg != new_cfg:
-        keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-        raise ResumeError(
-            f"checkpoint {where} used other training options (differs in: {', '.join(keys)}); "
-            "resume with the same options or start afresh"
-        )
-    shapes = {n: list(p.shape) for n, p in named.items()}
-    if state.get("params") != shapes:
-        raise ResumeError(f"checkpoint {where} holds other trainable parameters than this model's")

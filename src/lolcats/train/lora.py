@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lolcats.adapters import Adapter, get_adapter
+from lolcats.compat import peft_wrapping
 from lolcats.attention.layer import set_mode
 from lolcats.convert import lolcats_parameters
 
@@ -19,7 +21,6 @@ IGNORE_INDEX = -100
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """q/k/v/o projections of the family (Phi3: the fused qkv_proj and o_proj)."""
-    from lolcats.adapters import get_adapter
 
     adapter = get_adapter(model)
     if adapter.fused_qkv:
@@ -34,7 +35,6 @@ def add_lora(
     """Wrap a converted model in a PEFT LoRA model (phi/gamma and the base frozen); hybrid mode."""
     from peft import LoraConfig, get_peft_model
 
-    from lolcats.compat import peft_wrapping
 
     if r < 1:
         raise ValueError(f"lora r must be >= 1, got {r}")
@@ -48,14 +48,14 @@ def add_lora(
     with peft_wrapping():
         peft_model = get_peft_model(model, cfg)
     for n, p in peft_model.named_parameters():
-        if ".lolcats." in n:
+        if Adapter.is_lolcats_parameter(n):
             p.requires_grad_(False)
     set_mode(peft_model, "hybrid")
     return peft_model
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    params = {n: p for n, p in model.named_parameters() if Adapter.is_lora_parameter(n) and p.requires_grad}
     if not params:
         raise ValueError("the model has no trainable LoRA parameters; call add_lora(model) first")
     return params

@@ -13,22 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lolcats.adapters import Adapter
 from lolcats.attention.layer import converted_layers, set_mode
 from lolcats.convert import lolcats_parameters
 
 __all__ = ["TransferLoss", "decoder_of", "gather_transfer_losses", "transfer_parameters"]
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM (the model without its LM head)."""
-    prefix = getattr(model, "base_model_prefix", "model")
-    inner = getattr(model, prefix, None)
-    if isinstance(inner, nn.Module) and inner is not model:
-        return inner
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    raise TypeError(f"cannot find the decoder of {type(model).__name__}")
+decoder_of = Adapter.decoder  # (the name lolcats.train exports)
 
 
 def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
