@@ -455,3 +455,28 @@ def test_no_warnings_or_bars_from_the_python_api_and_plain_generate(tmp_path, ca
                            cwd=tmp_path)  # (outside any git checkout)
         assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
         assert not [n for n in _NOISE if n in r.stderr], r.stderr[-2000:]
+
+
+def test_cli_base_model_finds_a_moved_base(tmp_path, capsys):
+    """A delta trained elsewhere records a base path that is not here: --base-model points to it."""
+    base_dir, delta_dir = tmp_path / "base", tmp_path / "delta"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = lolcats.convert(lolcats.load_base(base_dir), LolcatsConfig(**SMALL))
+    model.save_pretrained(delta_dir)
+    expected = generate_text(model, tiny_tokenizer(), ["w7 w8"], max_new_tokens=4)
+    moved = base_dir.rename(tmp_path / "moved")
+    capsys.readouterr()
+
+    assert cli(["generate", str(delta_dir), "--prompt", "w7 w8", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base model of delta" in err[0] and "--base-model" in err[0]
+    assert cli(["generate", str(delta_dir), "--base-model", str(moved), "--prompt", "w7 w8",
+                "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"  # one prompt: just its text
+    assert cli(["generate", str(moved), "--base-model", str(moved), "--prompt", "w7"]) == 2  # not a delta
+    assert "applies to a lolcats delta folder" in capsys.readouterr().err
+    other = tmp_path / "other"  # the fingerprint is still checked
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    assert cli(["generate", str(delta_dir), "--base-model", str(other), "--prompt", "w7"]) == 2

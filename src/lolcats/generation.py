@@ -228,6 +228,8 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-verify", action="store_false", dest="verify",
                    help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
+    p.add_argument("--base-model", default=None, metavar="PATH",
+                   help="for a delta folder: its base model here (HF folder or .gguf), when not at the path the delta recorded")
 
 
 def add_parsers(subparsers) -> None:
@@ -257,7 +259,8 @@ def _load(args):
     device = str(resolve_device(args.device))  # CUDA asked for but absent: one line, before loading
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    return load_model_and_tokenizer(args.path, dtype=args.dtype, device=device, verify=args.verify)
+    return load_model_and_tokenizer(args.path, dtype=args.dtype, device=device, verify=args.verify,
+                                    base_model=args.base_model)
 
 
 def _check_args(args: argparse.Namespace) -> None:

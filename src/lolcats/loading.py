@@ -168,12 +168,18 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 def load_model_and_tokenizer(
     path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None, verify: bool = True,
+    device: str | torch.device | None = None, verify: bool = True, base_model: str | os.PathLike | None = None,
 ):
-    """Anything the CLI accepts: a delta folder (linearized model), an HF folder or .gguf (softmax)."""
+    """Anything the CLI accepts: a delta folder (linearized model), an HF folder or .gguf (softmax).
+
+    base_model: where a delta's base is on this machine, when not at the path it recorded (a delta
+    trained elsewhere); its fingerprint is still checked."""
     if path is not None and Path(path).is_dir() and is_delta_folder(path):
-        model = from_pretrained(path, dtype=dtype, device=device, verify=verify)
-        return model, load_tokenizer(read_delta_config(path)["base_model"]["source"])
+        model = from_pretrained(path, base_model=base_model, dtype=dtype, device=device, verify=verify)
+        source = base_model if base_model is not None else read_delta_config(path)["base_model"]["source"]
+        return model, load_tokenizer(source)
+    if base_model is not None:
+        raise ModelPathError(f"--base-model applies to a lolcats delta folder, and '{path}' is not one")
     return load_base(path, dtype=dtype, device=device), load_tokenizer(path)
 
 
@@ -198,13 +204,13 @@ def from_pretrained(
         if source is None:
             raise CheckpointError(
                 f"base model of delta '{path}' not found (none was recorded: the base was not loaded with "
-                "lolcats.load_base); pass base_model= the model it was trained from"
+                "lolcats.load_base); pass base_model= (CLI: --base-model) the model it was trained from"
             )
         try:
             model = load_base(source, dtype=dtype, device=device)
         except ModelNotFoundError as e:
             raise CheckpointError(
-                f"base model of delta '{path}' not found ({e}); pass base_model= the model it was trained from"
+                f"base model of delta '{path}' not found ({e}); pass base_model= (CLI: --base-model) the model it was trained from"
             ) from None
     check_fingerprint(meta["base_model"]["fingerprint"], model, str(path))
     convert(model, config)

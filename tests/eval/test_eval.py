@@ -363,8 +363,8 @@ class PlainLM(torch.nn.Module):
 def fake_loader(monkeypatch, model, tok):
     calls = []
 
-    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True):
-        calls.append((path, dtype, device))
+    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True, base_model=None):
+        calls.append((path, dtype, device, base_model))
         return PlainLM(model), tok
 
     try:
@@ -383,11 +383,12 @@ def test_cli_end_to_end(tmp_path, capsys, fake_loader):
     out = tmp_path / "res" / "eval.json"
     args = _parser().parse_args(
         ["eval", "some/delta", "--tasks", "piqa,winogrande", "--limit", "2", "--batch-size", "4",
-         "--output", str(out), "--data-dir", str(EVALDATA), "--device", "cpu", "--dtype", "float32"]
+         "--output", str(out), "--data-dir", str(EVALDATA), "--device", "cpu", "--dtype", "float32",
+         "--base-model", "where/the/base/is"]
     )
     assert args.func is run
     assert run(args) == 0
-    assert fake_loader == [("some/delta", torch.float32, "cpu")]
+    assert fake_loader == [("some/delta", torch.float32, "cpu", "where/the/base/is")]
     data = json.loads(out.read_text())
     assert set(data["tasks"]) == {"piqa", "winogrande"}
     assert data["tasks"]["piqa"]["n_samples"] == 2 and 0 <= data["tasks"]["winogrande"]["value"] <= 1

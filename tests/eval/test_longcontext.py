@@ -373,7 +373,7 @@ def fake_loader(monkeypatch, tokenizer):
 
     calls = []
 
-    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True):
+    def load_model_and_tokenizer(path=None, *, dtype=None, device=None, verify=True, base_model=None):
         calls.append(path)
         return tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=512), tokenizer
 

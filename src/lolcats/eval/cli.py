@@ -69,6 +69,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: the loader's)")
     p.add_argument("--no-verify", action="store_false", dest="verify",
                    help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
+    p.add_argument("--base-model", default=None, metavar="PATH",
+                   help="for a delta folder: its base model here (HF folder or .gguf), when not at the path the delta recorded")
     _add_long_arguments(p)
     p.set_defaults(func=run, tasks_given=False)
     return p
@@ -245,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device,
-                                                    verify=getattr(args, "verify", True))
+                                                    verify=getattr(args, "verify", True),
+                                                    base_model=getattr(args, "base_model", None))
     except (FileNotFoundError, ValueError) as e:  # ModelNotFoundError, CheckpointError, unsupported family
         _err(" ".join(str(e).split()))
         return 2
