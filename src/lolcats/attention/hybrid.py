@@ -439,11 +439,14 @@ def hybrid_attention_quadratic(
 # b. chunked form
 
 
-def prepend_state(q, k, v, fq, fk, key_mask, state: HybridState, key_map: KeyMap | None, kf=None):
+def prepend_state(q, k, v, fq, fk, key_mask, state: HybridState | None, key_map: KeyMap | None, kf=None):
     """Put the cached window in front of the new tokens (as dummy queries) so one pass continues it.
 
-    Returns (q, k, v, fq, fk, key_mask, kf) with kf the key-map inputs (None: they are k).
+    Returns (q, k, v, fq, fk, key_mask, kf) with kf the key-map inputs (None: they are k); the
+    inputs unchanged when there is no state.
     """
+    if state is None:
+        return q, k, v, fq, fk, key_mask, kf
     if key_map is None:
         raise ValueError("continuing from a state needs key_map to featurise the cached window keys")
     B, P = state.win_valid.shape
@@ -526,9 +529,7 @@ def hybrid_attention_chunked(
         return o, state if output_final_state else None
     T_new = q.shape[1]
     position = 0 if initial_state is None else initial_state.position
-    kf = key_map_input
-    if initial_state is not None:
-        q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
+    q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, key_map_input)
     B, T, H, D = q.shape
     start = position + T_new - T  # tensor position of the first (possibly prepended) token
     scale = D**-0.5 if scale is None else scale

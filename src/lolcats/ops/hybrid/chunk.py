@@ -724,9 +724,7 @@ def hybrid_attention_triton(
         raise TypeError(f"the triton backend supports {KERNEL_DTYPES}, got {q.dtype}")
     T_new = q.shape[1]
     position = 0 if initial_state is None else initial_state.position
-    kf = key_map_input
-    if initial_state is not None:
-        q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, kf)
+    q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, key_map_input)
     B, T, H, D = q.shape
     Dv, Fd = v.shape[-1], fq.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
