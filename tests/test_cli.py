@@ -42,6 +42,20 @@ def test_flags_override_config_file(tmp_path):
     assert kw["out"] == "lolcats-smollm2" and kw["model"] is None and kw["data"] is None
 
 
+def test_conversion_flags_come_from_lolcats_config():
+    """Each flag a LolcatsConfig field declares sets that field; not given, the config's default stays."""
+    args = build_parser().parse_args([
+        "linearize", "--sinks", "4", "--global-cache", "128", "--global-cache-interval", "32",
+        "--global-cache-dedup", "0.9", "--no-feature-map-rope", "--feature-dim", "16",
+    ])
+    cfg = linearize_kwargs(args)["config"]
+    assert (cfg.sink_size, cfg.global_cache_size, cfg.global_cache_interval, cfg.global_cache_dedup) == (4, 128, 32, 0.9)
+    assert cfg.feature_map_rope is False and cfg.feature_dim == 16 and cfg.window_size == 64
+    assert linearize_kwargs(build_parser().parse_args(["linearize"]))["config"] == lolcats.LolcatsConfig()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["linearize", "--key-maps", "both"])
+
+
 def _one_line_error(capsys, argv, match):
     rc = main(argv)
     err = capsys.readouterr().err.strip()

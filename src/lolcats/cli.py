@@ -82,24 +82,8 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="output delta folder (default: ./lolcats-<model>)")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file of conversion keys (window_size, feature_dim, ...) and linearize options")
-    g = p.add_argument_group("conversion")
-    g.add_argument("--window", type=int, default=None, metavar="N", dest="window_size",
-                   help="sliding softmax window in tokens (default 64)")
-    g.add_argument("--feature-dim", type=int, default=None, metavar="N", help="feature map width f (default 64)")
-    g.add_argument("--key-maps", choices=["query", "kv"], default=None, dest="key_map_sharing",
-                   help="one key feature map per query head (query, default) or per KV head (kv)")
-    g.add_argument("--softmax-layers", type=parse_layers, default=None, metavar="I,J",
-                   help="layer indices kept as softmax attention, e.g. 0,5")
-    g.add_argument("--sinks", type=int, default=None, metavar="N", dest="sink_size",
-                   help="attention sinks: the first N tokens stay exact (default 0)")
-    g.add_argument("--global-cache", type=int, default=None, metavar="N", dest="global_cache_size",
-                   help="N exact key/values per layer and KV head, the ones the linear state recalls worst (default 0)")
-    g.add_argument("--global-cache-interval", type=int, default=None, metavar="P",
-                   help="tokens between global-cache selections (default 64)")
-    g.add_argument("--global-cache-dedup", type=float, default=None, metavar="COS",
-                   help="do not keep a cache candidate whose value has cosine > COS with a better one's (default 0.95; 1 = off)")
-    g.add_argument("--no-feature-map-rope", action="store_false", default=None, dest="feature_map_rope",
-                   help="feature maps read q/k before RoPE (a position-free linear part)")
+    # one flag per LolcatsConfig field that declares one (metadata "flag"), named by its field
+    add_conversion_arguments(p.add_argument_group("conversion"))
     # one flag per recipe field (lolcats.recipe): --stage1-tokens, --lr1, ..., and --data
     Recipe.add_arguments({"input": p, "training": p.add_argument_group("training")})
     o = p.add_argument_group("output")
@@ -109,6 +93,27 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run_linearize)
     return p
+
+
+def add_conversion_arguments(group) -> None:
+    """The conversion flags, from LolcatsConfig's field metadata (the option's one declaration):
+    "flag" names it, the help is the field's; every default is None ("not given": YAML, then the
+    config's default, which the help shows)."""
+    for f in dataclasses.fields(LolcatsConfig):
+        meta = f.metadata
+        if "flag" not in meta:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": f"{meta['help']} (default {default})"}
+        if isinstance(default, bool):  # the flag switches the default over
+            kwargs["action"] = "store_false" if default else "store_true"
+            kwargs["help"] = f"{meta['help']} (default {default}; the flag sets {not default})"
+        elif "choices" in meta:
+            kwargs["choices"] = list(meta["choices"])
+        else:
+            kwargs["type"] = parse_layers if isinstance(default, list) else type(default)
+            kwargs["metavar"] = meta.get("metavar")
+        group.add_argument(meta["flag"], **kwargs)
 
 
 def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
