@@ -15,25 +15,37 @@ FEATURE_MAP_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 @dataclass
 class LolcatsConfig:
+    # metadata: "help", and for the fields `lolcats linearize` exposes, "flag" (+ "metavar" or
+    # "choices"): cli.add_conversion_arguments builds the flags from them
     window_size: int = field(
         default=64,
-        metadata={"flag": "--window", "metavar": "N", "help": "Tokens attended with exact softmax (incl. the current one); 0 = pure linear attention."},
+        metadata={
+            "flag": "--window", "metavar": "N",
+            "help": "Tokens attended with exact softmax (incl. the current one); 0 = pure linear attention.",
+        },
     )
     feature_dim: int = field(
-        default=64, metadata={"flag": "--feature-dim", "metavar": "N", "help": "f: Hedgehog projection width; the feature map outputs 2f features."}
+        default=64, metadata={
+            "flag": "--feature-dim", "metavar": "N",
+            "help": "f: Hedgehog projection width; the feature map outputs 2f features.",
+        }
     )
     init_gamma: float = field(
         default=0.1, metadata={"help": "Initial window weight gamma = sigmoid(logit) per query head."}
     )
     key_map_sharing: KeyMapSharing = field(
         default="query",
-        metadata={"flag": "--key-maps", "choices": ("query", "kv"), 
+        metadata={
+            "flag": "--key-maps", "choices": ("query", "kv"),
             "help": "'query': one key feature map per query head (official LoLCATs, larger state); "
             "'kv': one per KV head, decode state shared by the query heads of a GQA group."
         },
     )
     softmax_layers: list[int] = field(
-        default_factory=list, metadata={"flag": "--softmax-layers", "metavar": "I,J", "help": "Layer indices kept as the original softmax attention."}
+        default_factory=list, metadata={
+            "flag": "--softmax-layers", "metavar": "I,J",
+            "help": "Layer indices kept as the original softmax attention.",
+        }
     )
     convert_sliding_layers: bool = field(
         default=False,
@@ -44,25 +56,31 @@ class LolcatsConfig:
     )
     sink_size: int = field(
         default=0,
-        metadata={"flag": "--sinks", "metavar": "N", 
+        metadata={
+            "flag": "--sinks", "metavar": "N",
             "help": "Attention sinks: the first N tokens stay in the exact softmax part forever (never summed "
             "into the linear state), under the shared normaliser. Constant memory."
         },
     )
     global_cache_size: int = field(
         default=0,
-        metadata={"flag": "--global-cache", "metavar": "N", 
+        metadata={
+            "flag": "--global-cache", "metavar": "N",
             "help": "Global cache: N exact key/value pairs per layer and KV head beside the linear state, chosen "
             "online as the tokens the state recalls worst (LoLA-style). Constant memory; 0 = off."
         },
     )
     global_cache_interval: int = field(
         default=64,
-        metadata={"flag": "--global-cache-interval", "metavar": "P", "help": "Tokens between global-cache selections (the window grows by up to this much in between)."},
+        metadata={
+            "flag": "--global-cache-interval", "metavar": "P",
+            "help": "Tokens between global-cache selections (the window grows by up to this much in between).",
+        },
     )
     global_cache_dedup: float = field(
         default=0.95,
-        metadata={"flag": "--global-cache-dedup", "metavar": "COS", 
+        metadata={
+            "flag": "--global-cache-dedup", "metavar": "COS",
             "help": "Global cache: a candidate whose value has cosine above this with a better-scored candidate's "
             "is not kept, so a repeated token cannot fill the budget (measured: better passkey recall at both "
             "budgets compared, 64 and 256, see QUALITY.md); 1.0 = off."
@@ -70,7 +88,8 @@ class LolcatsConfig:
     )
     feature_map_rope: bool = field(
         default=True,
-        metadata={"flag": "--no-feature-map-rope", 
+        metadata={
+            "flag": "--no-feature-map-rope",
             "help": "Feature maps read q/k after RoPE (official LoLCATs). False: before RoPE, so the linear part is "
             "position-free and never meets positions unseen in training; the window keeps RoPE."
         },
