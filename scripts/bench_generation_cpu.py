@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table(rows))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        from lolcats.fileio import atomic_write_json  # a killed run leaves no half-written file
+
+        atomic_write_json(args.output, {"meta": meta, "results": rows})
     return 0
 
 

@@ -14,7 +14,6 @@ each) for the whole run: the "other work on the same cores" of a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -78,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"cores": len(os.sched_getaffinity(0)), "load_average_after": os.getloadavg(),
             "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        from lolcats.fileio import atomic_write_json  # a killed run leaves no half-written file
+
+        atomic_write_json(args.output, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -8,7 +8,6 @@ teacher: it separates what the linear attention costs from what the LoRA itself 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 import lolcats  # noqa: E402
 from lolcats.attention.layer import set_mode  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
+from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
 from lolcats.loading import embedded_default_path  # noqa: E402
 from long_context import load_blocks, wiki_blocks  # noqa: E402  (the GPU study's exact blocks)
@@ -51,8 +51,7 @@ def main() -> None:
     ratio = {k: rows["hybrid"][k] / rows["softmax"][k] for k in sets}
     print("hybrid / control: " + " ".join(f"{k} {v:.3f}x" for k, v in ratio.items()))
     if args.out:
-        args.out.write_text(json.dumps({"delta": args.delta, "blocks": args.blocks, "rows": rows, "ratio": ratio},
-                                       indent=2))
+        atomic_write_json(args.out, {"delta": args.delta, "blocks": args.blocks, "rows": rows, "ratio": ratio})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from lolcats.bench.common import sync  # noqa: E402
 from lolcats.convert import MEMORY_FIELDS, lolcats_parameters  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
+from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
 from lolcats.train.layer_selection import rank_softmax_layers  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters  # noqa: E402
@@ -224,8 +225,8 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     def save():
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                       indent=2, default=str))
+        # atomic: rows are rewritten after every evaluation, and a call cut short keeps the last whole file
+        atomic_write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, default=str)
 
     for name in args.variants.split(","):
         if time.perf_counter() - T0 + TRAIN_RESERVE > args.time_budget:
