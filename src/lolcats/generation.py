@@ -22,6 +22,7 @@ from lolcats.attention.cache import cache_nbytes
 from lolcats.compat import cache_argument_name, output_cache
 from lolcats.console import announce_threads, report_error
 from lolcats.errors import LolcatsError
+from lolcats.loading import add_loading_arguments
 from lolcats.runtime import model_device
 
 logger = logging.getLogger(__name__)
@@ -226,10 +227,7 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default float32)",
     )
-    p.add_argument("--no-verify", action="store_false", dest="verify",
-                   help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
-    p.add_argument("--base-model", default=None, metavar="PATH",
-                   help="for a delta folder: its base model here (HF folder or .gguf), when not at the path the delta recorded")
+    add_loading_arguments(p)  # --no-verify, --base-model
 
 
 def add_parsers(subparsers) -> None:

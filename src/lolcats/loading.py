@@ -166,6 +166,16 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     return tok
 
 
+def add_loading_arguments(parser) -> None:
+    """The flags of the commands that load a model with `load_model_and_tokenizer` (generate, chat,
+    eval): --no-verify (dest verify) and --base-model (dest base_model), its keyword arguments."""
+    parser.add_argument("--no-verify", action="store_false", dest="verify",
+                        help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
+    parser.add_argument("--base-model", default=None, metavar="PATH",
+                        help="for a delta folder: its base model here (HF folder or .gguf), when not at the path the "
+                             "delta recorded")
+
+
 def load_model_and_tokenizer(
     path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None, verify: bool = True, base_model: str | os.PathLike | None = None,

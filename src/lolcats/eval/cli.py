@@ -29,6 +29,7 @@ from lolcats.eval.data import (
     require_file,
     resolve_data_dir,
 )
+from lolcats.loading import add_loading_arguments
 
 DEFAULT_TASKS = ",".join(PAPER_TASKS)
 
@@ -67,10 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="model dtype (default: the loader's)")
-    p.add_argument("--no-verify", action="store_false", dest="verify",
-                   help="load a delta folder without checking its files' sha256 (for deltas edited on purpose)")
-    p.add_argument("--base-model", default=None, metavar="PATH",
-                   help="for a delta folder: its base model here (HF folder or .gguf), when not at the path the delta recorded")
+    add_loading_arguments(p)  # --no-verify, --base-model
     _add_long_arguments(p)
     p.set_defaults(func=run, tasks_given=False)
     return p
