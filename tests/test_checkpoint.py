@@ -64,6 +64,26 @@ def test_round_trip_keeps_memory_mechanisms(tmp_path):
     assert (plain - ref).abs().max() > 1e-4
 
 
+def test_round_trip_keeps_the_linear_decay(tmp_path):
+    """The learned decay is a delta weight: a reload has the trained lambdas and the same outputs."""
+    cfg = LolcatsConfig(window_size=3, linear_decay=4, key_map_sharing="kv")
+    model = trained_like(lolcats.convert(tiny_model("llama"), cfg))
+    ids, mask = random_batch(2, 30, pad=[0, 3])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "delta")
+    loaded = lolcats.from_pretrained(tmp_path / "delta", base_model=tiny_model("llama"))
+    assert loaded.lolcats_config.linear_decay == 4
+    for a, b in zip(converted_layers(model), converted_layers(loaded)):
+        assert torch.equal(a.lolcats.decay_log_rate, b.lolcats.decay_log_rate)
+    with torch.no_grad():
+        out = loaded(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(out, ref)
+        for layer in converted_layers(loaded):  # without the decay the model is another function
+            layer.lolcats.decay_log_rate.fill_(-30.0)
+        assert (loaded(input_ids=ids, attention_mask=mask).logits - ref).abs().max() > 1e-4
+
+
 def test_lora_round_trip(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -110,6 +110,10 @@ def test_incremental_decoding_matches_full_forward(family):
         ("qwen3", {}, {"sink_size": 1, "global_cache_size": 2, "global_cache_interval": 3, "feature_map_rope": False}),
         ("mistral", {}, {"key_map_sharing": "kv", "feature_map_rope": False}),
         ("gemma2", {"sliding_window": 6}, {"convert_sliding_layers": True, "sink_size": 2}),
+        # the decaying linear state, alone and with memory (window 4 so the linear part is read)
+        ("llama", {}, {"linear_decay": 3, "window_size": 4}),
+        ("qwen3", {}, {"linear_decay": 5, "window_size": 4, "sink_size": 1, "global_cache_size": 2,
+                       "global_cache_interval": 3, "feature_map_rope": False}),
     ],
 )
 def test_incremental_decoding_mixed_configs(family, model_overrides, config):

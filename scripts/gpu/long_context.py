@@ -70,7 +70,24 @@ VARIANTS: dict[str, dict] = {
                              evals={"+gc256dd_p32": {"global_cache_size": 256, "global_cache_dedup": 0.95,
                                                      "global_cache_interval": 32}}),
     "sinks_nope_softmax4": dict(cfg={**SINKS, "feature_map_rope": False}, softmax_keep=4, evals={"": {}}),
+    # the cache-aware recipe with a learned decay of the linear state (started at a 1K-token horizon)
+    "sinks_nope_gc128dd_decay1k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False, "linear_decay": 1024},
+                                       evals={"": {}}),
+    "sinks_nope_gc128dd_decay1k_s2_4k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False,
+                                                  "linear_decay": 1024}, s2_block=4096, evals={"": {}}),
+    "nope_decay1k": dict(cfg={"feature_map_rope": False, "linear_decay": 1024}, evals={"": {}}),
 }
+
+
+def decay_horizons(model) -> dict | None:
+    """The learned decays as horizons 1 / (1 - lambda) in tokens: quantiles over every layer's heads."""
+    rates = [p.detach().float().flatten() for n, p in lolcats_parameters(model).items() if n.endswith("decay_log_rate")]
+    if not rates:
+        return None
+    lam = torch.exp(-torch.exp(torch.cat(rates)))
+    h = (1.0 / (1.0 - lam)).cpu()
+    q = torch.quantile(h, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+    return {"min": q[0].item(), "p10": q[1].item(), "median": q[2].item(), "p90": q[3].item(), "max": q[4].item()}
 
 
 def log(msg: str) -> None:
@@ -109,6 +126,9 @@ def train_variant(base, spec, data, val, data4k, args):
     lolcats.set_mode(model, "hybrid")
     t1 = time.perf_counter() - t
     info: dict = {}
+    if (h := decay_horizons(model)) is not None:
+        info["decay_horizon_tokens"] = h
+        log(f"learned decay horizons (tokens): {h}")
     if spec.get("softmax_keep"):
         model, info = keep_softmax_layers(base, model, spec, data4k, spec["softmax_keep"])
     peft = add_lora(model, r=8, alpha=16)

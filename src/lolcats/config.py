@@ -94,6 +94,15 @@ class LolcatsConfig:
             "position-free and never meets positions unseen in training; the window keeps RoPE."
         },
     )
+    linear_decay: int = field(
+        default=0,
+        metadata={
+            "flag": "--linear-decay", "metavar": "TOKENS",
+            "help": "Learned decay of the linear state: key j counts lambda^(i - j) for query i, one lambda per "
+            "key-map head, started at 1 - 1/TOKENS and trained in stage 1. It bounds the linear part's mass, "
+            "which otherwise grows with the context past the training length. Constant memory; 0 = off."
+        },
+    )
     chunk_size: int = field(default=64, metadata={"help": "Query chunk length of the chunked (training/prefill) form."})
     feature_map_dtype: str = field(
         default="float32", metadata={"help": "dtype of the feature maps' weights and computation."}
@@ -115,6 +124,9 @@ class LolcatsConfig:
         if self.global_cache_size and self.window_size < 1:
             raise ConfigError("global_cache_size needs window_size >= 1")
         v.boolean("feature_map_rope", self.feature_map_rope)
+        self.linear_decay = v.integer("linear_decay", self.linear_decay, minimum=0)
+        if self.linear_decay == 1:
+            raise ConfigError("linear_decay must be 0 (off) or at least 2 tokens (lambda = 1 - 1/linear_decay)")
         self.chunk_size = v.integer("chunk_size", self.chunk_size, minimum=1)
         v.choice("feature_map_dtype", self.feature_map_dtype, FEATURE_MAP_DTYPES)
 

@@ -121,7 +121,7 @@ def decode_state_bytes(shape: ModelShape, config: LolcatsConfig | None = None, k
     wb = cfg.window_size + mem.period - 1
     window = (2 + key_inputs) * slot * wb + wb
     sinks = cfg.sink_size * (2 * slot + 8)  # keys, values, int64 positions
-    cache = cfg.global_cache_size * ((2 + key_inputs) * slot + shape.kv_heads)  # + validity flags
+    cache = cfg.global_cache_size * ((2 + key_inputs) * slot + shape.kv_heads * 9)  # + validity, int64 positions
     return shape.layers * (state + window + sinks + cache)
 
 

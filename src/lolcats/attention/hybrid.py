@@ -8,7 +8,7 @@ For query i (positions are tensor indices; left padding keeps them contiguous):
     s_ij = softcap(scale * q_i . k_j),   m_i = max_{j in B(i)} s_ij  (0 when B(i) is empty)
     y_i  = (sum_B gamma e^{s_ij - m_i} v_j + sum_X gamma e^{min(s_ij - m_i, 60)} v_j + phi_q(q_i)^T S_i)
            / (sum_B gamma e^{s_ij - m_i}   + sum_X gamma e^{min(s_ij - m_i, 60)}   + phi_q(q_i)^T z_i)
-    S_i  = sum_{L(i)} phi_k(k_j) v_j^T,   z_i = sum_{L(i)} phi_k(k_j)
+    S_i  = sum_{L(i)} lambda^(i-j) phi_k(k_j) v_j^T,   z_i = sum_{L(i)} lambda^(i-j) phi_k(k_j)
 
 Without memory lo(i) = i - w + 1: the last w tokens, the query's own included. w = 0 is pure
 (normalised) linear attention; w >= sequence length is plain softmax attention. Padded keys
@@ -16,6 +16,12 @@ Without memory lo(i) = i - w + 1: the last w tokens, the query's own included. w
 part keeps the scale the feature maps were trained for; extra keys with much larger scores (a
 sink, a recalled needle) then dominate the shared normaliser as they do in softmax attention
 (the clamp at 60 nats only keeps float32 finite).
+
+Decay (optional, `log_decay` = log lambda <= 0, one per state head: [Hk*kg]): the linear part weighs
+key j by lambda^(i-j), so the linear mass stays bounded (at most 1 / (1 - lambda) keys) instead of
+growing with the context past the length the feature maps were trained at. Without it lambda = 1.
+A state (S, z) is held relative to its `position` (S = sum lambda^(position - j) ...), so a query
+at t >= position reads lambda^(t - position) S, and each step multiplies S and z by lambda.
 
 Memory beyond the window (`Memory`; fixed size per sequence, so decoding stays constant-memory):
 
@@ -96,7 +102,8 @@ class HybridState:
     win_kf [B, Hk, Wb, Dk]: the key-map inputs of those slots when they are not win_k (pre-RoPE keys).
     position: tensor positions seen so far (the same for every row).
     sink_k/sink_v [B, Hk, s, .], sink_pos [B, s] (-1: empty): the attention sinks.
-    glob_k/glob_v/glob_kf [B, Hk, M, .], glob_valid [B, Hk, M]: the global cache.
+    glob_k/glob_v/glob_kf [B, Hk, M, .], glob_valid [B, Hk, M], glob_pos [B, Hk, M]: the global cache
+    (positions: a key folded into a decaying state later is weighed by its age).
     """
 
     kv: torch.Tensor
@@ -113,6 +120,7 @@ class HybridState:
     glob_v: torch.Tensor | None = None
     glob_kf: torch.Tensor | None = None
     glob_valid: torch.Tensor | None = None
+    glob_pos: torch.Tensor | None = None
 
     def _tensor_fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
@@ -173,6 +181,7 @@ def empty_state(
         if key_input_dim is not None:
             state.glob_kf = torch.zeros(batch, kv_heads, n, key_input_dim, **z)
         state.glob_valid = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=device)
+        state.glob_pos = torch.zeros(batch, kv_heads, n, dtype=torch.long, device=device)
     return state
 
 
@@ -192,7 +201,7 @@ def _exact_dtypes(form):
     return run
 
 
-def check_shapes(q, k, v, fq, fk, gamma) -> tuple[int, int, int]:
+def check_shapes(q, k, v, fq, fk, gamma, log_decay=None) -> tuple[int, int, int]:
     """Validate the public layout; returns (kv_heads, group size g, key groups kg)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -209,7 +218,13 @@ def check_shapes(q, k, v, fq, fk, gamma) -> tuple[int, int, int]:
         raise ValueError(f"fk must be [B, T, {Hk} or {H}, {fq.shape[3]}], got {tuple(fk.shape)}")
     if gamma.shape != (H,):
         raise ValueError(f"gamma must have shape [{H}], got {tuple(gamma.shape)}")
+    check_decay(log_decay, fk.shape[2])
     return Hk, g, fk.shape[2] // Hk
+
+
+def check_decay(log_decay: torch.Tensor | None, state_heads: int) -> None:
+    if log_decay is not None and log_decay.shape != (state_heads,):
+        raise ValueError(f"log_decay must have shape [{state_heads}] (one per key-map head), got {tuple(log_decay.shape)}")
 
 
 def check_memory(memory: Memory | None, window: int) -> Memory:
@@ -262,6 +277,33 @@ def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 def _gamma_grouped(gamma: torch.Tensor, kv_heads: int, dims_after: int, dtype: torch.dtype) -> torch.Tensor:
     return gamma.to(dtype).view(1, kv_heads, -1, *([1] * dims_after))
+
+
+def _decay_grouped(log_decay: torch.Tensor, kv_heads: int, dims_after: int, dtype: torch.dtype) -> torch.Tensor:
+    """log lambda [Hk*kg] -> [1, Hk, kg, 1, ...] (broadcasts over the query heads of a group when kg = 1)."""
+    return log_decay.to(dtype).view(1, kv_heads, -1, *([1] * dims_after))
+
+
+def _age_weight(log_decay_g: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """lambda^age, ages clamped at 0 (slots that hold nothing may carry any position; they are masked
+    afterwards, and e^(positive) there could overflow into inf * 0)."""
+    return torch.exp(log_decay_g * age.clamp(min=0).to(log_decay_g.dtype))
+
+
+def _prefix_over_chunks(x: torch.Tensor, log_decay_c: torch.Tensor | None, span: int) -> torch.Tensor:
+    """Exclusive prefix over dim 3 of x [B, Hk, kg, N, ...]: out[n] = sum_{m < n} lambda^(span (n-1-m)) x[m].
+
+    x[m] is chunk m's sum referenced at its end; log_decay_c [Hk, kg] (None: lambda = 1, a plain cumsum).
+    """
+    if log_decay_c is None:
+        return torch.cumsum(x, dim=3) - x
+    N = x.shape[3]
+    n = torch.arange(N, device=x.device)
+    lag = n[:, None] - 1 - n[None, :]  # [N, N]
+    mix = torch.exp(log_decay_c.to(x.dtype)[..., None, None] * span * lag.clamp(min=0).to(x.dtype)) * (lag >= 0)
+    flat = x.flatten(4) if x.dim() > 4 else x[..., None]
+    out = torch.einsum("hknm,bhkmx->bhknx", mix, flat)
+    return out.view(x.shape)
 
 
 def _sink_flags(valid: torch.Tensor, sinks: int, already: torch.Tensor | None = None) -> torch.Tensor:
@@ -344,7 +386,8 @@ def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
 # a. quadratic reference
 
 
-def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int) -> torch.Tensor:
+def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int,
+                        log_decay: torch.Tensor | None = None) -> torch.Tensor:
     """Replay the global cache's selections over a whole sequence (no gradient flows through them).
 
     Returns kept [B, Hk, intervals, T]: the keys the queries of each selection interval attend
@@ -361,14 +404,19 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
     ok = torch.zeros(B, Hk, 0, dtype=torch.bool, device=dev)
     kv = torch.zeros(B, Hk, kg, fk_g.shape[-1], v_g.shape[-1], dtype=fk_g.dtype, device=dev)
     k_sum = torch.zeros(B, Hk, kg, fk_g.shape[-1], dtype=fk_g.dtype, device=dev)
+    dec = None if log_decay is None else _decay_grouped(log_decay.detach(), Hk, 1, fk_g.dtype)  # [1, Hk, kg, 1]
     for c in range(1, intervals):  # a selection at the first position of every interval but the first
         leaving = torch.arange(max(c * P - P - w + 1, 0), max(c * P - w + 1, 0), device=dev)
         idx = torch.cat([idx, leaving.expand(B, Hk, -1)], 2)
         ok = torch.cat([ok, eligible[:, leaving][:, None].expand(B, Hk, -1)], 2)
         f = fk_g.gather(3, idx[:, :, None, :, None].expand(B, Hk, kg, -1, fk_g.shape[-1]))
         vv = _take(v_g[:, :, 0], idx)[:, :, None]  # [B, Hk, 1, n, Dv]
+        if dec is not None:  # the state, held relative to the previous selection, now to this one
+            kv, k_sum = kv * torch.exp(dec * P)[..., None], k_sum * torch.exp(dec * P)
         keep = keep_worst_recalled(recall_error(f, vv, kv, k_sum), ok, M, vv[:, :, 0], memory.dedup)
         fold = (ok & ~keep).to(f.dtype)[:, :, None, :, None]
+        if dec is not None:  # each folded key weighed by its age at this selection
+            fold = fold * _age_weight(dec[..., None], (c * P - idx)[:, :, None, :, None])
         kv = kv + torch.matmul((f * fold).transpose(-1, -2), vv)
         k_sum = k_sum + (f * fold).sum(-2)
         order = torch.where(keep, idx, T).argsort(dim=2, stable=True)[:, :, :M]  # kept, in position order
@@ -377,13 +425,13 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
     return kept[..., :T]
 
 
-def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory):
+def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory, log_decay=None):
     """The selection schedule as [B, Hk, T_q, T_k] masks (reference form): (cached, summed).
 
     A key is summed from the selection after it left the band unless that selection keeps it."""
     T = fk_g.shape[3]
     P = memory.period
-    kept = _selection_schedule(fk_g, v_g, valid, is_sink, window, memory, -(-T // P))
+    kept = _selection_schedule(fk_g, v_g, valid, is_sink, window, memory, -(-T // P), log_decay)
     i = torch.arange(T, device=valid.device)
     cached = kept[:, :, i // P]  # [B, Hk, T_q, T_k]
     left = i[None, :] <= (i // P * P - window)[:, None]  # left the band by the query's selection
@@ -396,9 +444,10 @@ def hybrid_attention_quadratic(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, return_weights: bool = False, memory: Memory | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form. Returns (o [B, T, H, Dv], weights [B, H, T, T] or None); O(T^2) memory."""
-    Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
+    Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
@@ -418,7 +467,7 @@ def hybrid_attention_quadratic(
     band = in_band & vk
     extra = older & (is_sink[:, None, None, :])  # [B, 1, T_q, T_k]
     if memory.global_size:
-        cached, summed = _global_selection(fkg, vg, valid, is_sink, window, memory)
+        cached, summed = _global_selection(fkg, vg, valid, is_sink, window, memory, log_decay)
         extra = extra | cached
         linear = summed
     else:
@@ -428,7 +477,10 @@ def hybrid_attention_quadratic(
     s = _scores(qg, kg_, scale, softcap)
     gam = _gamma_grouped(gamma, Hk, 2, acc)
     a_win, m = _window_terms(s, band, gam)
-    a = a_win + _extra_terms(s, extra, m, gam) + torch.matmul(fqg, fkg.transpose(-1, -2)) * linear
+    a_lin = torch.matmul(fqg, fkg.transpose(-1, -2)) * linear
+    if log_decay is not None:
+        a_lin = a_lin * _age_weight(_decay_grouped(log_decay, Hk, 2, acc), i[:, None] - i[None, :])
+    a = a_win + _extra_terms(s, extra, m, gam) + a_lin
     den = a.sum(-1, keepdim=True)
     o = _divide(torch.matmul(a, vg), den)
     weights = _divide(a, den).reshape(B, H, T, T) if return_weights else None
@@ -476,18 +528,29 @@ def window_buffer(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
 
 
 def _final_state(k, v, fk, valid, window: int, Hk: int, initial: HybridState | None, *, kf=None,
-                 summable=None, sinks=None, position: int = 0) -> HybridState:
-    """S, z over keys older than the last w (sinks excluded), the last w keys as the window buffer."""
+                 summable=None, sinks=None, position: int = 0, log_decay=None, new_tokens: int = 0) -> HybridState:
+    """S, z over keys older than the last w (sinks excluded), the last w keys as the window buffer.
+
+    With decay, S and z are held relative to the end (key at index j: lambda^(T - j)); the initial
+    state, relative to where the `new_tokens` began, ages by lambda^new_tokens."""
     B, T = valid.shape
     acc = accumulation_dtype(k.dtype)
     n_old = max(T - window, 0)
     ok = valid if summable is None else summable
     fk_old = _grouped(fk[:, :n_old].to(acc), Hk) * ok[:, None, None, :n_old, None]
+    if log_decay is not None:
+        dec = _decay_grouped(log_decay, Hk, 2, acc)  # [1, Hk, kg, 1, 1]
+        ages = (T - torch.arange(n_old, device=k.device))[:, None]  # [n_old, 1]
+        fk_old = fk_old * _age_weight(dec, ages)  # [1, Hk, kg, n_old, 1]
     v_old = _grouped(v[:, :n_old].to(acc), Hk)
     kv = torch.matmul(fk_old.transpose(-1, -2), v_old)  # [B, Hk, kg, F, Dv]
     k_sum = fk_old.sum(-2)
     if initial is not None:
-        kv, k_sum = kv + initial.kv, k_sum + initial.k_sum
+        if log_decay is None:
+            kv, k_sum = kv + initial.kv, k_sum + initial.k_sum
+        else:
+            age = torch.exp(dec * new_tokens)  # [1, Hk, kg, 1, 1]
+            kv, k_sum = kv + initial.kv * age, k_sum + initial.k_sum * age[..., 0]
     state = HybridState(kv, k_sum, window_buffer(k, window), window_buffer(v, window),
                         window_buffer(valid, window, value=False),
                         win_kf=None if kf is None else window_buffer(kf, window), position=position)
@@ -502,7 +565,7 @@ def hybrid_attention_chunked(
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
-    memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
+    memory: Memory | None = None, key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Chunked form: never builds a T x T tensor. Returns (o [B, T, H, Dv], final state or None).
 
@@ -513,18 +576,18 @@ def hybrid_attention_chunked(
     is not asked for (`_global_cache_intervals`: training), else `_memory_segments` (one interval at
     a time, the state carried: prefill).
     """
-    Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma)
+    Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
     if memory.global_size and key_map is None:  # also where the interval pass would not need it
         raise ValueError("a global cache needs key_map to score and fold the keys it selects")
     if memory.global_size and initial_state is None and not output_final_state:
         return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
-                                       softcap=softcap, key_mask=key_mask), None
+                                       softcap=softcap, key_mask=key_mask, log_decay=log_decay), None
     if memory.global_size:
         o, state = _memory_segments(
             q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
             softcap=softcap, key_mask=key_mask, key_map_input=key_map_input, feature_dim=fk.shape[-1],
-            key_groups=kg, segment=memory.period,
+            key_groups=kg, segment=memory.period, log_decay=log_decay,
         )
         return o, state if output_final_state else None
     T_new = q.shape[1]
@@ -606,27 +669,44 @@ def hybrid_attention_chunked(
     fks, vs = chunks(fks), chunks(vs)  # [B, Hk, kg, N, C, F], [B, Hk, 1, N, C, Dv]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     a_lin = torch.matmul(fqg, fks.transpose(-1, -2)) * causal  # [B, Hk, g, N, C, C]
+    dec = read = None
+    if log_decay is not None:  # shifted key r (original index r - w) read by query c: lambda^(w + c - r)
+        dec = _decay_grouped(log_decay, Hk, 3, acc)  # [1, Hk, kg, 1, 1, 1]
+        c_idx = torch.arange(C, device=q.device)
+        a_lin = a_lin * _age_weight(dec, w + c_idx[:, None] - c_idx[None, :])
+        fks_end = fks * _age_weight(dec, C - c_idx[:, None])  # chunk sums held relative to the chunk's end
+        read = _age_weight(dec, w + c_idx[:, None])  # [1, Hk, kg, 1, C, 1]: a chunk start's state, read at c
     num = num + torch.matmul(a_lin, vs)
     den = den + a_lin.sum(-1, keepdim=True)
-    kv_chunk = torch.matmul(fks.transpose(-1, -2), vs)  # [B, Hk, kg, N, F, Dv]
-    kv_prefix = torch.cumsum(kv_chunk, dim=3) - kv_chunk  # exclusive prefix over chunks
-    z_prefix = torch.cumsum(fks.sum(-2), dim=3) - fks.sum(-2)  # [B, Hk, kg, N, F]
-    if initial_state is not None:
+    fks_sum = fks if dec is None else fks_end
+    kv_chunk = torch.matmul(fks_sum.transpose(-1, -2), vs)  # [B, Hk, kg, N, F, Dv]
+    log_c = None if dec is None else log_decay.to(acc).view(Hk, -1)
+    kv_prefix = _prefix_over_chunks(kv_chunk, log_c, C)  # exclusive prefix over chunks
+    z_prefix = _prefix_over_chunks(fks_sum.sum(-2), log_c, C)  # [B, Hk, kg, N, F]
+    if initial_state is not None and dec is None:
         kv_prefix = kv_prefix + initial_state.kv.to(acc)[:, :, :, None]
         z_prefix = z_prefix + initial_state.k_sum.to(acc)[:, :, :, None]
-    num = num + torch.matmul(fqg, kv_prefix)
-    den = den + torch.matmul(fqg, z_prefix[..., None])
+    lin_num, lin_den = torch.matmul(fqg, kv_prefix), torch.matmul(fqg, z_prefix[..., None])
+    if read is not None:
+        lin_num, lin_den = lin_num * read, lin_den * read
+    if initial_state is not None and dec is not None:  # held relative to the first new token's position
+        t_idx = torch.arange(N * C, device=q.device).view(N, C, 1) - (T - T_new)
+        age = _age_weight(dec, t_idx)  # [1, Hk, kg, N, C, 1]
+        lin_num = lin_num + torch.matmul(fqg, initial_state.kv.to(acc)[:, :, :, None]) * age
+        lin_den = lin_den + torch.matmul(fqg, initial_state.k_sum.to(acc)[:, :, :, None, :, None]) * age
+    num, den = num + lin_num, den + lin_den
 
     o = _divide(num, den).reshape(B, Hk, g, N * C, Dv)[..., :T, :]
     o = _ungrouped(o)[:, T - T_new:].to(v.dtype)
     state = None
     if output_final_state:
         state = _final_state(k, v, fk, valid, w, Hk, initial_state, kf=kf, summable=summable, sinks=sinks,
-                             position=position + T_new)
+                             position=position + T_new, log_decay=log_decay, new_tokens=T_new)
     return o, state
 
 
-def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask):
+def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask,
+                            log_decay=None):
     """A fresh sequence with a global cache, every interval at once (training, plain forwards).
 
     The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
@@ -652,7 +732,7 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
     qc, fqc = chunks(qg), chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, .]
     gam = _gamma_grouped(gamma, Hk, 3, acc)
-    kept = _selection_schedule(fkg, vg, valid, is_sink, w, memory, N)  # [B, Hk, N, T]
+    kept = _selection_schedule(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, T]
 
     # band: interval n sees keys [nP - w + 1, nP + P); local query a, local key b: b <= a + w - 1
     kpad, vpad = (F.pad(x, (0, 0, w - 1, pad)) for x in (kk, vg))
@@ -688,18 +768,30 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     # linear part: interval n reads every eligible key that left the band by its selection
     # (t <= nP - w: keys shifted right by w - 1, an exclusive prefix over intervals) but the ones
     # it holds in the cache (at most M: subtracted), so no [N, T, F] tensor is built
+    # (with decay: interval n's state held relative to nP; its query a reads it times lambda^a)
     eligible = (valid & ~is_sink).to(acc)[:, None, None, :, None]
     fks = chunks(F.pad(fkg * eligible, (0, 0, w - 1, 0))[..., :T, :])  # [B, Hk, kg, N, P, F]
     vs = chunks(F.pad(vg, (0, 0, w - 1, 0))[..., :T, :])
+    dec = None if log_decay is None else _decay_grouped(log_decay, Hk, 3, acc)  # [1, Hk, kg, 1, 1, 1]
+    p_idx = torch.arange(P, device=q.device)
+    if dec is not None:  # shifted slot r holds key nP + r - w + 1: its age at the interval's end
+        fks = fks * _age_weight(dec, P + w - 1 - p_idx[:, None])
     kv_chunk, z_chunk = torch.matmul(fks.transpose(-1, -2), vs), fks.sum(-2)
-    kv = torch.cumsum(kv_chunk, dim=3) - kv_chunk  # [B, Hk, kg, N, F, Dv]
-    z = torch.cumsum(z_chunk, dim=3) - z_chunk  # [B, Hk, kg, N, F]
+    log_c = None if dec is None else log_decay.to(acc).view(Hk, -1)
+    kv = _prefix_over_chunks(kv_chunk, log_c, P)  # [B, Hk, kg, N, F, Dv]
+    z = _prefix_over_chunks(z_chunk, log_c, P)  # [B, Hk, kg, N, F]
     kept_f = _take(fkg.flatten(1, 2), slot.flatten(2).repeat_interleave(fkg.shape[2], 1))
     kept_f = kept_f.view(B, Hk, -1, N, slot.shape[-1], fkg.shape[-1]) * ok[:, :, None, :, :, None].to(acc)
+    if dec is not None:  # a cached key's age at its interval's start
+        starts = (torch.arange(N, device=q.device) * P)[None, None, None, :, None]
+        kept_f = kept_f * _age_weight(dec[..., 0], starts - slot[:, :, None])[..., None]
     kv = kv - torch.matmul(kept_f.transpose(-1, -2), cv[:, :, None])
     z = z - kept_f.sum(-2)
-    num = num + torch.matmul(fqc, kv)
-    den = den + torch.matmul(fqc, z[..., None])
+    lin_num, lin_den = torch.matmul(fqc, kv), torch.matmul(fqc, z[..., None])
+    if dec is not None:
+        read = _age_weight(dec, p_idx[:, None])  # [1, Hk, kg, 1, P, 1]
+        lin_num, lin_den = lin_num * read, lin_den * read
+    num, den = num + lin_num, den + lin_den
     o = _divide(num, den).reshape(B, Hk, qg.shape[2], N * P, -1)[..., :T, :]
     return _ungrouped(o).to(v.dtype)
 
@@ -709,7 +801,7 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
 
 
 def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_map: KeyMap, *,
-                    window: int, memory: Memory, scale: float, softcap: float | None):
+                    window: int, memory: Memory, scale: float, softcap: float | None, log_decay=None):
     """Advance `state` by n tokens that lie in one selection interval (the first may open it).
 
     q [B, n, H, D], k/v [B, n, Hk, .], fq [B, n, H, F], kf [B, n, Hk, Dk] or None, valid_new [B, n].
@@ -739,8 +831,9 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         slot_sink = (slot_pos[None, :, None] == sink_pos[:, None, :]).any(-1)  # [B, wb + n]
     else:
         slot_sink = torch.zeros_like(buf_ok)
-    kv, k_sum = state.kv, state.k_sum
-    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid)
+    kv, k_sum = state.kv, state.k_sum  # held relative to p0 (with decay)
+    dec = None if log_decay is None else _decay_grouped(log_decay, Hk, 2, acc)  # [1, Hk, kg, 1, 1]
+    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
 
     # 2. selection: the P oldest slots left the band (positions p0 - w - P + 1 .. p0 - w)
     if p0 % P == 0:
@@ -748,11 +841,13 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         ck, cv = buf_k[:, :, :P], buf_v[:, :, :P]
         ckf = (buf_kf if buf_kf is not None else buf_k)[:, :, :P]
         cand = leaving[:, None, :].expand(B, Hk, P)
+        cpos = slot_pos[:P].expand(B, Hk, P)
         if memory.global_size:
-            gk, gv, gkf, gok = glob
+            gk, gv, gkf, gok, gpos = glob
             ck, cv = torch.cat([gk, ck], 2), torch.cat([gv, cv], 2)
             ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
             cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
+            cpos = torch.cat([gpos, cpos], 2)
         f = key_map(ckf.transpose(1, 2))  # slots as tokens [B, M + P, Hk, Dk] -> [B, M + P, Hk*kg, F]
         fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
         vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
@@ -761,11 +856,14 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
                 score = recall_error(fg, vg, kv, k_sum)
             keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
             idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
-            glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx))
+            glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
+                    cpos.gather(2, idx))
             fold = cand & ~keep
         else:
             fold = cand
         fg = fg * fold[:, :, None, :, None].to(acc)
+        if dec is not None:  # a folded key weighed by its age now
+            fg = fg * _age_weight(dec, (p0 - cpos)[:, :, None, :, None])
         kv = kv + torch.matmul(fg.transpose(-1, -2), vg)
         k_sum = k_sum + fg.sum(-2)
 
@@ -788,23 +886,27 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         num = num + torch.matmul(a_x, xv.to(acc)[:, :, None])
         den = den + a_x.sum(-1, keepdim=True)
     fqg = _grouped(fq.to(acc), Hk)  # [B, Hk, g, n, F]
-    num = num + torch.matmul(fqg, kv)  # kv [B, Hk, 1 or g, F, Dv]: shared by the group or per query head
-    den = den + torch.matmul(fqg, k_sum[..., None])
-    o = _ungrouped(_divide(num, den)).to(v.dtype)
+    lin_num = torch.matmul(fqg, kv)  # kv [B, Hk, 1 or g, F, Dv]: shared by the group or per query head
+    lin_den = torch.matmul(fqg, k_sum[..., None])
+    if dec is not None:  # token p0 + a reads the state (held relative to p0) times lambda^a
+        read = _age_weight(dec, (new_pos - p0)[:, None])  # [1, Hk, kg, n, 1]
+        lin_num, lin_den = lin_num * read, lin_den * read
+        kv, k_sum = kv * torch.exp(dec * n), k_sum * torch.exp(dec * n)[..., 0]  # now relative to p0 + n
+    o = _ungrouped(_divide(num + lin_num, den + lin_den)).to(v.dtype)
 
     # 4. keep the newest wb slots
     new_state = HybridState(
         kv, k_sum, buf_k[:, :, n:], buf_v[:, :, n:], buf_ok[:, n:],
         win_kf=None if buf_kf is None else buf_kf[:, :, n:], position=p0 + n,
         sink_k=sink_k, sink_v=sink_v, sink_pos=sink_pos,
-        glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3],
+        glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3], glob_pos=glob[4],
     )
     return o, new_state
 
 
 def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: KeyMap, window: int,
                      memory: Memory, scale, softcap, key_mask, key_map_input, feature_dim: int, key_groups: int,
-                     segment: int) -> tuple[torch.Tensor, HybridState]:
+                     segment: int, log_decay=None) -> tuple[torch.Tensor, HybridState]:
     """Run `_memory_segment` over the sequence, at most `segment` tokens at a time, never across
     a selection: segment = P vectorises each interval (chunked form), 1 is the recurrent form."""
     B, T, H, D = q.shape
@@ -823,7 +925,7 @@ def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: 
         kf = None if key_map_input is None else key_map_input[:, t : t + n]
         o, state = _memory_segment(
             state, q[:, t : t + n], k[:, t : t + n], v[:, t : t + n], fq[:, t : t + n], kf, valid[:, t : t + n],
-            gamma, key_map, window=window, memory=memory, scale=scale, softcap=softcap,
+            gamma, key_map, window=window, memory=memory, scale=scale, softcap=softcap, log_decay=log_decay,
         )
         outs.append(o)
         t += n
@@ -835,6 +937,7 @@ def hybrid_attention_recurrent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Token-by-token form for decoding: o [B, T, H, Dv] and the updated state.
 
@@ -851,8 +954,9 @@ def hybrid_attention_recurrent(
     if state.win_kf is not None and key_map_input is None:
         raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
     kf = key_map_input if state.win_kf is not None else None
+    check_decay(log_decay, state.kv.shape[1] * state.kv.shape[2])
     return _memory_segments(
         q, k, v, fq, gamma, state=state, key_map=key_map, window=window, memory=memory, scale=scale,
         softcap=softcap, key_mask=key_mask, key_map_input=kf, feature_dim=state.kv.shape[-2],
-        key_groups=state.kv.shape[2], segment=1,
+        key_groups=state.kv.shape[2], segment=1, log_decay=log_decay,
     )

@@ -31,7 +31,8 @@ MODES = ("hybrid", "transfer", "softmax")
 
 
 class LolcatsParams(nn.Module):
-    """The only new weights of a converted layer: phi_q, phi_k and the window weight gamma."""
+    """The only new weights of a converted layer: phi_q, phi_k, the window weight gamma and, with
+    `linear_decay`, the decay of the linear state (one per key-map head)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, config: LolcatsConfig):
         super().__init__()
@@ -42,9 +43,18 @@ class LolcatsParams(nn.Module):
         logit = math.log(config.init_gamma / (1.0 - config.init_gamma))
         self.gamma_logit = nn.Parameter(torch.full((num_heads,), logit, dtype=dtype))
         self.key_repeat = key_heads // num_kv_heads  # 1 (per KV head) or g (per query head)
+        # log lambda = -exp(decay_log_rate): lambda < 1 always; a unit step scales the horizon by e
+        self.decay_log_rate = None
+        if config.linear_decay:
+            rate = -math.log1p(-1.0 / config.linear_decay)
+            self.decay_log_rate = nn.Parameter(torch.full((key_heads,), math.log(rate), dtype=dtype))
 
     def gamma(self) -> torch.Tensor:
         return torch.sigmoid(self.gamma_logit)
+
+    def log_decay(self) -> torch.Tensor | None:
+        """log lambda per key-map head ([Hk * kg], what the hybrid math takes), or None without decay."""
+        return None if self.decay_log_rate is None else -torch.exp(self.decay_log_rate)
 
     def key_features(self, k: torch.Tensor) -> torch.Tensor:
         """k [B, T, Hk, D] -> phi_k [B, T, Hk * kg, 2F]."""
@@ -108,7 +118,7 @@ class LolcatsAttention(nn.Module):
     def _common(self, key_mask) -> dict[str, Any]:
         return dict(
             window=self.lolcats_window, scale=self.scaling, softcap=self.lolcats_adapter.logit_softcap(self),
-            key_mask=key_mask, memory=self.lolcats_memory,
+            key_mask=key_mask, memory=self.lolcats_memory, log_decay=self.lolcats.log_decay(),
         )
 
     def _hybrid(self, q, k, v, key_mask, cache, unrotated=None) -> torch.Tensor:

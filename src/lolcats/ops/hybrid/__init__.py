@@ -4,7 +4,8 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   fused_recurrent.py  Triton kernel for decode, one token a step
 
-Memory beyond the window (sinks, the global cache) has no kernel yet: it always runs the reference.
+Memory beyond the window (sinks, the global cache) and the decaying linear state have no kernel
+yet: they always run the reference forms.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from lolcats.ops.hybrid.reference import (
 __all__ = ["hybrid_attention", "hybrid_decode"]
 
 
-def _has_memory(memory: Memory | None, state: HybridState | None) -> bool:
-    """Memory beyond the window (sinks, global cache) has no kernel yet: the reference forms run it."""
-    return (memory is not None and memory.active) or (state is not None and state.has_memory)
+def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay: torch.Tensor | None) -> bool:
+    """Memory beyond the window (sinks, global cache) and decay have no kernel yet: the reference forms run them."""
+    return (memory is not None and memory.active) or (state is not None and state.has_memory) or log_decay is not None
 
 
 def hybrid_attention(
@@ -32,14 +33,15 @@ def hybrid_attention(
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
-    memory: Memory | None = None, key_map_input: torch.Tensor | None = None, backend: str = "auto",
+    memory: Memory | None = None, key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Prefill / training form (see `hybrid_attention_chunked` for the contract).
 
     chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
-    the window (sinks, global cache) has no kernel yet: it always runs the pure-PyTorch form.
+    the window (sinks, global cache) and decay have no kernel yet: they run the pure-PyTorch form.
     """
-    if not _has_memory(memory, initial_state) and resolve_backend(backend, q) == "triton":
+    if not _needs_reference(memory, initial_state, log_decay) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.chunk import hybrid_attention_triton
 
         return hybrid_attention_triton(
@@ -50,7 +52,7 @@ def hybrid_attention(
     return hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
         chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
-        memory=memory, key_map_input=key_map_input,
+        memory=memory, key_map_input=key_map_input, log_decay=log_decay,
     )
 
 
@@ -58,11 +60,11 @@ def hybrid_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
-    backend: str = "auto",
+    log_decay: torch.Tensor | None = None, backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
-    memory beyond the window, which runs the pure-PyTorch form)."""
-    if not _has_memory(memory, state) and resolve_backend(backend, q) == "triton":
+    memory beyond the window or decay, which run the pure-PyTorch form)."""
+    if not _needs_reference(memory, state, log_decay) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
@@ -71,5 +73,5 @@ def hybrid_decode(
         )
     return hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-        memory=memory, key_map_input=key_map_input,
+        memory=memory, key_map_input=key_map_input, log_decay=log_decay,
     )
