@@ -57,9 +57,9 @@ def hybrid_attention(
 def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | None = None,
                      backend: str = "auto") -> bool:
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
-    False where it would compute a new state and copy it in (the reference forms)."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or any(t.requires_grad for t in state.tensors()))
-    return (not _has_memory(memory, state) and state.win_valid.shape[1] > 0 and not grad
+    False where it would compute a new state and copy it in (the reference forms). Needs grad mode
+    off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
+    return (not torch.is_grad_enabled() and not _has_memory(memory, state) and state.win_valid.shape[1] > 0
             and resolve_backend(backend, q) == "triton")
 
 
@@ -74,7 +74,7 @@ def hybrid_decode(
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
-    cache that owns the state needs); the kernel does it without writing a second state (its window
+    cache that owns the state needs; a non-contiguous one is replaced once by a contiguous copy); the kernel does it without writing a second state (its window
     buffers become a ring, `HybridState.win_head`), the reference forms by copying their result in
     (`decodes_in_place` says which runs).
     """

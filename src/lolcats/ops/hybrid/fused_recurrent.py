@@ -229,14 +229,14 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
 
 
 def inplace_ready(state: HybridState) -> HybridState:
-    """Make `state` one the in-place kernel can update: give it a ring head (slot 0 the oldest, as
-    every other form leaves it) if it has none. Its tensors must be contiguous (they are updated
-    where they are: a view would write through to what it views); raises otherwise."""
-    bad = [n for n, t in state.parts().items() if not t.is_contiguous()]
-    if bad:
-        raise ValueError(f"in-place decode needs contiguous state tensors; not contiguous: {', '.join(bad)} "
-                         "(state.map(torch.Tensor.contiguous) first, or decode out of place)")
-    if state.win_head is None:  # allocated once, by the first in-place step (before any graph capture)
+    """Make `state` one the in-place kernel can update, once (nothing to do on later steps): a
+    non-contiguous tensor (a prefill's window buffers can be views of its inputs) is replaced in
+    the state by a contiguous copy, and a state without a ring head gets one (slot 0 the oldest, as
+    every other form leaves the buffers)."""
+    for name, t in state.parts().items():
+        if not t.is_contiguous():
+            setattr(state, name, t.contiguous())
+    if state.win_head is None:  # allocated by the first in-place step (before any graph capture)
         state.win_head = torch.zeros(state.win_valid.shape[0], dtype=torch.long, device=state.kv.device)
     return state
 
