@@ -74,9 +74,10 @@ def hybrid_decode(
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
-    cache that owns the state needs; a non-contiguous one is replaced once by a contiguous copy); the kernel does it without writing a second state (its window
-    buffers become a ring, `HybridState.win_head`), the reference forms by copying their result in
-    (`decodes_in_place` says which runs).
+    cache that owns the state needs; a non-contiguous one is replaced once by a contiguous copy).
+    The kernel does it without writing a second state (its window buffers become a ring,
+    `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
+    says which runs).
     """
     if not _has_memory(memory, state) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
