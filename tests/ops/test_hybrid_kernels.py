@@ -236,3 +236,61 @@ def test_inplace_decode_reference_path_updates_the_state():
     _, same = decode_tokens(x, kf, st, ISPLIT, IT, inplace=True, backend="torch")
     assert same is st and [t.data_ptr() for t in st.tensors()] == before and st.win_head is None
     check_errors(all_state_errors(st, rst), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's cache decodes in place: a transformers DynamicCache through LolcatsAttention
+
+
+@pytest.mark.parametrize("config", [dict(key_map_sharing="query"),
+                                    dict(key_map_sharing="kv", feature_map_rope=False)], ids=["query", "kv-pre-rope"])
+def test_model_cache_decodes_in_place(config, monkeypatch):
+    """Decode steps through the cache with the kernel (in place) equal the reference backend's, the
+    layer states keep their storage from step to step (new tensors only where reorder_cache makes
+    them), and the final states are the reference's. Left padding: the new-token mask path."""
+    import lolcats
+    from tiny_models import random_batch, tiny_model
+    from transformers import DynamicCache
+
+    from lolcats.attention.cache import hybrid_layer_cache
+    from lolcats.compat import cache_argument_name, output_cache
+    from lolcats.config import LolcatsConfig
+
+    torch.manual_seed(0)
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=5, feature_dim=8, **config))
+    ids, mask = random_batch(3, 17, pad=[0, 3, 1], seed=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    P, REORDER = 6, 12  # prompt length; the step before which the cache is reordered (beam search)
+    name = cache_argument_name(model)
+
+    def run(decode_backend):
+        cache = DynamicCache(config=model.config)
+        logits, ptrs = [], []
+        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], use_cache=True,
+                        **{name: cache})
+            cache = output_cache(out)
+            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
+            for t in range(P, ids.shape[1]):
+                if t == REORDER:
+                    cache.reorder_cache(torch.tensor([2, 0, 0]))
+                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                            use_cache=True, **{name: cache})
+                cache = output_cache(out)
+                logits.append(out.logits)
+                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
+                             for i in range(len(cache.layers))])
+        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
+        return torch.cat(logits, 1), states, ptrs
+
+    ref, ref_states, ref_ptrs = run("torch")
+    got, states, ptrs = run("triton")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    moved = [i for i in range(1, len(ptrs)) if ptrs[i] != ptrs[i - 1]]
+    assert moved == [REORDER - P], f"state storage changed at decode steps {moved}"
+    assert len({str(p) for p in ref_ptrs}) == len(ref_ptrs)  # the reference makes a new state each step
+    for st, rst in zip(states, ref_states):
+        assert st.win_head is not None and rst.win_head is None
+        assert (st.win_kf is not None) == (config.get("feature_map_rope") is False)  # key-map inputs buffered
+        check_errors(all_state_errors(st, rst), 1e-5)
