@@ -134,8 +134,8 @@ def test_decode_from_a_state(sharing):
 IW, IT, ISPLIT = 7, 40, 10  # window not a power of two; 30 decode steps
 
 
-def inplace_case(id_, H, Hk, sharing, Dv, kf=False):
-    return pytest.param(dict(H=H, Hk=Hk, sharing=sharing, Dv=Dv, kf=kf), id=id_)
+def inplace_case(id_, H, Hk, sharing, Dv, kf=False, pad=True):
+    return pytest.param(dict(H=H, Hk=Hk, sharing=sharing, Dv=Dv, kf=kf, pad=pad), id=id_)
 
 
 INPLACE = [  # Dv 72: two Dv blocks of 64, the second partial; Dv 20: one partial block
@@ -144,29 +144,34 @@ INPLACE = [  # Dv 72: two Dv blocks of 64, the second partial; Dv 20: one partia
     inplace_case("gqa3-query-Dv20", 6, 2, "query", 20),
     inplace_case("mha-query-Dv72-keymap-inputs", 2, 2, "query", 72, kf=True),
     inplace_case("gqa3-kv-Dv20-keymap-inputs", 6, 2, "kv", 20, kf=True),
+    inplace_case("gqa3-query-Dv72-no-padding", 6, 2, "query", 72, pad=False),  # no key mask: every token valid
 ]
 
 
 def inplace_setup(c, seed=5):
     """Inputs, key-map inputs (None: the keys), and the kernel prefill's state after ISPLIT tokens."""
-    x = hybrid_inputs(2, IT, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"], pad=[0, 5], seed=seed,
-                      dtype=F32, kernel_dtype=F32)
+    x = hybrid_inputs(2, IT, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"], pad=[0, 5] if c["pad"] else None,
+                      seed=seed, dtype=F32, kernel_dtype=F32)
     kf = None
     if c["kf"]:  # position-free feature maps: the key map reads other inputs than the window's keys
         kf = x.k * 0.5 + 0.3 * torch.randn(x.k.shape, generator=torch.Generator().manual_seed(seed))
     fk = x.fk if kf is None else x.key_map(kf)
     a = slice(0, ISPLIT)
     _, st = hybrid_attention(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], fk[:, a], x.gamma, window=IW,
-                             key_mask=x.mask[:, a], output_final_state=True, softcap=CAP, backend="triton",
+                             key_mask=cut(x.mask, a), output_final_state=True, softcap=CAP, backend="triton",
                              key_map=x.key_map, key_map_input=None if kf is None else kf[:, a])
     return x, kf, fk, st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
+
+
+def cut(mask, s):
+    return None if mask is None else mask[:, s]
 
 
 def decode_tokens(x, kf, state, lo, hi, *, inplace, backend="triton"):
     s = slice(lo, hi)
     with torch.no_grad():
         return hybrid_decode(x.q[:, s], x.k[:, s], x.v[:, s], x.fq[:, s], x.gamma, state=state, key_map=x.key_map,
-                             key_mask=x.mask[:, s], softcap=CAP, key_map_input=None if kf is None else kf[:, s],
+                             key_mask=cut(x.mask, s), softcap=CAP, key_map_input=None if kf is None else kf[:, s],
                              backend=backend, inplace=inplace)
 
 
@@ -182,7 +187,7 @@ def test_inplace_decode_matches_reference(c):
     x, kf, _, st = inplace_setup(c)
     r = slice(ISPLIT, IT)
     ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
-                                         key_map=x.key_map, key_mask=x.mask[:, r], softcap=CAP,
+                                         key_map=x.key_map, key_mask=cut(x.mask, r), softcap=CAP,
                                          key_map_input=None if kf is None else kf[:, r])
     before = {n: t.data_ptr() for n, t in st.parts().items()}
     o, same = decode_tokens(x, kf, st, ISPLIT, ISPLIT + 3, inplace=True)  # several tokens in one call
@@ -210,7 +215,7 @@ def test_every_form_continues_from_a_ring(c):
     assert int(st.win_head[0]) % IW != 0
     r = slice(mid, IT)
     kfr = None if kf is None else kf[:, r]
-    common = dict(key_mask=x.mask[:, r], softcap=CAP, key_map=x.key_map, key_map_input=kfr)
+    common = dict(key_mask=cut(x.mask, r), softcap=CAP, key_map=x.key_map, key_map_input=kfr)
     ref, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st.ordered(),
                                           **common)
     kept = st.map(torch.clone)
@@ -229,7 +234,7 @@ def test_every_form_continues_from_a_ring(c):
 
 def test_inplace_decode_reference_path_updates_the_state():
     """backend="torch" (the CPU path) with inplace=True: the reference's new state copied into the caller's."""
-    c = dict(H=6, Hk=2, sharing="kv", Dv=20, kf=False)
+    c = dict(H=6, Hk=2, sharing="kv", Dv=20, kf=False, pad=True)
     x, kf, _, st = inplace_setup(c)
     _, rst = decode_tokens(x, kf, st.map(torch.clone), ISPLIT, IT, inplace=False, backend="torch")
     before = [t.data_ptr() for t in st.tensors()]
