@@ -24,7 +24,9 @@ Two kernels:
       featurised in PyTorch) and never inside it: every program takes the new token's key and
       validity for that slot from the inputs, so the one program that overwrites them races no one;
     - z is read by the programs of every Dv block, so no program writes it: `k_sum += phi(k_old)`
-      and `win_head += 1` run after the kernel (two tiny elementwise launches, stream ordered).
+      runs just before the launch (one small elementwise op, stream ordered), which reads the new z;
+    - the programs read the oldest slot from `slot` (win_head % Wb, computed before the launch),
+      so the one program per row that advances win_head in place races no one.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def _decode_step(
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG"])
 def _decode_step_inplace(
-    q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, slot, newvalid, kmi, wkf, gamma, o,
+    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, o,
     scale, cap, H, Hk, KG, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DK: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
@@ -146,16 +148,18 @@ def _decode_step_inplace(
     vwf = vw.to(tl.float32)
     v_old = tl.load(wbase_v + hd * DV + ov, mask=vm, other=0.0).to(tl.float32)
 
+    val0 = tl.load(vold + b64).to(tl.float32)  # the evicted slot held a valid key (gathered before the launch)
+
     nq = H // Hs  # query heads reading one state: the GQA group (per KV head) or one
     for kg in range(KG):
         hs = hk * KG + kg
         soff = (b64 * Hs + hs) * F
-        fko = tl.load(fk_old + soff + of, mask=fm, other=0.0)  # zero when the evicted slot was invalid
+        fko = tl.load(fk_old + soff + of, mask=fm, other=0.0) * val0
         smask = fm[:, None] & vm[None, :]
         S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=smask, other=0.0)
         S = S + fko[:, None] * v_old[None, :]
         tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S, mask=smask)  # this program's tile only
-        z = tl.load(ksum + soff + of, mask=fm, other=0.0) + fko  # k_sum itself is updated after the launch
+        z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
         for gi in range(nq):
             hq = hs * nq + gi
             qv = tl.load(q + (b64 * H + hq) * D + od, mask=dm, other=0.0).to(tl.float32)
@@ -183,8 +187,9 @@ def _decode_step_inplace(
             ok_ = tl.arange(0, BK)
             km = ok_ < DK
             tl.store(wkf + (bk * W + hd) * DK + ok_, tl.load(kmi + bk * DK + ok_, mask=km, other=0.0), mask=km)
-        if hk == 0:
+        if hk == 0:  # one program per row: the validity flag and the ring head (read by no other program)
             tl.store(wvalid + b64 * W + hd, nv.to(tl.uint8))
+            tl.store(head + b64, tl.load(head + b64) + 1)
 
 
 def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float, softcap: float | None,
@@ -246,8 +251,8 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
                         key_map_input: torch.Tensor | None = None) -> torch.Tensor:
     """One token, updating `state` (made `inplace_ready`) in place; returns o [B, 1, H, Dv].
 
-    Launches (no host sync, no shape depending on data): the gather and feature map of the evicted
-    key, the kernel, then k_sum += phi(k_old) and win_head += 1.
+    Launches (no host sync, no shape depending on data): the oldest slot, the gathers of its key
+    and validity, the key map, k_sum += phi(k_old), then the kernel (which also advances win_head).
     """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
@@ -259,7 +264,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     ki = state.key_inputs()
     k_old = ki.gather(2, slot.view(B, 1, 1, 1).expand(B, Hk, 1, ki.shape[-1]))  # [B, Hk, 1, Dk]
     valid_old = state.win_valid.gather(1, slot.view(B, 1))  # [B, 1]
-    fk_old = (key_map(k_old.transpose(1, 2)).to(acc).reshape(B, Hs, F) * valid_old.view(B, 1, 1)).contiguous()
+    fk_old = key_map(k_old.transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
+    # z += phi(k_old) where the evicted slot was valid, here: the kernel's programs only read z
+    state.k_sum.view(B, Hs, F).addcmul_(fk_old, valid_old.view(B, 1, 1))
     o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
     wvalid = state.win_valid.view(torch.uint8)  # same storage: the kernel writes the new slot's flag
     newvalid = wvalid if key_mask is None else key_mask[:, 0].to(torch.int8).contiguous()
@@ -273,14 +280,12 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     grid = (triton.cdiv(DV, BV), B * Hk)
     _decode_step_inplace[grid](
         q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
-        fk_old, state.kv, state.k_sum, state.win_k, state.win_v, wvalid, slot, newvalid, kmi,
+        fk_old, valid_old.view(torch.uint8), state.kv, state.k_sum, state.win_k, state.win_v, wvalid,
+        state.win_head, slot, newvalid, kmi,
         state.win_kf if has_kf else wvalid, gamma.contiguous(), o,
         scale, softcap or 0.0, H, Hk, KG, W, D, DV, F, DK, key_mask is not None, has_kf,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), num_warps=4,
     )
-    # after the launch: every program has read z and the head
-    state.k_sum.add_(fk_old.view(state.k_sum.shape))
-    state.win_head.add_(1)
     state.position += 1
     return o
 
