@@ -2,7 +2,7 @@
 
   reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
   chunk.py            Triton kernels for prefill / training, forward and backward
-  fused_recurrent.py  Triton kernel for decode, one token a step
+  fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache) has no kernel yet: it always runs the reference.
 """
