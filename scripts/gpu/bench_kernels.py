@@ -9,7 +9,8 @@
     (flash). Both key-map modes (per KV head: kv, per query head: query). At 8K also the hybrid with
     the unfused PyTorch feature map and the attention kernels alone.
 (d) Decode: state bytes per sequence for the 8B shape (32 layers) in both key-map modes, and the
-    time of one layer's decode step (Triton vs the PyTorch recurrent form) over a batch sweep.
+    time of one layer's decode step (Triton vs the PyTorch recurrent form) over a batch sweep; also the
+    Triton step with its new state copied back (what the graph runner did) and in place (what it does).
 Times are medians of triton.testing.do_bench (CUDA events). Prints markdown tables and writes
 JSON to --out or $OUT.
 
@@ -202,11 +203,22 @@ def bench_decode(batches, out_rows):
             fq = torch.rand(B, 1, H, 2 * FD, device=DEVICE, dtype=dt)
             gamma = torch.full((H,), 0.5, device=DEVICE)
             r = dict(mode=mode, B=B)
-            with torch.no_grad():
-                for be in ("triton", "torch"):
-                    def step(be=be):
-                        return hybrid_decode(q, k, v, fq, gamma, state=st, key_map=key_map, backend=be)
+            st_in = st.map(torch.clone)  # updated by the in-place steps (timing does not depend on contents)
 
+            def copied_back():  # what the graph runner did before the in-place kernel: new state, copied in
+                _, new = hybrid_decode(q, k, v, fq, gamma, state=st_in, key_map=key_map, backend="triton")
+                for dst, src in zip(st_in.tensors(), new.tensors()):
+                    dst.copy_(src)
+
+            steps = {
+                "triton": lambda: hybrid_decode(q, k, v, fq, gamma, state=st, key_map=key_map, backend="triton"),
+                "torch": lambda: hybrid_decode(q, k, v, fq, gamma, state=st, key_map=key_map, backend="torch"),
+                "triton_copyback": copied_back,
+                "triton_inplace": lambda: hybrid_decode(q, k, v, fq, gamma, state=st_in, key_map=key_map,
+                                                        backend="triton", inplace=True),
+            }
+            with torch.no_grad():
+                for be, step in steps.items():  # copy-back before in place: st_in has no ring head yet
                     r[f"{be}_ms"] = ms(step, rep=50)
                     if DEVICE == "cuda":
                         try:
@@ -303,13 +315,15 @@ def main():
         lines.append(f"| {s_['mode']} | {s_['per_layer'] / 2**20:.2f} MiB | {s_['per_seq_32_layers'] / 2**20:.1f} MiB "
                      f"| {s_['per_seq_32_layers'] / kv_tok:.0f} tokens |")
     lines.append("")
-    lines.append("| decode step, one layer | B | Triton eager / graph | PyTorch eager / graph |")
-    lines.append("|---|---|---|---|")
+    lines.append("| decode step, one layer | B | Triton eager / graph | PyTorch eager / graph "
+                 "| Triton + copy-back, graph | Triton in place, graph |")
+    lines.append("|---|---|---|---|---|---|")
     for r in res["decode"]:
         def us(key):
             return f"{r[key] * 1e3:.0f} us" if key in r else "-"
         lines.append(f"| {r['mode']} | {r['B']} | {us('triton_ms')} / {us('triton_graph_ms')} "
-                     f"| {us('torch_ms')} / {us('torch_graph_ms')} |")
+                     f"| {us('torch_ms')} / {us('torch_graph_ms')} | {us('triton_copyback_graph_ms')} "
+                     f"| {us('triton_inplace_graph_ms')} |")
     if "state_scan" in res:
         lines += ["", "| chunk-state scan | L | auto (segmented) | one segment | 32-wide blocks |",
                   "|---|---|---|---|---|"]

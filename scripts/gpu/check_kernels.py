@@ -6,8 +6,9 @@ Prefill / training (lolcats.ops.hybrid_attention, backend="triton"): outputs and
 q, k, v, fq, fk, gamma and the final state, against `hybrid_attention_quadratic` (and `_chunked` for
 the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head size 64 / 128, GQA
 1 / 4, both key-map modes, with and without left padding, bfloat16 and float32; a few with softcap
-and continuing from a state. Decode (hybrid_decode) against `hybrid_attention_recurrent`, and the
-fused Hedgehog feature map against `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
+and continuing from a state. Decode (hybrid_decode, out of place and in place: the ring wrapping
+around) against `hybrid_attention_recurrent`, and the fused Hedgehog feature map against
+`hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
 reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
 bfloat16 1e-2, float32 1e-4. Prints a table and writes JSON (and the per-case table) to --out or
 $OUT. Exit code 1 if any check fails.
@@ -134,11 +135,14 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
     return err
 
 
-def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False):
+def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False, inplace=False,
+                 window=W):
     """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
 
     separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
-    which the state buffers beside the window."""
+    which the state buffers beside the window. inplace: `hybrid_decode(..., inplace=True)` one token
+    a call, as generation runs it (steps > window: the ring wraps); the state must keep its storage
+    and hold the reference state, oldest first once `ordered()`."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
@@ -148,16 +152,32 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                          device=DEVICE).to(dtype)
         xs[4] = key_map(kf)
     with torch.no_grad():
-        _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=W,
+        _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=window,
                                            key_mask=mask[:, :T0], softcap=softcap, output_final_state=True,
                                            key_map_input=None if kf is None else kf[:, :T0].double())
         st = st64.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         st.kv, st.k_sum = st64.kv.float(), st64.k_sum.float()  # the state accumulates in float32
         new = [x[:, T0:] for x in xs]
-        o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
-                                key_mask=mask[:, T0:], softcap=softcap, backend="triton",
-                                key_map_input=None if kf is None else kf[:, T0:])
         st_r = st.map(lambda t: t.double() if t.is_floating_point() else t)
+        ptrs_moved = False
+        if inplace:
+            st_k = st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
+            outs = []
+            for t in range(steps):
+                s_ = slice(t, t + 1)
+                o_t, same = hybrid_decode(new[0][:, s_], new[1][:, s_], new[2][:, s_], new[3][:, s_], gamma,
+                                          state=st_k, key_map=key_map, key_mask=mask[:, T0 + t:T0 + t + 1],
+                                          softcap=softcap, backend="triton", inplace=True,
+                                          key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1])
+                if t == 0:
+                    ptrs = [x.data_ptr() for x in st_k.tensors()]
+                ptrs_moved |= same is not st_k or [x.data_ptr() for x in st_k.tensors()] != ptrs
+                outs.append(o_t)
+            o, st_k = torch.cat(outs, 1), st_k.ordered()
+        else:
+            o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
+                                    key_mask=mask[:, T0:], softcap=softcap, backend="triton",
+                                    key_map_input=None if kf is None else kf[:, T0:])
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
                                              key_map=lambda x: key_map(x.to(dtype)).double(),
                                              key_mask=mask[:, T0:], softcap=softcap,
@@ -167,6 +187,8 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                      0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
     if kf is not None:
         err["win"] = max(err["win"], rel_error(st_k.win_kf, rst.win_kf))
+    if ptrs_moved:  # the in-place step allocated or replaced a state tensor
+        err["win"] = math.inf
     return err
 
 
@@ -233,6 +255,14 @@ def main():
         record("decode", "T0=300 +4 D=64 G=1 kv softcap=5", dtype, check_decode, 64, 1, "kv", dtype, softcap=5.0)
         record("decode", "T0=300 +4 D=64 G=4 query pre-RoPE key-map inputs", dtype, check_decode, 64, 4, "query",
                dtype, separate_inputs=True)
+        # in place (the graph runner's and the model cache's path), the ring wrapping around
+        for G, mode in ((1, "kv"), (4, "kv"), (4, "query")):
+            record("decode", f"T0=300 +150 D=128 G={G} {mode} in place", dtype, check_decode, 128, G, mode, dtype,
+                   steps=150, inplace=True)
+        record("decode", "T0=300 +120 D=80 G=4 kv w=50 softcap=5 in place", dtype, check_decode, 80, 4, "kv", dtype,
+               steps=120, softcap=5.0, inplace=True, window=50)
+        record("decode", "T0=300 +80 D=64 G=4 query pre-RoPE key-map inputs in place", dtype, check_decode, 64, 4,
+               "query", dtype, steps=80, separate_inputs=True, inplace=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)

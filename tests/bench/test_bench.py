@@ -183,11 +183,17 @@ for mode in ("query", "kv"):
     ids = torch.randint(3, 101, (2, 1))
     ra = DecodeRunner(LeanDecoder(m, backend="torch"), a, ids, 12)
     rb = DecodeRunner(LeanDecoder(m, backend="triton"), b, ids, 12)
-    for _ in range(2):
+    torch.testing.assert_close(rb.step(), ra.step(), atol=1e-5, rtol=1e-5)
+    ptrs = [[t.data_ptr() for t in s.tensors()] for s in b]  # after the first step (made contiguous, ring head)
+    for _ in range(9):  # 12 + 10 tokens, window 8: the ring wraps around
         torch.testing.assert_close(rb.step(), ra.step(), atol=1e-5, rtol=1e-5)
+    # the kernel updated the runner's own tensors (nothing copied back): they hold the reference state
+    assert [[t.data_ptr() for t in s.tensors()] for s in b] == ptrs
     for p, q in zip(a, b):
-        for x, y in zip(p.tensors(), q.tensors()):
-            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+        assert q.win_head is not None and int(q.win_head[0]) == 10
+        assert set(q.ordered().parts()) == set(p.parts())
+        for name, x in p.parts().items():
+            torch.testing.assert_close(q.ordered().parts()[name], x, atol=1e-5, rtol=1e-5, msg=name)
 print("LEAN TRITON OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1",

@@ -125,3 +125,177 @@ def test_decode_from_a_state(sharing):
     o, st2 = hybrid_decode(*rest, x.gamma, state=st, key_map=x.key_map, key_mask=x.mask[:, SPLIT:T], softcap=CAP,
                            backend="triton")
     check_errors({"o": rel_error(o, ref), **state_errors(st2, rst)}, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# in-place decode (hybrid_decode(inplace=True)): the kernel updates the caller's state tensors, its
+# window buffers a ring; checked over enough steps for the ring to wrap several times
+
+IW, IT, ISPLIT = 7, 40, 10  # window not a power of two; 30 decode steps
+
+
+def inplace_case(id_, H, Hk, sharing, Dv, kf=False, pad=True):
+    return pytest.param(dict(H=H, Hk=Hk, sharing=sharing, Dv=Dv, kf=kf, pad=pad), id=id_)
+
+
+INPLACE = [  # Dv 72: two Dv blocks of 64, the second partial; Dv 20: one partial block
+    inplace_case("mha-kv-Dv72", 2, 2, "kv", 72),
+    inplace_case("gqa3-kv-Dv72", 6, 2, "kv", 72),
+    inplace_case("gqa3-query-Dv20", 6, 2, "query", 20),
+    inplace_case("mha-query-Dv72-keymap-inputs", 2, 2, "query", 72, kf=True),
+    inplace_case("gqa3-kv-Dv20-keymap-inputs", 6, 2, "kv", 20, kf=True),
+    inplace_case("gqa3-query-Dv72-no-padding", 6, 2, "query", 72, pad=False),  # no key mask: every token valid
+]
+
+
+def inplace_setup(c, seed=5):
+    """Inputs, key-map inputs (None: the keys), and the kernel prefill's state after ISPLIT tokens."""
+    x = hybrid_inputs(2, IT, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"], pad=[0, 5] if c["pad"] else None,
+                      seed=seed, dtype=F32, kernel_dtype=F32)
+    kf = None
+    if c["kf"]:  # position-free feature maps: the key map reads other inputs than the window's keys
+        kf = x.k * 0.5 + 0.3 * torch.randn(x.k.shape, generator=torch.Generator().manual_seed(seed))
+    fk = x.fk if kf is None else x.key_map(kf)
+    a = slice(0, ISPLIT)
+    _, st = hybrid_attention(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], fk[:, a], x.gamma, window=IW,
+                             key_mask=cut(x.mask, a), output_final_state=True, softcap=CAP, backend="triton",
+                             key_map=x.key_map, key_map_input=None if kf is None else kf[:, a])
+    return x, kf, fk, st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
+
+
+def cut(mask, s):
+    return None if mask is None else mask[:, s]
+
+
+def decode_tokens(x, kf, state, lo, hi, *, inplace, backend="triton"):
+    s = slice(lo, hi)
+    with torch.no_grad():
+        return hybrid_decode(x.q[:, s], x.k[:, s], x.v[:, s], x.fq[:, s], x.gamma, state=state, key_map=x.key_map,
+                             key_mask=cut(x.mask, s), softcap=CAP, key_map_input=None if kf is None else kf[:, s],
+                             backend=backend, inplace=inplace)
+
+
+def all_state_errors(st, ref) -> dict[str, float]:
+    st = st.ordered()
+    assert set(st.parts()) == set(ref.parts())
+    assert torch.equal(st.win_valid, ref.win_valid), "win_valid"
+    return {n: rel_error(t, ref.parts()[n]) for n, t in st.parts().items() if n != "win_valid"}
+
+
+@pytest.mark.parametrize("c", INPLACE)
+def test_inplace_decode_matches_reference(c):
+    x, kf, _, st = inplace_setup(c)
+    r = slice(ISPLIT, IT)
+    ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                         key_map=x.key_map, key_mask=cut(x.mask, r), softcap=CAP,
+                                         key_map_input=None if kf is None else kf[:, r])
+    before = {n: t.data_ptr() for n, t in st.parts().items()}
+    o, same = decode_tokens(x, kf, st, ISPLIT, ISPLIT + 3, inplace=True)  # several tokens in one call
+    assert same is st and st.win_head is not None
+    outs = [o]
+    for t in range(ISPLIT + 3, IT):  # then one a call, as generation does
+        o, same = decode_tokens(x, kf, st, t, t + 1, inplace=True)
+        assert same is st
+        outs.append(o)
+    # the same storage throughout, no new state tensor but the ring head
+    assert {n: t.data_ptr() for n, t in st.parts().items() if n != "win_head"} == before
+    assert set(st.parts()) == set(before) | {"win_head"}
+    assert st.win_head.tolist() == [IT - ISPLIT] * 2 and st.position == rst.position
+    # the caller's state object holds the reference state, with nothing copied back
+    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **all_state_errors(st, rst)}, 1e-5)
+
+
+@pytest.mark.parametrize("c", INPLACE[1:4])
+def test_every_form_continues_from_a_ring(c):
+    """After in-place steps (the ring wrapped: slot 0 is no longer the oldest), the out-of-place
+    kernel decode, the kernel prefill and the reference forms continue from that state."""
+    x, kf, fk, st = inplace_setup(c, seed=7)
+    mid = ISPLIT + 2 * IW + 3
+    decode_tokens(x, kf, st, ISPLIT, mid, inplace=True)
+    assert int(st.win_head[0]) % IW != 0
+    r = slice(mid, IT)
+    kfr = None if kf is None else kf[:, r]
+    common = dict(key_mask=cut(x.mask, r), softcap=CAP, key_map=x.key_map, key_map_input=kfr)
+    ref, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st.ordered(),
+                                          **common)
+    kept = st.map(torch.clone)
+    o, new = decode_tokens(x, kf, st, mid, IT, inplace=False)
+    assert new is not st and all(torch.equal(a, b) for a, b in zip(st.tensors(), kept.tensors())), "state changed"
+    errors = {"decode o": rel_error(o, ref), **{f"decode {n}": e for n, e in all_state_errors(new, rst).items()}}
+    o, _ = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st, **common)
+    errors["recurrent o"] = rel_error(o, ref)
+    for backend in ("triton", "torch"):
+        o, pst = hybrid_attention(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], fk[:, r], x.gamma, window=IW,
+                                  initial_state=st, output_final_state=True, backend=backend, **common)
+        errors[f"prefill {backend} o"] = rel_error(o, ref)
+        errors.update({f"prefill {backend} {n}": e for n, e in all_state_errors(pst, rst).items()})
+    check_errors(errors, 1e-5)
+
+
+def test_inplace_decode_reference_path_updates_the_state():
+    """backend="torch" (the CPU path) with inplace=True: the reference's new state copied into the caller's."""
+    c = dict(H=6, Hk=2, sharing="kv", Dv=20, kf=False, pad=True)
+    x, kf, _, st = inplace_setup(c)
+    _, rst = decode_tokens(x, kf, st.map(torch.clone), ISPLIT, IT, inplace=False, backend="torch")
+    before = [t.data_ptr() for t in st.tensors()]
+    _, same = decode_tokens(x, kf, st, ISPLIT, IT, inplace=True, backend="torch")
+    assert same is st and [t.data_ptr() for t in st.tensors()] == before and st.win_head is None
+    check_errors(all_state_errors(st, rst), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's cache decodes in place: a transformers DynamicCache through LolcatsAttention
+
+
+@pytest.mark.parametrize("config", [dict(key_map_sharing="query"),
+                                    dict(key_map_sharing="kv", feature_map_rope=False)], ids=["query", "kv-pre-rope"])
+def test_model_cache_decodes_in_place(config, monkeypatch):
+    """Decode steps through the cache with the kernel (in place) equal the reference backend's, the
+    layer states keep their storage from step to step (new tensors only where reorder_cache makes
+    them), and the final states are the reference's. Left padding: the new-token mask path."""
+    import lolcats
+    from tiny_models import random_batch, tiny_model
+    from transformers import DynamicCache
+
+    from lolcats.attention.cache import hybrid_layer_cache
+    from lolcats.compat import cache_argument_name, output_cache
+    from lolcats.config import LolcatsConfig
+
+    torch.manual_seed(0)
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=5, feature_dim=8, **config))
+    ids, mask = random_batch(3, 17, pad=[0, 3, 1], seed=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    P, REORDER = 6, 12  # prompt length; the step before which the cache is reordered (beam search)
+    name = cache_argument_name(model)
+
+    def run(decode_backend):
+        cache = DynamicCache(config=model.config)
+        logits, ptrs = [], []
+        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], use_cache=True,
+                        **{name: cache})
+            cache = output_cache(out)
+            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
+            for t in range(P, ids.shape[1]):
+                if t == REORDER:
+                    cache.reorder_cache(torch.tensor([2, 0, 0]))
+                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                            use_cache=True, **{name: cache})
+                cache = output_cache(out)
+                logits.append(out.logits)
+                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
+                             for i in range(len(cache.layers))])
+        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
+        return torch.cat(logits, 1), states, ptrs
+
+    ref, ref_states, ref_ptrs = run("torch")
+    got, states, ptrs = run("triton")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    moved = [i for i in range(1, len(ptrs)) if ptrs[i] != ptrs[i - 1]]
+    assert moved == [REORDER - P], f"state storage changed at decode steps {moved}"
+    assert len({str(p) for p in ref_ptrs}) == len(ref_ptrs)  # the reference makes a new state each step
+    for st, rst in zip(states, ref_states):
+        assert st.win_head is not None and rst.win_head is None
+        assert (st.win_kf is not None) == (config.get("feature_map_rope") is False)  # key-map inputs buffered
+        check_errors(all_state_errors(st, rst), 1e-5)

@@ -5,6 +5,11 @@ last w keys/values. Its size never grows with the sequence. It plugs into any tr
 `Cache` (DynamicCache included): a linearized layer that finds a plain, still-empty layer cache
 at its index swaps in a HybridCacheLayer, so `model(...)`/`generate()` work without a special
 cache class, and softmax layers of hybrid configs keep their normal KV cache.
+
+The layer owns its state, so on the Triton path one-token decode steps update it in place
+(`hybrid_decode(..., inplace=True)`: no new state per step; its window buffers become a ring,
+`HybridState.win_head`). The operations below that transformers calls (beam reordering, batch
+expansion/selection, offloading) build new tensors, so no other state is ever written through.
 """
 from __future__ import annotations
 

@@ -104,6 +104,10 @@ class HybridState:
     sink_k/sink_v [B, Hk, s, .], sink_pos [B, s] (-1: empty): the attention sinks.
     glob_k/glob_v/glob_kf [B, Hk, M, .], glob_valid [B, Hk, M], glob_pos [B, Hk, M]: the global cache
     (positions: a key folded into a decaying state later is weighed by its age).
+    win_head [B] int64, or None: the window buffers are a ring (the in-place decode kernel writes
+    the new token over the oldest slot instead of shifting the buffer): slot win_head % Wb is the
+    oldest, the others follow it cyclically. None: slot 0 is the oldest. Every form but that kernel
+    reads the buffers oldest first, through `ordered()`.
     """
 
     kv: torch.Tensor
@@ -121,6 +125,7 @@ class HybridState:
     glob_kf: torch.Tensor | None = None
     glob_valid: torch.Tensor | None = None
     glob_pos: torch.Tensor | None = None
+    win_head: torch.Tensor | None = None
 
     def _tensor_fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
@@ -145,6 +150,36 @@ class HybridState:
 
     def key_inputs(self) -> torch.Tensor:
         return self.win_k if self.win_kf is None else self.win_kf
+
+    def copy_(self, other: "HybridState") -> "HybridState":
+        """Write `other` (same shapes) into this state's tensors, in place (fields this state lacks are
+        taken as they are); the ring, if any, restarts at slot 0, as `other` is oldest first."""
+        other = other.ordered()
+        for name, t in other.parts().items():
+            dst = getattr(self, name)
+            if dst is None:
+                setattr(self, name, t)
+            else:
+                dst.copy_(t)
+        if self.win_head is not None:
+            self.win_head.zero_()
+        self.position = other.position
+        return self
+
+    def ordered(self) -> "HybridState":
+        """This state with its window buffers oldest first (itself when they are not a ring)."""
+        if self.win_head is None:
+            return self
+        wb = self.win_valid.shape[1]
+        idx = (self.win_head.view(-1, 1) + torch.arange(wb, device=self.win_head.device)) % wb  # [B, Wb]
+
+        def roll(t: torch.Tensor) -> torch.Tensor:  # [B, Hk, Wb, .]
+            return t.gather(2, idx[:, None, :, None].expand(t.shape))
+
+        return dataclasses.replace(
+            self, win_k=roll(self.win_k), win_v=roll(self.win_v), win_valid=self.win_valid.gather(1, idx),
+            win_kf=None if self.win_kf is None else roll(self.win_kf), win_head=None,
+        )
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -578,6 +613,7 @@ def hybrid_attention_chunked(
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
+    initial_state = None if initial_state is None else initial_state.ordered()
     if memory.global_size and key_map is None:  # also where the interval pass would not need it
         raise ValueError("a global cache needs key_map to score and fold the keys it selects")
     if memory.global_size and initial_state is None and not output_final_state:
@@ -946,6 +982,7 @@ def hybrid_attention_recurrent(
     cache. Only raw keys are buffered, so the state stays small. The window length is the state's.
     """
     memory = memory or NO_MEMORY
+    state = state.ordered()
     window = state.win_valid.shape[1] - memory.period + 1
     if window < 0 or (memory.sinks and state.sink_k is None) or (memory.global_size and state.glob_k is None):
         raise ValueError("the state was not built for this memory: make it with empty_state(..., memory=memory) "

@@ -26,6 +26,7 @@ from lolcats.attention.hybrid import HybridState, hybrid_attention_quadratic
 from lolcats.compat import attention_function, key_padding_mask
 from lolcats.config import LolcatsConfig
 from lolcats.ops import hybrid_attention, hybrid_decode
+from lolcats.ops.hybrid import decodes_in_place
 
 MODES = ("hybrid", "transfer", "softmax")
 
@@ -134,8 +135,14 @@ class LolcatsAttention(nn.Module):
         layer_cache = hybrid_layer_cache(cache, self.layer_idx)
         state: HybridState | None = layer_cache.hybrid_state
         if state is not None and q.shape[1] == 1:
+            # the cache owns its state (beam reordering etc. replace it with new tensors): the kernel
+            # updates it in place; the first such step copies it, as a prefill's state can view its
+            # inputs. The reference forms (CPU, memory, autograd) still return a new state.
+            inplace = decodes_in_place(q, state, memory=self.lolcats_memory, log_decay=common["log_decay"])
+            if inplace and state.win_head is None:
+                state = state.map(lambda t: t.clone(memory_format=torch.contiguous_format))
             out, state = hybrid_decode(  # the window length is the state's buffer length
-                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=key_map, key_map_input=kf,
+                q, k, v, fq, self.lolcats.gamma(), state=state, key_map=key_map, key_map_input=kf, inplace=inplace,
                 **{name: val for name, val in common.items() if name != "window"},
             )
         else:

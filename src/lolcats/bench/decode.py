@@ -27,10 +27,12 @@ For each (runner, context) the batch doubles until it no longer fits: that row s
 larger batches are not tried (past the deadline, one "skipped" row marks where a sweep stopped).
 Peak memory = torch.cuda.max_memory_allocated over the row (weights included). Roofline: bytes
 read per step (weights except the embedding table + the batch's state or KV cache) / bandwidth;
-"rw" also counts writing the new state once. The graph runner moves more than that: the Triton
-step kernel writes each layer's new state to fresh memory, which the step then copies into the
-static state tensors (one more read + write of the state); an in-place S update in the kernel
-would remove most of it.
+"rw" also counts writing the new state once. Both linearized runners decode in place
+(`hybrid_decode(..., inplace=True)`): the Triton step kernel updates each layer's S where it is
+and writes the new token into one slot of the window ring, so a step reads the state once and
+writes S, z and one window slot (less than "rw" counts: the window buffers are not rewritten).
+Before, the kernel wrote a whole new state, which the graph runner then copied back into its
+static tensors (one more read + write of the state per step).
 """
 from __future__ import annotations
 

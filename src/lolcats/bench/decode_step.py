@@ -17,9 +17,11 @@ with each layer's own modules (norms, MLP, q/k/v/o projections via the adapter, 
 
 Everything a step reads or writes lives in fixed tensors: input ids [B, 1], the position [1]
 (a tensor, so RoPE and the softmax mask follow it with no Python int baked in), the per-layer
-states/buffers. `forward` updates the states in place (each layer's new HybridState is copied into
-its static tensors right after the layer, so only one layer's transient state exists at a time).
-The HybridState window is a fixed w-slot buffer, so a step is shape-static and can be captured.
+states/buffers. `forward` updates the states in place (`hybrid_decode(..., inplace=True)`: the Triton
+kernel writes S and the new window slot into the state's own tensors, its window buffers a ring,
+`HybridState.win_head`; no new state, no copy-back). The HybridState window is a fixed w-slot
+buffer, so a step is shape-static and can be captured; the ring head is allocated by the first
+(eager, warm-up) step, before capture.
 `DecodeRunner` adds greedy token selection (argmax written back into the input ids, position + 1)
 and optionally captures the whole step in a `torch.cuda.CUDAGraph`.
 
@@ -137,13 +139,12 @@ class LeanDecoder:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, 1, H, D]
         params = attn.lolcats
         fq = params.feature_map_q(q)
-        o, new = hybrid_decode(
+        # the layer's state is read only by this layer: the step updates its tensors in place (the
+        # kernel writes S and one window slot where they are; nothing is copied back)
+        o, _ = hybrid_decode(
             q, k, v, fq, params.gamma(), state=state, key_map=params.key_features, scale=attn.scaling,
-            softcap=self.adapter.logit_softcap(attn), backend=self.backend,
+            softcap=self.adapter.logit_softcap(attn), log_decay=params.log_decay(), backend=self.backend, inplace=True,
         )
-        # the layer's state is read only by this layer: overwrite it now (keeps one transient state alive)
-        for dst, src in zip(state.tensors(), new.tensors()):
-            dst.copy_(src)
         return attn.o_proj(o.reshape(B, 1, -1).to(x.dtype))
 
     def _softmax(self, attn, x: torch.Tensor, cos_sin, kv: KVBuffers, position: torch.Tensor,

@@ -2,7 +2,7 @@
 
   reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
   chunk.py            Triton kernels for prefill / training, forward and backward
-  fused_recurrent.py  Triton kernel for decode, one token a step
+  fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache) and the decaying linear state have no kernel
 yet: they always run the reference forms.
@@ -20,7 +20,7 @@ from lolcats.ops.hybrid.reference import (
     hybrid_attention_recurrent,
 )
 
-__all__ = ["hybrid_attention", "hybrid_decode"]
+__all__ = ["decodes_in_place", "hybrid_attention", "hybrid_decode"]
 
 
 def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay: torch.Tensor | None) -> bool:
@@ -56,22 +56,44 @@ def hybrid_attention(
     )
 
 
+def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | None = None,
+                     log_decay: torch.Tensor | None = None, backend: str = "auto") -> bool:
+    """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
+    False where it would compute a new state and copy it in (the reference forms). Needs grad mode
+    off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
+    return (not torch.is_grad_enabled() and not _needs_reference(memory, state, log_decay) and state.win_valid.shape[1] > 0
+            and resolve_backend(backend, q) == "triton")
+
+
 def hybrid_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
-    log_decay: torch.Tensor | None = None, backend: str = "auto",
+    log_decay: torch.Tensor | None = None, backend: str = "auto", inplace: bool = False,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
-    memory beyond the window or decay, which run the pure-PyTorch form)."""
+    memory beyond the window or decay, which run the pure-PyTorch form).
+
+    inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
+    `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
+    cache that owns the state needs; a non-contiguous one is replaced once by a contiguous copy).
+    The kernel does it without writing a second state (its window buffers become a ring,
+    `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
+    says which runs).
+    """
     if not _needs_reference(memory, state, log_decay) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input,
+            key_map_input=key_map_input, inplace=inplace,
         )
-    return hybrid_attention_recurrent(
+    o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
         memory=memory, key_map_input=key_map_input, log_decay=log_decay,
     )
+    if inplace:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in new.tensors()):
+            raise ValueError("in-place decode runs without autograd (torch.no_grad(), or inplace=False)")
+        return o, state.copy_(new)
+    return o, new

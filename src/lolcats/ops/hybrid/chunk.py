@@ -723,6 +723,7 @@ def hybrid_attention_triton(
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the triton backend supports {KERNEL_DTYPES}, got {q.dtype}")
     T_new = q.shape[1]
+    initial_state = None if initial_state is None else initial_state.ordered()  # a ring left by in-place decode
     position = 0 if initial_state is None else initial_state.position
     q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, key_map_input)
     B, T, H, D = q.shape
