@@ -24,3 +24,36 @@ def test_fused_map_matches_reference(hx, hw, D, f, dtype):
     x = torch.randn(3, 37, hx, D, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(hw, D, f, generator=g) * 0.5).requires_grad_()
     check_errors(hedgehog_errors(x, w), TOL[dtype])
+
+
+@pytest.mark.parametrize("sharing", ["query", "kv"])
+def test_converted_layers_run_the_fused_map(sharing, interpreter, monkeypatch):
+    """A converted model's feature maps go through the Hedgehog op: with the kernels (interpreter) the
+    logits and the stage-1 gradients of phi equal the PyTorch backend's, and the kernel is what ran."""
+    import lolcats
+    from lolcats.config import LolcatsConfig
+    from lolcats.convert import lolcats_parameters
+    from lolcats.ops.hedgehog import fused
+    from tiny_models import random_batch, tiny_model
+
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=4, feature_dim=8, key_map_sharing=sharing))
+    ids, mask = random_batch(2, 21, pad=[0, 3], seed=2)
+    calls = []
+    real = fused.hedgehog_triton
+    monkeypatch.setattr(fused, "hedgehog_triton", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+
+    def run(backend):
+        monkeypatch.setenv("LOLCATS_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits[mask].float() ** 2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in lolcats_parameters(model).items() if "feature_map" in n}
+
+    ref, ref_grads = run("torch")
+    assert not calls
+    got, grads = run("triton")
+    heads = {s[0] for s in calls}
+    assert heads == {4} if sharing == "query" else heads == {4, 2}  # tiny llama: 4 query heads, 2 KV heads
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)

@@ -37,11 +37,14 @@ class HedgehogFeatureMap(nn.Module):
     def output_dim(self) -> int:
         return 2 * self.feature_dim
 
+    def check_input(self, x: torch.Tensor, heads: int | None = None) -> None:
+        """x must be [..., heads, head_dim] (heads: this map's, or fewer that its heads read in groups)."""
+        heads = self.num_heads if heads is None else heads
+        if x.shape[-2] != heads or x.shape[-1] != self.head_dim:
+            raise ValueError(f"feature map expects [..., {heads} heads, {self.head_dim}], got {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] != self.num_heads or x.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"feature map expects [..., {self.num_heads} heads, {self.head_dim}], got {tuple(x.shape)}"
-            )
+        self.check_input(x)
         return hedgehog(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,7 @@ from lolcats.attention.feature_map import HedgehogFeatureMap
 from lolcats.attention.hybrid import HybridState, hybrid_attention_quadratic
 from lolcats.compat import attention_function, key_padding_mask
 from lolcats.config import LolcatsConfig
-from lolcats.ops import hybrid_attention, hybrid_decode
+from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
 from lolcats.ops.hybrid import decodes_in_place
 
 MODES = ("hybrid", "transfer", "softmax")
@@ -57,11 +57,18 @@ class LolcatsParams(nn.Module):
         """log lambda per key-map head ([Hk * kg], what the hybrid math takes), or None without decay."""
         return None if self.decay_log_rate is None else -torch.exp(self.decay_log_rate)
 
+    # Both maps run the Hedgehog op (`lolcats.ops.hedgehog_feature_map`): the fused kernel on CUDA,
+    # the PyTorch map elsewhere. Its weight may have kg heads per input head, so per-query-head key
+    # maps read each KV head's keys without repeating them in memory.
+    def query_features(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D] -> phi_q [B, T, H, 2F]."""
+        self.feature_map_q.check_input(q, heads=self.feature_map_q.num_heads)
+        return hedgehog_feature_map(q, self.feature_map_q.weight)
+
     def key_features(self, k: torch.Tensor) -> torch.Tensor:
         """k [B, T, Hk, D] -> phi_k [B, T, Hk * kg, 2F]."""
-        if self.key_repeat > 1:
-            k = k.repeat_interleave(self.key_repeat, dim=2)
-        return self.feature_map_k(k)
+        self.feature_map_k.check_input(k, heads=self.feature_map_k.num_heads // self.key_repeat)
+        return hedgehog_feature_map(k, self.feature_map_k.weight)
 
 
 class LolcatsAttention(nn.Module):
@@ -113,7 +120,7 @@ class LolcatsAttention(nn.Module):
         """(phi_q, phi_k, key-map inputs or None when they are the rotated keys)."""
         if unrotated is not None:
             q_bthd, k_bthd = (x.transpose(1, 2) for x in unrotated)
-        return self.lolcats.feature_map_q(q_bthd), self.lolcats.key_features(k_bthd), \
+        return self.lolcats.query_features(q_bthd), self.lolcats.key_features(k_bthd), \
             None if unrotated is None else k_bthd
 
     def _common(self, key_mask) -> dict[str, Any]:

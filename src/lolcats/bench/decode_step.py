@@ -138,7 +138,7 @@ class LeanDecoder:
         q, k = self.adapter.apply_rope(attn, q, k, cos_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, 1, H, D]
         params = attn.lolcats
-        fq = params.feature_map_q(q)
+        fq = params.query_features(q)
         # the layer's state is read only by this layer: the step updates its tensors in place (the
         # kernel writes S and one window slot where they are; nothing is copied back)
         o, _ = hybrid_decode(

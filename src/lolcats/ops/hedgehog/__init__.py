@@ -3,8 +3,8 @@
   reference.py  `hedgehog_reference` (pure PyTorch, from `lolcats.attention.feature_map`)
   fused.py      the fused Triton kernel (projection, both softmaxes and the concatenation in one pass)
 
-The model does not call this op yet: `lolcats.attention.feature_map` runs the PyTorch map (wiring the
-fused kernel into the model belongs to the throughput issue, #14); the benchmarks measure it.
+Converted layers compute both feature maps with this op (`LolcatsParams.query_features` /
+`key_features`): the fused kernel for CUDA tensors, the PyTorch reference elsewhere.
 """
 from __future__ import annotations
 
