@@ -257,6 +257,13 @@ def test_keep_softmax_keeps_the_top_ranked_layer_and_the_delta_rebuilds_it(base_
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["keep_softmax"]["ranking"] == ks["ranking"] and saved["config"]["softmax_layers"] == ks["softmax_layers"]
     assert saved["perplexity"]["after_keep_softmax"] > 1
+    from rich.console import Console
+
+    from lolcats.cli import print_report
+
+    console = Console(record=True, width=200)
+    print_report(console, saved)
+    assert f"+ softmax layers {ks['softmax_layers'][0]} " in console.export_text()
     assert json.loads((out / "config.json").read_text())["lolcats"]["softmax_layers"] == ks["softmax_layers"]
     kept = ks["softmax_layers"][0]
     assert [isinstance(layer.self_attn, lolcats.LolcatsAttention) for layer in model.model.layers] == \
