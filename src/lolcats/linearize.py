@@ -61,8 +61,8 @@ from lolcats import loading  # (loading.load_base: a test replaces it to prove n
 from lolcats.loading import EMBEDDED_DEFAULT, is_delta_folder, load_tokenizer, resolve_source
 from lolcats.lock import folder_lock
 from lolcats.measure import greedy_sample, perplexity
-from lolcats.runtime import autocast
 from lolcats.recipe import DEFAULT_PROMPT, Recipe, default_lr2, load_config_file  # noqa: F401 (re-exported)
+from lolcats.runtime import autocast
 from lolcats.train import TransferLoss, add_lora, causal_lm_loss, distributed, lora_parameters, train
 from lolcats.train import transfer_parameters
 from lolcats.train import layer_selection

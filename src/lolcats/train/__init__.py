@@ -6,6 +6,8 @@ from lolcats.train.loop import ResumeError, TrainConfig, TrainError, TrainResult
 from lolcats.train.transfer import TransferLoss, decoder_of, transfer_parameters
 
 __all__ = [
-    "DistillationLoss", "ResumeError", "TrainConfig", "TrainError", "TrainResult", "TransferLoss", "add_lora", "causal_lm_loss",
-    "choose_softmax_layers", "decoder_of", "keep_softmax_layers", "default_target_modules", "evaluate", "lora_parameters", "lr_at", "rank_softmax_layers", "teacher_logits", "train", "transfer_parameters",
+    "add_lora", "causal_lm_loss", "choose_softmax_layers", "decoder_of", "default_target_modules",
+    "DistillationLoss", "evaluate", "keep_softmax_layers", "lora_parameters", "lr_at", "rank_softmax_layers",
+    "ResumeError", "teacher_logits", "train", "TrainConfig", "TrainError", "TrainResult",
+    "transfer_parameters", "TransferLoss",
 ]
