@@ -91,3 +91,43 @@ def test_errors():
         LolcatsConfig.from_dict({"window": 3})
     with pytest.raises(ConfigError, match="init_gamma"):
         LolcatsConfig(init_gamma=1.5)
+
+
+def test_restore_softmax_is_the_model_its_config_rebuilds():
+    """Layers restored after conversion are the base's own attention (a Gemma-3 local layer gets its
+    window back), the others keep their feature maps, and a fresh conversion with the new config
+    (what loading the delta does) is the same model."""
+    from lolcats.convert import lolcats_parameters, restore_softmax
+
+    base = tiny_model("gemma3", sliding_window=8)
+    ids, _ = random_batch(2, 24)  # longer than the local window
+    model = lolcats.convert(copy.deepcopy(base), LolcatsConfig(window_size=4, feature_dim=8,
+                                                               convert_sliding_layers=True))
+    with torch.no_grad():  # feature maps unlike a fresh conversion's, as after training
+        for p in lolcats_parameters(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    config = restore_softmax(model, [2, 0])
+    assert config.softmax_layers == [0, 2] and model.lolcats_config == config
+    for i in (0, 2):
+        attn = model.model.layers[i].self_attn
+        assert type(attn) is type(base.model.layers[i].self_attn) and attn.sliding_window == 8
+        # (transformers versions that route masks by the decoder layer's own attention_type)
+        assert getattr(model.model.layers[i], "attention_type", "sliding_attention") == "sliding_attention"
+        assert not [n for n in vars(attn) if n.startswith("lolcats")]
+    trained = lolcats_parameters(model)
+    assert trained and not [n for n in trained if n.startswith(("model.layers.0.", "model.layers.2."))]
+    rebuilt = lolcats.convert(copy.deepcopy(base), config)
+    assert set(lolcats_parameters(rebuilt)) == set(trained)
+    with torch.no_grad():
+        for name, p in lolcats_parameters(rebuilt).items():
+            p.copy_(trained[name])
+        assert torch.equal(model(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
+        ref = base(input_ids=ids).logits
+        lolcats.set_mode(model, "softmax")  # the restored layers are the teacher's, window included
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    with pytest.raises(ValueError, match=r"layers \[0\] are not converted"):
+        restore_softmax(model, [0])
+    with pytest.raises(ValueError, match="would leave no converted layer"):
+        restore_softmax(model, [1, 3])
+    with pytest.raises(ValueError, match="not linearized"):
+        restore_softmax(tiny_model("llama"), [0])

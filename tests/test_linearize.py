@@ -9,6 +9,7 @@ import torch
 
 import lolcats
 from lolcats import LolcatsConfig
+from lolcats.adapters import Adapter
 from lolcats.data import DataSplits, TokenBlocks
 from lolcats.linearize import LinearizeError, default_lr2, linearize, load_config_file, preset, work_dir_for
 from tiny_models import tiny_model
@@ -238,3 +239,88 @@ def test_stage2_lr_by_model_size_when_the_preset_leaves_it_open(base_dir, data_f
     assert m["options"]["lr2"] == 1e-3 == json.loads((tmp_path / "out" / "metrics.json").read_text())["options"]["lr2"]
     lrs = [h["lr"] for h in m["stage2"]["history"]]
     assert lrs and 1e-4 < max(lrs) <= 1e-3  # the schedule around 1e-3, not the paper's 1e-4
+
+
+# ----------------------------------------------------------------------------- keep_softmax
+
+
+def test_keep_softmax_keeps_the_top_ranked_layer_and_the_delta_rebuilds_it(base_dir, data_file, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(base_dir)  # trained in place: the run's final model
+    m = linearize(model, str(data_file), out=out, tokenizer=tokenizer, config=LolcatsConfig(**CFG),
+                  cache_dir=tmp_path / "cache", keep_softmax=1, keep_softmax_blocks=2, **FAST)
+    ks = m["keep_softmax"]
+    assert [i for i, _ in ks["ranking"]] in ([0, 1], [1, 0]) and ks["ranking"][0][1] >= ks["ranking"][1][1]
+    assert ks["softmax_layers"] == [ks["ranking"][0][0]] and (ks["layers"], ks["blocks"]) == (1, 2)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["keep_softmax"]["ranking"] == ks["ranking"]
+    assert saved["config"]["softmax_layers"] == ks["softmax_layers"]
+    assert saved["perplexity"]["after_keep_softmax"] > 1
+    from rich.console import Console
+
+    from lolcats.cli import print_report
+
+    console = Console(record=True, width=200)
+    print_report(console, saved)
+    assert f"+ softmax layers {ks['softmax_layers'][0]} " in console.export_text()
+    assert json.loads((out / "config.json").read_text())["lolcats"]["softmax_layers"] == ks["softmax_layers"]
+    kept = ks["softmax_layers"][0]
+    assert [isinstance(layer.self_attn, lolcats.LolcatsAttention) for layer in model.model.layers] == \
+        [i != kept for i in range(2)]
+    reloaded = lolcats.from_pretrained(out, base_model=AutoModelForCausalLM.from_pretrained(base_dir), merge_lora=False)
+    layers = Adapter.unwrap(reloaded).model.layers  # (under the PEFT wrapper)
+    assert not isinstance(layers[kept].self_attn, lolcats.LolcatsAttention) and lolcats.is_converted(reloaded)
+    ids = torch.randint(3, 49152, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits)
+
+
+class Ranked(Exception):
+    pass
+
+
+def test_resume_after_the_selection_keeps_it(base_dir, data_file, tmp_path, monkeypatch):
+    import shutil
+
+    from lolcats.train import layer_selection
+
+    small = dict(stage1_tokens=512, stage2_tokens=512, micro_batch_size=2, eval_tokens=64, max_new_tokens=0,
+                 checkpoint_every=2, keep_softmax=1)
+    # a ranking whose best layer is not the first: the one kept must be the top-ranked
+    monkeypatch.setattr(layer_selection, "rank_softmax_layers", lambda model, blocks: [(1, 0.5), (0, 0.25)])
+
+    def killer(event):
+        if event.get("stage") == "stage2" and event["event"] == "step" and event["step"] == 3:
+            raise Kill
+
+    out = tmp_path / "o"
+    with pytest.raises(Kill):
+        run(base_dir, data_file, out, progress=killer, **small)
+    work = work_dir_for(out)
+    assert json.loads((work / "metrics.partial.json").read_text())["softmax_selection"]["softmax_layers"] == [1]
+    shutil.copytree(work, tmp_path / "kept")
+
+    def rank_again(model, blocks):
+        raise Ranked
+
+    monkeypatch.setattr(layer_selection, "rank_softmax_layers", rank_again)
+    with pytest.raises(Ranked):  # another selection setting: chosen again (WorkDir: stage 1 kept, the rest redone)
+        run(base_dir, data_file, out, resume=True, **{**small, "keep_softmax_blocks": 2})
+    shutil.rmtree(work)
+    shutil.copytree(tmp_path / "kept", work)
+    m = run(base_dir, data_file, out, resume=True, **small)  # the same settings: the saved choice, not ranked
+    assert m["stage2"]["resumed_from_step"] == 2 and m["stage1"]["done_before"]
+    assert m["keep_softmax"]["softmax_layers"] == [1] and m["keep_softmax"]["ranking"] == [[1, 0.5], [0, 0.25]]
+    assert json.loads((out / "config.json").read_text())["lolcats"]["softmax_layers"] == [1]
+    assert not lolcats.is_converted(lolcats.from_pretrained(out).model.layers[1])
+
+
+def test_keep_softmax_must_leave_a_linear_layer(base_dir, data_file, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(LinearizeError, match=r"^keep_softmax 2 must be below the 2 layers this run converts "
+                                             r"\(at least one stays linear\); use --keep-softmax 1 or less, or 0 "
+                                             r"for none$"):
+        run(base_dir, data_file, out, keep_softmax=2)
+    _nothing_written(tmp_path, out)

@@ -74,3 +74,13 @@ def test_train_configs():
     assert (s1.lr, s1.max_tokens, s1.seed) == (0.02, 32_768, 5)
     assert (s2.lr, s2.max_tokens, s2.seed) == (0.003, 1, 6) and not r.runs_stage2
     assert r.data_budget == 32_768
+
+
+def test_keep_softmax_is_a_flag_with_a_check():
+    args = build_parser().parse_args(["linearize", "--keep-softmax", "3", "--keep-softmax-blocks", "2"])
+    assert Recipe.given(args) == {"keep_softmax": 3, "keep_softmax_blocks": 2}
+    assert Recipe().keep_softmax == 0 and Recipe.for_device("cuda").keep_softmax == 0  # off unless asked
+    with pytest.raises(LinearizeError, match=r"^keep_softmax must be an integer >= 0, got -1$"):
+        Recipe.for_device("cpu", keep_softmax=-1)
+    with pytest.raises(LinearizeError, match=r"^keep_softmax_blocks must be an integer >= 1, got 0$"):
+        Recipe.for_device("cpu", keep_softmax_blocks=0)

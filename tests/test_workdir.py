@@ -44,3 +44,18 @@ def test_what_a_changed_setting_redoes(tmp_path):
         started(out, {**IDENTITY, "lora": {"r": 4}, "stage1": {"lr": 0.02}}, resume=True)  # vs the last run.json
     with pytest.raises(LinearizeError, match="another base model"):
         started(out, resume=True, fp="other")
+
+
+def test_a_changed_softmax_selection_redoes_it_and_stage2(tmp_path):
+    out = tmp_path / "out"
+    keep = {**IDENTITY, "keep_softmax": {"layers": 1, "blocks": 4}}
+    w = started(out, keep)
+    for key in ("softmax_selection", "ppl_softmax_kept", "ppl_stage2"):
+        w.measured(key, lambda: {"x": 1})
+    same_choice = started(out, {**keep, "lora": {"r": 4}}, resume=True)  # stage 2 again, the same layers
+    assert same_choice.redo == {"stage2", "sample"} and "softmax_selection" in same_choice.partial
+    assert "ppl_softmax_kept" in same_choice.partial and "ppl_stage2" not in same_choice.partial
+    other = started(out, {**keep, "lora": {"r": 4}, "keep_softmax": {"layers": 2, "blocks": 4}}, resume=True)
+    assert other.redo == {"select", "stage2", "sample"}
+    assert not {"softmax_selection", "ppl_softmax_kept"} & set(other.partial)
+    assert other.meta("stage1") == w.meta("stage1") and other.meta("stage2") != same_choice.meta("stage2")

@@ -40,7 +40,7 @@ from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
-from lolcats.train.layer_selection import rank_softmax_layers  # noqa: E402
+from lolcats.train.layer_selection import keep_softmax_layers as lolcats_keep_softmax_layers  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters  # noqa: E402
 
 T0 = time.perf_counter()
@@ -130,7 +130,7 @@ def train_variant(base, spec, data, val, data4k, args):
         info["decay_horizon_tokens"] = h
         log(f"learned decay horizons (tokens): {h}")
     if spec.get("softmax_keep"):
-        model, info = keep_softmax_layers(base, model, spec, data4k, spec["softmax_keep"])
+        info.update(keep_softmax_layers(model, data4k, spec["softmax_keep"]))
     peft = add_lora(model, r=8, alpha=16)
     block = spec.get("s2_block", 1024)
     t = time.perf_counter()
@@ -141,24 +141,17 @@ def train_variant(base, spec, data, val, data4k, args):
                   "train_seconds": t1 + t2, "stage2_block": block, **info}
 
 
-def keep_softmax_layers(base, model, spec, data4k, keep: int):
-    """Rank the stage-1 model's layers (KL to the teacher restored, 4 training blocks of 4K), then
-    rebuild it with the top `keep` as softmax and the others' trained feature maps."""
+def keep_softmax_layers(model, data4k, keep: int):
+    """The library's selection (`lolcats.train.keep_softmax_layers`, as `lolcats linearize
+    --keep-softmax`): rank the stage-1 model's layers by the KL to the teacher each removes as
+    softmax (4 training blocks of 4K), then restore the top `keep` to softmax in place; the others
+    keep their trained feature maps."""
     t = time.perf_counter()
     dev = next(model.parameters()).device
     with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-        ranking = rank_softmax_layers(model, [data4k.input_ids[i: i + 1] for i in range(4)])
-    chosen = sorted(i for i, _ in ranking[:keep])
-    kept = copy.deepcopy(base)
-    lolcats.convert(kept, lolcats.LolcatsConfig(**{**spec["cfg"], "softmax_layers": chosen}))
-    trained = lolcats_parameters(model)
-    wanted = lolcats_parameters(kept)
-    missing = sorted(set(wanted) - set(trained))
-    assert not missing, missing
-    with torch.no_grad():
-        for n, p in wanted.items():
-            p.copy_(trained[n])
-    return kept, {"softmax_layers": chosen, "ranking": ranking[:8], "rank_seconds": time.perf_counter() - t}
+        choice = lolcats_keep_softmax_layers(model, [data4k.input_ids[i: i + 1] for i in range(4)], keep)
+    return {"softmax_layers": choice["softmax_layers"], "ranking": choice["ranking"][:8],
+            "rank_seconds": time.perf_counter() - t}
 
 
 def state_and_decode(model, tok, text: str, device) -> dict:

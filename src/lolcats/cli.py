@@ -289,6 +289,10 @@ def print_report(console, metrics: dict[str, Any]) -> None:
 
     table.add_row(stage_label("stage1"), _fmt(ppl["after_stage1"]), _fmt(resp.get("after_stage1")),
                   f"{tokens.get('stage1', 0):,}", _fmt(tps.get("stage1"), 0), _seconds(timing.get("stage1_s", 0)))
+    if ppl.get("after_keep_softmax") is not None:  # (--keep-softmax: the layers put back after stage 1)
+        kept = ", ".join(str(i) for i in (metrics.get("keep_softmax") or {}).get("softmax_layers", []))
+        table.add_row(f"+ softmax layers {kept}", _fmt(ppl["after_keep_softmax"]), _fmt(resp.get("after_keep_softmax")),
+                      "", "", "")
     if ppl.get("after_stage2") is not None:
         table.add_row(stage_label("stage2"), _fmt(ppl["after_stage2"]), _fmt(resp.get("after_stage2")),
                       f"{tokens.get('stage2', 0):,}", _fmt(tps.get("stage2"), 0), _seconds(timing.get("stage2_s", 0)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -57,6 +58,8 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
         attn.__class__ = lolcats_attention_class(type(attn))
         attn.lolcats_setup(config, adapter)
         if adapter.is_sliding(attn):  # a converted local layer now attends (approximately) to everything
+            # (what `restore_softmax` puts back)
+            attn.lolcats_sliding = (attn.sliding_window, getattr(layer, "attention_type", None))
             attn.sliding_window = None
             if hasattr(layer, "attention_type"):
                 layer.attention_type = "full_attention"
@@ -64,6 +67,44 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
     model.lolcats_config = config
     logger.info("converted %d of %d attention layers", len(todo), len(adapter.attention_modules(model)))
     return model
+
+
+def restore_softmax(model: nn.Module, layers: Iterable[int]) -> LolcatsConfig:
+    """Turn converted decoder layers (indices) back into the model's own softmax attention, in place.
+
+    The other layers keep their (trained) feature maps. The model's `lolcats_config` gets the
+    layers in `softmax_layers`, so the saved delta rebuilds the same model: `convert` with that
+    config leaves them alone, as here. Returns the new config. Call it before LoRA is added (a
+    restored layer's projections are the base's; LoRA then targets them like any other).
+    """
+    import dataclasses
+
+    owner = next((m for m in model.modules() if isinstance(m, LolcatsModelMixin)), None)
+    if owner is None:
+        raise ValueError("model is not linearized: convert it (or load a delta) first")
+    wanted = sorted(set(int(i) for i in layers))
+    by_index = {idx: (layer, attn) for idx, layer, attn in get_adapter(owner).attention_modules(owner)}
+    not_converted = [i for i in wanted if i not in by_index or not isinstance(by_index[i][1], LolcatsAttention)]
+    if not_converted:
+        raise ValueError(f"layers {not_converted} are not converted layers of the model; nothing to restore")
+    if len(wanted) >= len(converted_layers(owner)):
+        raise ValueError(f"restoring layers {wanted} would leave no converted layer; keep fewer as softmax")
+    for i in wanted:
+        layer, attn = by_index[i]
+        sliding = attn.__dict__.get("lolcats_sliding")
+        del attn.lolcats  # the feature maps and gamma
+        for name in [n for n in attn.__dict__ if n.startswith("lolcats_")]:
+            delattr(attn, name)
+        attn.__class__ = next(b for b in type(attn).__bases__ if b is not LolcatsAttention)
+        if sliding is not None:
+            attn.sliding_window, attention_type = sliding
+            if attention_type is not None:
+                layer.attention_type = attention_type
+    config = dataclasses.replace(owner.lolcats_config,
+                                 softmax_layers=sorted(set(owner.lolcats_config.softmax_layers) | set(wanted)))
+    owner.lolcats_config = config
+    logger.info("restored layers %s to softmax attention", wanted)
+    return config
 
 
 MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup")

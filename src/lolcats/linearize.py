@@ -8,12 +8,14 @@ at None they take the device's preset). `STAGES` is the run, each stage a small 
 (recipe, run state) that reads what earlier stages put on the `Run` and adds its own:
 
     check inputs -> load model -> tokenizer -> plan -> prepare data -> work folder
-    -> teacher metrics -> convert -> stage 1 -> LoRA -> stage 2 -> sample -> save
+    -> teacher metrics -> convert -> stage 1 -> keep softmax -> LoRA -> stage 2 -> sample -> save
 
 1. load the base model and tokenizer (`lolcats.loading`) and build the data (`lolcats.data`);
 2. held-out perplexity of the teacher (the softmax model) and a greedy sample (`lolcats.measure`);
 3. `convert` (hybrid sliding-window + linear attention), perplexity right after the swap;
 4. stage 1, attention transfer (phi and gamma only, decoder without LM head), perplexity;
+   with `keep_softmax=N`, the N layers whose softmax attention removes the most KL to the teacher
+   go back to softmax (`lolcats.train.choose_softmax_layers`), perplexity;
 5. stage 2, LoRA on the attention projections with the next-token loss, perplexity;
 6. a greedy sample of the linearized model; the delta folder (loads back with
    `lolcats.from_pretrained(out)`) with `metrics.json`, put in place only when complete.
@@ -50,7 +52,7 @@ from lolcats.attention.layer import set_mode
 from lolcats.checkpoint import fingerprint, save_delta
 from lolcats.compat import enable_activation_checkpointing
 from lolcats.config import LolcatsConfig
-from lolcats.convert import convert, is_converted, layers_to_convert
+from lolcats.convert import convert, is_converted, layers_to_convert, restore_softmax
 from lolcats.data import DataSplits, TokenBlocks, build_datasets, load_examples
 from lolcats.digest import tensor_digest
 from lolcats.errors import LinearizeError, LockError, LolcatsError, ResumeError, StorageError, TrainError, one_line
@@ -60,8 +62,10 @@ from lolcats.loading import EMBEDDED_DEFAULT, is_delta_folder, load_tokenizer, r
 from lolcats.lock import folder_lock
 from lolcats.measure import greedy_sample, perplexity
 from lolcats.recipe import DEFAULT_PROMPT, Recipe, default_lr2, load_config_file  # noqa: F401 (re-exported)
+from lolcats.runtime import autocast
 from lolcats.train import TransferLoss, add_lora, causal_lm_loss, distributed, lora_parameters, train
 from lolcats.train import transfer_parameters
+from lolcats.train import layer_selection
 from lolcats.train.blockwise import check_disk_space, estimate_bytes, stored_rows, train_blockwise
 from lolcats.train.loop import TrainResult
 from lolcats.validate import resolve_device
@@ -230,8 +234,13 @@ def _load_tokenizer(recipe: Recipe, run: Run) -> None:
 
 def _plan(recipe: Recipe, run: Run) -> None:
     """Something to convert; the stage-2 learning rate by model size when the preset leaves it open."""
-    if not layers_to_convert(run.base, run.config):
+    converted = len(layers_to_convert(run.base, run.config))
+    if not converted:
         raise LinearizeError("no attention layer would be converted (check softmax_layers)")
+    if recipe.keep_softmax >= converted:
+        raise LinearizeError(
+            f"keep_softmax {recipe.keep_softmax} must be below the {converted} layers this run converts "
+            f"(at least one stays linear); use --keep-softmax {converted - 1} or less, or 0 for none")
     if recipe.lr2 is None:
         recipe.lr2 = default_lr2(sum(p.numel() for p in run.base.parameters()))  # (global sizes when sharded)
 
@@ -293,6 +302,8 @@ def _identity(recipe: Recipe, run: Run) -> dict[str, Any]:
     }
     if recipe.blockwise:  # (absent by default, so the hash of other runs is unchanged)
         identity["blockwise"] = int(recipe.blockwise)
+    if recipe.keep_softmax:  # (idem)
+        identity["keep_softmax"] = {"layers": int(recipe.keep_softmax), "blocks": int(recipe.keep_softmax_blocks)}
     if run.world > 1:  # (idem) a step takes world x micro-batch blocks: resume with as many processes
         identity["world_size"] = run.world
     return identity
@@ -364,6 +375,33 @@ def _stage1(recipe: Recipe, run: Run) -> None:
     _check_trained(base, run.measure_ppl("ppl_stage1", "after stage 1", recipe), "stage 1")
 
 
+def _keep_softmax(recipe: Recipe, run: Run) -> None:
+    """Back to softmax: the `keep_softmax` converted layers whose softmax attention removes the
+    most KL to the teacher, measured on the first `keep_softmax_blocks` training blocks; the other
+    layers keep their stage-1 feature maps and the delta's config lists the kept ones. The choice
+    is stored in the work folder (atomically, with the measurements), so a resumed run restores
+    the same layers without ranking again."""
+    def choose() -> dict[str, Any]:
+        run.phase("select", f"ranking the converted layers to keep {recipe.keep_softmax} as softmax")
+        started = time.perf_counter()
+        blocks = run.splits.train.input_ids[: recipe.keep_softmax_blocks].split(recipe.micro_batch_size)
+        with autocast(run.device, recipe.dtype):
+            choice = layer_selection.choose_softmax_layers(run.base, blocks, recipe.keep_softmax)
+        choice["seconds"] = time.perf_counter() - started
+        return distributed.broadcast_object(choice)  # every rank restores rank 0's layers
+
+    choice = run.work.measured("softmax_selection", choose)
+    config = restore_softmax(run.base, choice["softmax_layers"])
+    run.metrics["keep_softmax"] = {"layers": recipe.keep_softmax, "blocks": recipe.keep_softmax_blocks, **choice}
+    run.metrics["config"] = config.to_dict()  # (the delta's: with the kept layers in softmax_layers)
+    logger.info("kept as softmax: layers %s", choice["softmax_layers"])
+    run.measure_ppl("ppl_softmax_kept", "with the kept softmax layers", recipe)
+
+
+def _keeps_softmax(recipe: Recipe) -> bool:
+    return recipe.keep_softmax > 0
+
+
 def _add_lora(recipe: Recipe, run: Run) -> None:
     run.phase("stage2", "stage 2: LoRA fine-tuning")
     if recipe.activation_checkpointing and not run.checkpointing:
@@ -423,6 +461,8 @@ def _final_metrics(recipe: Recipe, run: Run) -> dict[str, Any]:
     res1, res2 = run.results["stage1"], run.results.get("stage2")
     ppl = {"teacher": run.ppl["ppl_teacher"], "after_swap": run.ppl["ppl_swap"],
            "after_stage1": run.ppl["ppl_stage1"], "after_stage2": run.ppl.get("ppl_stage2")}
+    if "ppl_softmax_kept" in run.ppl:  # (absent without keep_softmax)
+        ppl["after_keep_softmax"] = run.ppl["ppl_softmax_kept"]
 
     def stage_metrics(res: TrainResult | None) -> dict[str, Any] | None:
         if res is None:
@@ -482,6 +522,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher metrics", _teacher_metrics),
     Stage("convert", _convert),
     Stage("stage 1", _stage1, on_failure=_STAGE1_FAILED),
+    Stage("keep softmax", _keep_softmax, when=_keeps_softmax),
     Stage("LoRA", _add_lora, when=_runs_stage2, bad_input=lambda run: "cannot add LoRA"),
     Stage("stage 2", _stage2, when=_runs_stage2, on_failure=_STAGE2_FAILED),
     Stage("sample", _final_sample),

@@ -185,6 +185,12 @@ class Recipe:
                                    help="stage 1 block by block, K decoder layers per block, from stored teacher "
                                         "hidden states (needs disk: about 2 bytes x tokens x hidden size x blocks "
                                         "in bf16)")
+    keep_softmax: int = option(0, check=_integer(0), type=int, metavar="N",
+                               help="after stage 1, keep as softmax the N converted layers whose softmax attention "
+                                    "removes the most KL to the teacher (0: off); their KV cache grows with the "
+                                    "context")
+    keep_softmax_blocks: int = option(4, check=_integer(1), type=int, metavar="N",
+                                      help="training blocks the --keep-softmax ranking measures the KL on")
     fsdp: bool = option(False, check=_boolean,
                         help="under torchrun: shard the frozen base over the GPUs (FSDP2), for bases that do not "
                              "fit one")

@@ -7,8 +7,9 @@
 
 It holds ``run.json`` (what the run is: base fingerprint, hashes of its identity), the
 ``metrics.partial.json`` of what is measured so far (perplexities, samples, elapsed time: a
-resumed session reports all sessions) and one folder of training checkpoints per stage. A resume
-whose settings differ only after stage 1 keeps stage 1 and redoes what follows (`redo`). It is
+resumed session reports all sessions; also the softmax layers chosen after stage 1, so a resumed
+run keeps them) and one folder of training checkpoints per stage. A resume whose settings differ
+only after stage 1 keeps stage 1 and redoes what follows (`redo`). It is
 removed once the delta folder is in place. Under torchrun every rank reads it and rank 0 writes.
 """
 from __future__ import annotations
@@ -35,13 +36,18 @@ RUN_NAME = "run.json"
 PARTIAL_NAME = "metrics.partial.json"
 
 # What each stage's result depends on (keys of the run identity): a resume whose settings differ
-# only outside stage 1's keys keeps stage 1 and runs the rest again.
+# only outside stage 1's keys keeps stage 1 and runs the rest again. Stage 2 trains the model that
+# the softmax-layer selection ("keep_softmax", between the stages) leaves.
 STAGE_KEYS = {
     "stage1": ("lolcats", "stage1", "loss", "data", "blockwise", "world_size"),
-    "stage2": ("lolcats", "stage1", "loss", "data", "blockwise", "world_size", "stage2", "lora"),
+    "stage2": ("lolcats", "stage1", "loss", "data", "blockwise", "world_size", "keep_softmax", "stage2", "lora"),
 }
+# what a resume with other settings runs again, by the first stage they change (then what follows)
+_REDO = (("keep_softmax", {"select", "stage2", "sample"}), ("stage2", {"stage2", "sample"}),
+         ("lora", {"stage2", "sample"}))
 # the metrics.partial.json entries to forget when a stage (and what follows it) runs again
-_PARTIAL_KEYS_OF = {"stage2": ("ppl_stage2", "sample_teacher", "sample"), "sample": ("sample_teacher", "sample")}
+_PARTIAL_KEYS_OF = {"select": ("softmax_selection", "ppl_softmax_kept", "ppl_stage2", "sample_teacher", "sample"),
+                    "stage2": ("ppl_stage2", "sample_teacher", "sample"), "sample": ("sample_teacher", "sample")}
 _KEPT_LABELS = (("ppl_teacher", "teacher perplexity"), ("ppl_swap", "perplexity after the swap"),
                 ("ppl_stage1", "stage 1"), ("ppl_stage2", "stage 2"))
 
@@ -105,8 +111,9 @@ class WorkDir:
                 "use the same options or start without --resume"
             )
         # stage 1 is the same run: keep it, and redo what the changed settings affect
-        self.redo = {"stage2", "sample"} if set(diff) & {"stage2", "lora"} else {"sample"}
-        logger.info("resuming with other %s settings: stage 1 is kept", "stage-2" if "stage2" in self.redo else "sample")
+        self.redo = next((redo for key, redo in _REDO if key in diff), {"sample"})
+        logger.info("resuming with other %s settings: stage 1 is kept", ", ".join(k for k, _ in _REDO if k in diff)
+                    or "sample")
 
     def meta(self, stage: str) -> dict[str, Any]:
         """Stored in and checked against the checkpoints of `stage`."""
@@ -121,7 +128,8 @@ class WorkDir:
         self.partial = (read_json(self / PARTIAL_NAME) or {}) if (self.resume and not fresh) else {}
         distributed.barrier()  # every rank has read the work folder before rank 0 rewrites it
         if fresh or self.redo:
-            for key in _PARTIAL_KEYS_OF["stage2" if "stage2" in self.redo else "sample"] if self.redo else ():
+            first = next((stage for stage in ("select", "stage2", "sample") if stage in self.redo), None)
+            for key in _PARTIAL_KEYS_OF[first] if first else ():
                 self.partial.pop(key, None)
             if distributed.is_main():
                 if fresh and self.path.exists():

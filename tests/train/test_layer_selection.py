@@ -45,3 +45,23 @@ def test_unconverted_model_and_no_blocks_are_refused():
     lolcats.convert(model, lolcats.LolcatsConfig(window_size=4))
     with pytest.raises(ValueError, match="at least one block"):
         rank_softmax_layers(model, [])
+
+
+def test_keep_softmax_layers_restores_the_costliest_layer():
+    from lolcats.train.layer_selection import keep_softmax_layers
+
+    model = tiny_model("llama")
+    ids, _ = random_batch(2, 24)
+    with torch.no_grad():
+        teacher = model(input_ids=ids).logits
+    lolcats.convert(model, lolcats.LolcatsConfig(window_size=4))
+    first, last = converted_layers(model)
+    first.lolcats_window = 64  # exact on 24 tokens: only the last layer is approximated
+    with pytest.raises(ValueError, match=r"keep must be between 1 and 1 \(the model has 2 converted layers\), got 2"):
+        keep_softmax_layers(model, [ids], 2)
+    choice = keep_softmax_layers(model, [ids], 1)
+    assert choice["softmax_layers"] == [last.layer_idx] == [choice["ranking"][0][0]]
+    assert choice["config"].softmax_layers == [last.layer_idx] == model.lolcats_config.softmax_layers
+    assert converted_layers(model) == [first]
+    with torch.no_grad():  # the approximated layer is softmax again: the model is the teacher
+        assert torch.allclose(model(input_ids=ids).logits, teacher, atol=1e-5)
