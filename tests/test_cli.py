@@ -46,10 +46,11 @@ def test_conversion_flags_come_from_lolcats_config():
     """Each flag a LolcatsConfig field declares sets that field; not given, the config's default stays."""
     args = build_parser().parse_args([
         "linearize", "--sinks", "4", "--global-cache", "128", "--global-cache-interval", "32",
-        "--global-cache-dedup", "0.9", "--no-feature-map-rope", "--feature-dim", "16",
+        "--global-cache-dedup", "0.9", "--no-feature-map-rope", "--feature-dim", "16", "--linear-decay", "1024",
     ])
     cfg = linearize_kwargs(args)["config"]
     assert (cfg.sink_size, cfg.global_cache_size, cfg.global_cache_interval, cfg.global_cache_dedup) == (4, 128, 32, 0.9)
+    assert cfg.linear_decay == 1024
     assert cfg.feature_map_rope is False and cfg.feature_dim == 16 and cfg.window_size == 64
     assert linearize_kwargs(build_parser().parse_args(["linearize"]))["config"] == lolcats.LolcatsConfig()
     with pytest.raises(SystemExit):
@@ -63,6 +64,15 @@ def _one_line_error(capsys, argv, match):
     lines = err.splitlines()  # progress lines ("• loading ...") may come first; the error is one line
     assert [ln for ln in lines if "error" in ln] == [lines[-1]] and match in lines[-1], err
     assert "Traceback" not in err
+
+
+def test_linear_decay_is_checked():
+    from lolcats.errors import ConfigError
+
+    for bad in (1, -3):
+        with pytest.raises(ConfigError, match="linear_decay"):
+            lolcats.LolcatsConfig(linear_decay=bad)
+    assert lolcats.LolcatsConfig(linear_decay=2).linear_decay == 2
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
