@@ -35,6 +35,7 @@ from triton.testing import do_bench
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import HybridState, empty_state
 from lolcats.bench.prefill import flash_gqa_ok, hybrid_inputs, sdpa_fns
+from lolcats.fileio import atomic_write_json
 from lolcats.ops import hedgehog_feature_map, hybrid_attention, hybrid_decode
 from lolcats.ops.hedgehog import fused as hedgehog_fused
 from lolcats.ops.hybrid import chunk as hybrid_chunk
@@ -249,8 +250,7 @@ def main():
     path = os.path.join(args.out, "bench_kernels.json")
 
     def save():
-        with open(path, "w") as fh:
-            json.dump(res, fh, indent=1)
+        atomic_write_json(path, res, indent=1)
 
     res["prefill"] = []
     Ls = (2048, 8192) if args.quick else (2048, 8192, 32768, 65536)

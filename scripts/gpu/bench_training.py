@@ -28,7 +28,6 @@ prints a markdown table row and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # run from
 from lolcats import LolcatsConfig, convert  # noqa: E402
 from lolcats.bench.common import dtype_name, environment, peak_memory, reset_peak_memory, resolve_dtype, sync  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
+from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.compat import enable_activation_checkpointing  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train  # noqa: E402
 from lolcats.train import transfer_parameters  # noqa: E402
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  f"{'_ac' if checkpointing else ''}.json"))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=2))
+            atomic_write_json(out, result)
     distributed.barrier()
     distributed.cleanup()
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ from lolcats.attention.hybrid import (
     hybrid_attention_recurrent,
 )
 from lolcats.ops import hybrid_attention, hybrid_decode
+from lolcats.fileio import atomic_write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the kernel tests' helpers
 from kernel_helpers import hedgehog_errors, rel_error  # noqa: E402
@@ -236,8 +236,8 @@ def main():
                          seconds=round(time.time() - t0, 2)))
         if not ok:
             print(f"FAIL {kind} {tag} {DT[dtype]}: {exc or err}", flush=True)
-        with open(partial, "w") as fh:  # saved as it goes: a run cut short still reports
-            json.dump(dict(rows=rows, partial=True), fh, default=str)
+        # saved as it goes: a run cut short still reports
+        atomic_write_json(partial, dict(rows=rows, partial=True), indent=None, default=str)
 
     Ts = (63, 500, 2049) if not args.quick else (63, 500)
     for dtype, T, D, (G, mode), pad in itertools.product(
@@ -298,8 +298,7 @@ def main():
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    with open(partial, "w") as fh:
-        json.dump(dict(meta=meta, rows=rows, table=table, cases="\n".join(per_case)), fh, indent=1, default=str)
+    atomic_write_json(partial, dict(meta=meta, rows=rows, table=table, cases="\n".join(per_case)), indent=1, default=str)
     nfail = sum(not r["ok"] for r in rows)
     print(table)
     print(f"{len(rows)} checks, {nfail} failed ({meta['device']}, torch {meta['torch']}, "

@@ -191,7 +191,9 @@ def main() -> int:
     )
     metrics["calibration"] = calib
     metrics["script_total_s"] = time.perf_counter() - T0
-    (root / "linearize_smollm2.json").write_text(json.dumps(metrics, indent=2, default=str))
+    from lolcats.fileio import atomic_write_json
+
+    atomic_write_json(root / "linearize_smollm2.json", metrics, default=str)
     from rich.console import Console
 
     print_report(Console(width=140), metrics)

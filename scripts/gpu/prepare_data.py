@@ -58,7 +58,9 @@ def main() -> None:
     meta = {"source": splits.source, "num_examples": list(splits.num_examples), "block_size": args.block_size,
             "tokenizer": args.model or "SmolLM2-135M-Instruct (embedded GGUF)", "train_blocks": len(splits.train),
             "val_blocks": len(splits.val), "seed": args.seed}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    from lolcats.fileio import atomic_write_json
+
+    atomic_write_json(out / "meta.json", meta)
     print(json.dumps(meta))
 
 

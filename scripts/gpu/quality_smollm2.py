@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import lolcats  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
+from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
 from lolcats.train import (  # noqa: E402
     DistillationLoss, TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters,
@@ -159,7 +160,7 @@ def main() -> None:
         name = name if name == "teacher" else name + args.tag
         rows[name] = {**evaluate_row(model, tok, args, val, wiki, tasks), **extra, "eval_seconds": time.perf_counter() - t}
         print(name, json.dumps(rows[name]), flush=True)
-        results_path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        atomic_write_json(results_path, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 
     for variant in args.variants.split(","):
         t = time.perf_counter()

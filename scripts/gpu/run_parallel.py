@@ -60,7 +60,9 @@ def main() -> None:
                              "killed_at_deadline": killed, "seconds": time.time() - j["t0"],
                              "result": result, "log_tail": tail, "cmd": " ".join(j["cmd"])}
         print(f"== {j['name']}: rc {merged[j['name']]['returncode']} killed {killed}\n{tail[-1500:]}", flush=True)
-    (args.out / "runs.json").write_text(json.dumps(merged, indent=2))
+    from lolcats.fileio import atomic_write_json  # (the jobs run with src/ on PYTHONPATH)
+
+    atomic_write_json(args.out / "runs.json", merged)
 
 
 if __name__ == "__main__":
