@@ -136,13 +136,14 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
 
 
 def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False, inplace=False,
-                 window=W):
+                 window=W, decay=False):
     """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
 
     separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
     which the state buffers beside the window. inplace: `hybrid_decode(..., inplace=True)` one token
     a call, as generation runs it (steps > window: the ring wraps); the state must keep its storage
-    and hold the reference state, oldest first once `ordered()`."""
+    and hold the reference state, oldest first once `ordered()`. decay: a decaying linear state
+    (log lambda per state head, from about a 3- to a 100-token horizon), in the reference and the kernel."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
@@ -151,10 +152,12 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
         kf = torch.randn(xs[1].shape, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1),
                          device=DEVICE).to(dtype)
         xs[4] = key_map(kf)
+    lam = -torch.linspace(0.01, 0.3, xs[4].shape[2], device=DEVICE) if decay else None
+    lam64 = None if lam is None else lam.double()
     with torch.no_grad():
         _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=window,
                                            key_mask=mask[:, :T0], softcap=softcap, output_final_state=True,
-                                           key_map_input=None if kf is None else kf[:, :T0].double())
+                                           key_map_input=None if kf is None else kf[:, :T0].double(), log_decay=lam64)
         st = st64.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         st.kv, st.k_sum = st64.kv.float(), st64.k_sum.float()  # the state accumulates in float32
         new = [x[:, T0:] for x in xs]
@@ -167,7 +170,7 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                 s_ = slice(t, t + 1)
                 o_t, same = hybrid_decode(new[0][:, s_], new[1][:, s_], new[2][:, s_], new[3][:, s_], gamma,
                                           state=st_k, key_map=key_map, key_mask=mask[:, T0 + t:T0 + t + 1],
-                                          softcap=softcap, backend="triton", inplace=True,
+                                          softcap=softcap, backend="triton", inplace=True, log_decay=lam,
                                           key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1])
                 if t == 0:
                     ptrs = [x.data_ptr() for x in st_k.tensors()]
@@ -176,11 +179,11 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
             o, st_k = torch.cat(outs, 1), st_k.ordered()
         else:
             o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
-                                    key_mask=mask[:, T0:], softcap=softcap, backend="triton",
+                                    key_mask=mask[:, T0:], softcap=softcap, backend="triton", log_decay=lam,
                                     key_map_input=None if kf is None else kf[:, T0:])
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
                                              key_map=lambda x: key_map(x.to(dtype)).double(),
-                                             key_mask=mask[:, T0:], softcap=softcap,
+                                             key_mask=mask[:, T0:], softcap=softcap, log_decay=lam64,
                                              key_map_input=None if kf is None else kf[:, T0:].double())
     err = {"o": rel_error(o, ro), "S": rel_error(st_k.kv, rst.kv), "z": rel_error(st_k.k_sum, rst.k_sum)}
     err["win"] = max(rel_error(st_k.win_k, rst.win_k), rel_error(st_k.win_v, rst.win_v),
@@ -263,6 +266,10 @@ def main():
                steps=120, softcap=5.0, inplace=True, window=50)
         record("decode", "T0=300 +80 D=64 G=4 query pre-RoPE key-map inputs in place", dtype, check_decode, 64, 4,
                "query", dtype, steps=80, separate_inputs=True, inplace=True)
+        # the decaying linear state (`linear_decay`), both decode kernels
+        record("decode", "T0=300 +8 D=128 G=4 kv decay", dtype, check_decode, 128, 4, "kv", dtype, steps=8, decay=True)
+        record("decode", "T0=300 +100 D=64 G=4 query decay in place", dtype, check_decode, 64, 4, "query", dtype,
+               steps=100, inplace=True, decay=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)

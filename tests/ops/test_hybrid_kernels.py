@@ -232,6 +232,37 @@ def test_every_form_continues_from_a_ring(c):
     check_errors(errors, 1e-5)
 
 
+@pytest.mark.parametrize("c", [INPLACE[1], INPLACE[2], INPLACE[3]])
+@pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
+def test_decode_kernels_with_a_decaying_state(c, inplace):
+    """The decode kernels take the decay (lambda per state head): 30 steps (the ring wraps) from a
+    prefill's state equal the recurrent reference with the same log lambda, outputs and state."""
+    x, kf, fk, _ = inplace_setup(c)
+    lam = -torch.linspace(0.02, 0.3, fk.shape[2], dtype=F32)
+    a, r = slice(0, ISPLIT), slice(ISPLIT, IT)
+    common = dict(key_map=x.key_map, softcap=CAP, log_decay=lam)
+    _, st = hybrid_attention(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], fk[:, a], x.gamma, window=IW,
+                             key_mask=cut(x.mask, a), output_final_state=True, key_map_input=None if kf is None else kf[:, a],
+                             **common)
+    st = st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
+    ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                         key_mask=cut(x.mask, r), key_map_input=None if kf is None else kf[:, r],
+                                         **common)
+    plain, _ = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                          key_mask=cut(x.mask, r), key_map=x.key_map, softcap=CAP,
+                                          key_map_input=None if kf is None else kf[:, r])
+    assert rel_error(plain, ro) > 1e-3  # the decay matters on these inputs
+    outs = []
+    for t in range(ISPLIT, IT):
+        s_ = slice(t, t + 1)
+        with torch.no_grad():
+            o, st = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=st,
+                                  key_mask=cut(x.mask, s_), key_map_input=None if kf is None else kf[:, s_],
+                                  backend="triton", inplace=inplace, **common)
+        outs.append(o)
+    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **all_state_errors(st, rst)}, 1e-5)
+
+
 def test_inplace_decode_reference_path_updates_the_state():
     """backend="torch" (the CPU path) with inplace=True: the reference's new state copied into the caller's."""
     c = dict(H=6, Hk=2, sharing="kv", Dv=20, kf=False, pad=True)

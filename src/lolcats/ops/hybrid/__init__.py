@@ -4,8 +4,8 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
-Memory beyond the window (sinks, the global cache) and the decaying linear state have no kernel
-yet: they always run the reference forms.
+Memory beyond the window (sinks, the global cache) has no kernel yet: it always runs the reference
+forms. The decaying linear state has the decode kernels, not yet the prefill / training ones.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from lolcats.ops.hybrid.reference import (
 __all__ = ["decodes_in_place", "hybrid_attention", "hybrid_decode"]
 
 
-def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay: torch.Tensor | None) -> bool:
-    """Memory beyond the window (sinks, global cache) and decay have no kernel yet: the reference forms run them."""
+def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay: torch.Tensor | None = None) -> bool:
+    """Memory beyond the window (sinks, global cache) has no kernel yet, decay none for prefill: the
+    reference forms run them (decode passes no log_decay here: its kernels take it)."""
     return (memory is not None and memory.active) or (state is not None and state.has_memory) or log_decay is not None
 
 
@@ -57,11 +58,11 @@ def hybrid_attention(
 
 
 def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | None = None,
-                     log_decay: torch.Tensor | None = None, backend: str = "auto") -> bool:
+                     backend: str = "auto") -> bool:
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
     False where it would compute a new state and copy it in (the reference forms). Needs grad mode
     off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
-    return (not torch.is_grad_enabled() and not _needs_reference(memory, state, log_decay) and state.win_valid.shape[1] > 0
+    return (not torch.is_grad_enabled() and not _needs_reference(memory, state) and state.win_valid.shape[1] > 0
             and resolve_backend(backend, q) == "triton")
 
 
@@ -72,7 +73,7 @@ def hybrid_decode(
     log_decay: torch.Tensor | None = None, backend: str = "auto", inplace: bool = False,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
-    memory beyond the window or decay, which run the pure-PyTorch form).
+    memory beyond the window, which runs the pure-PyTorch form; decay runs in the kernel).
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
@@ -81,12 +82,12 @@ def hybrid_decode(
     `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
     says which runs).
     """
-    if not _needs_reference(memory, state, log_decay) and resolve_backend(backend, q) == "triton":
+    if not _needs_reference(memory, state) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input, inplace=inplace,
+            key_map_input=key_map_input, inplace=inplace, log_decay=log_decay,
         )
     o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,

@@ -40,9 +40,9 @@ from lolcats.ops.hybrid.reference import HybridState, KeyMap, hybrid_attention_r
 
 @triton.jit(do_not_specialize=["H", "Hk", "Hs", "G"])
 def _decode_step(
-    q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, newvalid, gamma,
+    q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam,
     o, kv_out, ksum_out, wk_out, wv_out,
-    scale, cap, H, Hk, Hs, G, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    scale, cap, H, Hk, Hs, G, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, HAS_DECAY: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -67,9 +67,11 @@ def _decode_step(
     S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=fm[:, None] & vm[None, :], other=0.0)
     S = S + fko[:, None] * v_old[None, :]
     z = tl.load(ksum + soff + of, mask=fm, other=0.0) + fko
-    tl.store(kv_out + soff * DV + of[:, None] * DV + ov[None, :], S, mask=fm[:, None] & vm[None, :])
+    # decay (fko came scaled by lambda^w, its age): this token reads S and z, the next one them x lambda
+    age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0
+    tl.store(kv_out + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=fm[:, None] & vm[None, :])
     if i_v == 0:
-        tl.store(ksum_out + soff + of, z, mask=fm)
+        tl.store(ksum_out + soff + of, z * age, mask=fm)
 
     # the new buffer: old slots 1..w-1, then the new token
     old = (sl + 1) < W
@@ -112,9 +114,9 @@ def _decode_step(
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG"])
 def _decode_step_inplace(
-    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, o,
+    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam, o,
     scale, cap, H, Hk, KG, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DK: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -158,7 +160,8 @@ def _decode_step_inplace(
         smask = fm[:, None] & vm[None, :]
         S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=smask, other=0.0)
         S = S + fko[:, None] * v_old[None, :]
-        tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S, mask=smask)  # this program's tile only
+        age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0  # the next token reads S x lambda
+        tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=smask)  # this program's tile only
         z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
         for gi in range(nq):
             hq = hs * nq + gi
@@ -192,8 +195,20 @@ def _decode_step_inplace(
             tl.store(head + b64, tl.load(head + b64) + 1)
 
 
+def _evicted_features(key_map: KeyMap, k_old: torch.Tensor, acc: torch.dtype, B: int, Hs: int, F: int,
+                      log_decay: torch.Tensor | None, window: int):
+    """phi of the evicted keys k_old [B, Hk, 1, Dk] as [B, Hs, F], weighed by their age lambda^w with
+    decay; and lambda per state head (None without decay), what the kernels multiply S and z by."""
+    fk_old = key_map(k_old.transpose(1, 2)).to(acc).reshape(B, Hs, F)
+    if log_decay is None:
+        return fk_old.contiguous(), None
+    a = log_decay.to(acc)
+    return (fk_old * torch.exp(a * window)[None, :, None]).contiguous(), torch.exp(a).contiguous()
+
+
 def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float, softcap: float | None,
-                key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None,
+                log_decay: torch.Tensor | None = None):
     """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state).
 
     key_map_input [B, 1, Hk, Dk]: the new token's key-map input when the state buffers those apart
@@ -207,7 +222,7 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     Hs = Hk * KG
     W = state.win_valid.shape[1]
     acc = kv.dtype
-    fk_old = key_map(state.key_inputs()[:, :, :1].transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
+    fk_old, lam = _evicted_features(key_map, state.key_inputs()[:, :, :1], acc, B, Hs, F, log_decay, W)
     newvalid = (torch.ones(B, dtype=torch.int8, device=q.device) if key_mask is None
                 else key_mask[:, 0].to(torch.int8).contiguous())
     wvalid = state.win_valid.to(torch.int8).contiguous()
@@ -222,8 +237,8 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     _decode_step[grid](
         q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
         fk_old, kv, state.k_sum.contiguous(), state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid,
-        gamma.contiguous(), o, kv_out, ksum_out, wk_out, wv_out,
-        scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, D, DV, F,
+        gamma.contiguous(), fk_old if lam is None else lam, o, kv_out, ksum_out, wk_out, wv_out,
+        scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, D, DV, F, lam is not None,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), num_warps=4,
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
@@ -248,7 +263,7 @@ def inplace_ready(state: HybridState) -> HybridState:
 
 def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float,
                         softcap: float | None, key_mask: torch.Tensor | None,
-                        key_map_input: torch.Tensor | None = None) -> torch.Tensor:
+                        key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None) -> torch.Tensor:
     """One token, updating `state` (made `inplace_ready`) in place; returns o [B, 1, H, Dv].
 
     Launches (no host sync, no shape depending on data): the oldest slot, the gathers of its key
@@ -264,7 +279,7 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     ki = state.key_inputs()
     k_old = ki.gather(2, slot.view(B, 1, 1, 1).expand(B, Hk, 1, ki.shape[-1]))  # [B, Hk, 1, Dk]
     valid_old = state.win_valid.gather(1, slot.view(B, 1))  # [B, 1]
-    fk_old = key_map(k_old.transpose(1, 2)).to(acc).reshape(B, Hs, F).contiguous()
+    fk_old, lam = _evicted_features(key_map, k_old, acc, B, Hs, F, log_decay, W)
     # z += phi(k_old) where the evicted slot was valid, here: the kernel's programs only read z
     state.k_sum.view(B, Hs, F).addcmul_(fk_old, valid_old.view(B, 1, 1))
     o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
@@ -282,10 +297,12 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
         fk_old, valid_old.view(torch.uint8), state.kv, state.k_sum, state.win_k, state.win_v, wvalid,
         state.win_head, slot, newvalid, kmi,
-        state.win_kf if has_kf else wvalid, gamma.contiguous(), o,
-        scale, softcap or 0.0, H, Hk, KG, W, D, DV, F, DK, key_mask is not None, has_kf,
+        state.win_kf if has_kf else wvalid, gamma.contiguous(), fk_old if lam is None else lam, o,
+        scale, softcap or 0.0, H, Hk, KG, W, D, DV, F, DK, key_mask is not None, has_kf, lam is not None,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), num_warps=4,
     )
+    if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
+        state.k_sum.view(B, Hs, F).mul_(lam.view(1, Hs, 1))
     state.position += 1
     return o
 
@@ -294,6 +311,7 @@ def hybrid_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None, inplace: bool = False,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`.
 
@@ -301,14 +319,15 @@ def hybrid_decode_triton(
     as it was and a new state is returned. The reference fallbacks honour it by copying in.
     """
     B, T, H, D = q.shape
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, gamma, *state.tensors()))
+    inputs = (q, k, v, fq, gamma, *state.tensors(), *(() if log_decay is None else (log_decay,)))
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if inplace and grad:
         raise ValueError("in-place decode runs without autograd (torch.no_grad(), or inplace=False)")
     if state.has_memory or state.win_valid.shape[1] == 0 or grad:
         # memory beyond the window, no window (w = 0) or autograd: the reference form
         o, new = hybrid_attention_recurrent(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input,
+            key_map_input=key_map_input, log_decay=log_decay,
         )
         return (o, state.copy_(new)) if inplace else (o, new)
     scale = D**-0.5 if scale is None else float(scale)
@@ -321,7 +340,7 @@ def hybrid_decode_triton(
         args = (
             q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fq[:, t : t + 1], gamma.float(), state, key_map,
             scale, softcap, None if key_mask is None else key_mask[:, t : t + 1],
-            None if key_map_input is None else key_map_input[:, t : t + 1],
+            None if key_map_input is None else key_map_input[:, t : t + 1], log_decay,
         )
         if inplace:
             outs.append(decode_step_inplace(*args))
