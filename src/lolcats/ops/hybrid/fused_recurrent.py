@@ -38,6 +38,25 @@ from lolcats.ops.common import NEG, block, softcap
 from lolcats.ops.hybrid.reference import HybridState, KeyMap, hybrid_attention_recurrent
 
 
+@triton.jit
+def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap):
+    """One query head's output block for the step (both decode kernels): the window softmax over the
+    slots `wok` of kwf / vwf (gamma e^{s - m}) plus the state read fq.S, over one normaliser."""
+    qv = tl.load(q_row + od, mask=dm, other=0.0).to(tl.float32)
+    s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
+    s = tl.where(wok, s, NEG)
+    mx = tl.max(s, 0)
+    e = tl.where(wok, tl.exp(s - mx), 0.0)
+    gam = tl.load(gamma_h).to(tl.float32)
+    num = tl.sum(e[:, None] * vwf, 0) * gam
+    den = tl.sum(e, 0) * gam
+    fqv = tl.load(fq_row + of, mask=fm, other=0.0).to(tl.float32)
+    num += tl.sum(fqv[:, None] * S, 0)
+    den += tl.sum(fqv * z, 0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(o_row + ov, out.to(o_row.dtype.element_ty), mask=vm)
+
+
 @triton.jit(do_not_specialize=["H", "Hk", "Hs", "G"])
 def _decode_step(
     q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam,
@@ -96,20 +115,9 @@ def _decode_step(
     nq = H // Hs  # query heads reading this state: the GQA group (per KV head) or one
     hq0 = hs * nq
     for gi in range(nq):
-        hq = hq0 + gi
-        qv = tl.load(q + (b64 * H + hq) * D + od, mask=dm, other=0.0).to(tl.float32)
-        s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
-        s = tl.where(wok, s, NEG)
-        mx = tl.max(s, 0)
-        e = tl.where(wok, tl.exp(s - mx), 0.0)
-        gam = tl.load(gamma + hq).to(tl.float32)
-        num = tl.sum(e[:, None] * vwf, 0) * gam
-        den = tl.sum(e, 0) * gam
-        fqv = tl.load(fq + (b64 * H + hq) * F + of, mask=fm, other=0.0).to(tl.float32)
-        num += tl.sum(fqv[:, None] * S, 0)
-        den += tl.sum(fqv * z, 0)
-        out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-        tl.store(o + (b64 * H + hq) * DV + ov, out.to(o.dtype.element_ty), mask=vm)
+        hq = b64 * H + hq0 + gi
+        _head_output(q + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
+                     kwf, vwf, wok, S, z, scale, cap)
 
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG"])
@@ -164,20 +172,9 @@ def _decode_step_inplace(
         tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=smask)  # this program's tile only
         z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
         for gi in range(nq):
-            hq = hs * nq + gi
-            qv = tl.load(q + (b64 * H + hq) * D + od, mask=dm, other=0.0).to(tl.float32)
-            s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
-            s = tl.where(wok, s, NEG)
-            mx = tl.max(s, 0)
-            e = tl.where(wok, tl.exp(s - mx), 0.0)
-            gam = tl.load(gamma + hq).to(tl.float32)
-            num = tl.sum(e[:, None] * vwf, 0) * gam
-            den = tl.sum(e, 0) * gam
-            fqv = tl.load(fq + (b64 * H + hq) * F + of, mask=fm, other=0.0).to(tl.float32)
-            num += tl.sum(fqv[:, None] * S, 0)
-            den += tl.sum(fqv * z, 0)
-            out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-            tl.store(o + (b64 * H + hq) * DV + ov, out.to(o.dtype.element_ty), mask=vm)
+            hq = b64 * H + hs * nq + gi
+            _head_output(q + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm, ov, vm,
+                         kwf, vwf, wok, S, z, scale, cap)
 
     # the new token into slot hd: only this program reads this Dv block of slot hd of the value
     # ring (v_old, above; the barrier keeps every thread's read before the overwrite); slot hd of
