@@ -51,13 +51,19 @@ def recurrent(q, k, v, fq, gamma, key_map, mask, window, memory, kf=None, splits
 def test_three_forms_agree_with_memory(mem, T, H, Hk, sharing):
     memory = MEMORIES[mem]
     q, k, v, fq, fk, gamma, key_map, _ = make_inputs(2, T, H, Hk, 6, 5, sharing, seed=T * 7 + H)
-    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, memory=memory)
-    for C in (3, 5, 16):  # chunk sizes that do not divide T
+    assert_three_forms_agree(q, k, v, fq, fk, gamma, key_map, memory)
+
+
+def assert_three_forms_agree(q, k, v, fq, fk, gamma, key_map, memory, log_decay=None):
+    """quadratic == chunked (chunk sizes that do not divide T) == recurrent to 1e-10; returns the reference."""
+    ref, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, window=W, memory=memory, log_decay=log_decay)
+    for C in (3, 5, 16):
         out, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=W, chunk_size=C, memory=memory,
-                                          key_map=key_map)
+                                          key_map=key_map, log_decay=log_decay)
         assert (out - ref).abs().max() <= 1e-10
-    rec, _ = recurrent(q, k, v, fq, gamma, key_map, None, W, memory)
+    rec, _ = recurrent(q, k, v, fq, gamma, key_map, None, W, memory, log_decay=log_decay)
     assert (rec - ref).abs().max() <= 1e-10
+    return ref
 
 
 @pytest.mark.parametrize("mem", ["sinks", "both"])
