@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import lolcats  # noqa: E402
 from lolcats.attention.cache import cache_nbytes  # noqa: E402
 from lolcats.bench.common import sync  # noqa: E402
-from lolcats.convert import MEMORY_FIELDS, lolcats_parameters  # noqa: E402
+from lolcats.attention.layer import converted_layers  # noqa: E402
+from lolcats.convert import MEMORY_FIELDS  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
@@ -81,11 +82,11 @@ VARIANTS: dict[str, dict] = {
 
 def decay_horizons(model) -> dict | None:
     """The learned decays as horizons 1 / (1 - lambda) in tokens: quantiles over every layer's heads."""
-    rates = [p.detach().float().flatten() for n, p in lolcats_parameters(model).items() if n.endswith("decay_log_rate")]
-    if not rates:
+    logs = [layer.lolcats.log_decay() for layer in converted_layers(model)]
+    logs = [a.detach().float().cpu() for a in logs if a is not None]
+    if not logs:
         return None
-    lam = torch.exp(-torch.exp(torch.cat(rates)))
-    h = (1.0 / (1.0 - lam)).cpu()
+    h = 1.0 / (1.0 - torch.exp(torch.cat(logs)))
     q = torch.quantile(h, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
     return {"min": q[0].item(), "p10": q[1].item(), "median": q[2].item(), "p90": q[3].item(), "max": q[4].item()}
 
