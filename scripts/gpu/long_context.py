@@ -76,6 +76,9 @@ VARIANTS: dict[str, dict] = {
                                        evals={"": {}}),
     "sinks_nope_gc128dd_decay1k_s2_4k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False,
                                                   "linear_decay": 1024}, s2_block=4096, evals={"": {}}),
+    # the same with 4096-token stage-1 blocks: the feature maps and the decay learn at 4x the distance
+    "sinks_nope_gc128dd_decay1k_s1_4k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False,
+                                                  "linear_decay": 1024}, s1_block=4096, evals={"": {}}),
     "nope_decay1k": dict(cfg={"feature_map_rope": False, "linear_decay": 1024}, evals={"": {}}),
 }
 
@@ -122,8 +125,10 @@ def train_variant(base, spec, data, val, data4k, args):
     model = copy.deepcopy(base)
     lolcats.convert(model, lolcats.LolcatsConfig(**spec["cfg"]))
     t = time.perf_counter()
-    r1 = train(model, transfer_parameters(model), TransferLoss(model, mse_weight=1000.0), data, None,
-               config=stage(args.stage1_tokens, 1e-2, args.micro_batch), name="stage1")
+    block1 = spec.get("s1_block", 1024)
+    r1 = train(model, transfer_parameters(model), TransferLoss(model, mse_weight=1000.0),
+               data4k if block1 == 4096 else data, None,
+               config=stage(args.stage1_tokens, 1e-2, max(1, args.micro_batch * 1024 // block1)), name="stage1")
     lolcats.set_mode(model, "hybrid")
     t1 = time.perf_counter() - t
     info: dict = {}
@@ -139,7 +144,7 @@ def train_variant(base, spec, data, val, data4k, args):
                config=stage(args.stage2_tokens, args.lr2, max(1, args.micro_batch * 1024 // block)), name="lora")
     t2 = time.perf_counter() - t
     return peft, {"stage1_tokens_per_s": r1.tokens / t1, "stage2_tokens_per_s": r2.tokens / t2,
-                  "train_seconds": t1 + t2, "stage2_block": block, **info}
+                  "train_seconds": t1 + t2, "stage1_block": block1, "stage2_block": block, **info}
 
 
 def keep_softmax_layers(model, data4k, keep: int):
@@ -216,6 +221,8 @@ def main() -> None:
     ap.add_argument("--short-blocks", type=int, default=64, help="1024-token blocks for each short perplexity")
     ap.add_argument("--time-budget", type=float, default=560.0,
                     help="seconds; a variant or row that may not finish in it is skipped")
+    ap.add_argument("--eval-reserve", type=float, default=EVAL_RESERVE,
+                    help="seconds an evaluation row needs at least; a row started later is skipped")
     ap.add_argument("--save-deltas", type=Path, default=None)
     ap.add_argument("--load-deltas", type=Path, default=None)
     ap.add_argument("--device", default="cuda")
@@ -265,7 +272,7 @@ def main() -> None:
                 if args.save_deltas and "delta" not in spec:
                     lolcats.save_delta(model, args.save_deltas / name)
             for suffix, changes in spec["evals"].items():
-                if time.perf_counter() - T0 + EVAL_RESERVE > args.time_budget:
+                if time.perf_counter() - T0 + args.eval_reserve > args.time_budget:
                     log(f"time budget spent: skipping {name + suffix}")
                     break
                 trained = {k: v for k, v in spec["cfg"].items() if k in MEMORY_FIELDS}

@@ -6,7 +6,7 @@ PyTorch reference it is tested against, and the Triton kernel files beside them:
   hybrid/     `hybrid_attention` (prefill / training: chunk.py) and `hybrid_decode` (fused_recurrent.py),
               reference `lolcats.attention.hybrid`
   hedgehog/   `hedgehog_feature_map` (fused.py), reference `lolcats.attention.feature_map.hedgehog`;
-              benchmarked, not yet called by the model (issue #14)
+              what converted layers compute their feature maps with
   backend.py  the backend choice ("auto", "triton", "torch"; see `resolve_backend`)
   common.py   the `@triton.jit` helpers the kernels share
 

@@ -4,7 +4,8 @@
   fused.py      the fused Triton kernel (projection, both softmaxes and the concatenation in one pass)
 
 Converted layers compute both feature maps with this op (`LolcatsParams.query_features` /
-`key_features`): the fused kernel for CUDA tensors, the PyTorch reference elsewhere.
+`key_features`): the fused kernel for CUDA tensors whose [D, F] tiles fit (head dim x feature dim
+up to 128 x 128: Llama, Mistral, Qwen, SmolLM2), the PyTorch reference elsewhere (CPU, Gemma's 256).
 """
 from __future__ import annotations
 
@@ -24,10 +25,15 @@ def hedgehog_feature_map(
     x [..., Hx, D], weight [Hw, D, F] with Hw a multiple of Hx (head h of W reads head h // (Hw / Hx)
     of x: per-query-head key maps without repeating the keys) -> [..., Hw, 2F] in out_dtype
     (default: the weight's dtype, as `lolcats.attention.feature_map.hedgehog`). The Triton backend
-    fuses projection, both softmaxes and the concatenation in one pass.
+    fuses projection, both softmaxes and the concatenation in one pass, where its tiles fit
+    (`fused.kernel_fits`); "auto" runs the reference for larger maps, "triton" refuses them.
     """
     if resolve_backend(backend, x) == "triton" and weight.dtype in KERNEL_DTYPES:
-        from lolcats.ops.hedgehog.fused import hedgehog_triton
+        from lolcats.ops.hedgehog.fused import hedgehog_triton, kernel_fits
 
-        return hedgehog_triton(x, weight, out_dtype)
+        if kernel_fits(weight.shape[1], weight.shape[2]):
+            return hedgehog_triton(x, weight, out_dtype)
+        if backend == "triton":
+            raise ValueError(f"the fused Hedgehog kernel takes head dim x feature dim up to 128 x 128, got "
+                             f"{weight.shape[1]} x {weight.shape[2]}; use backend='auto' (the PyTorch reference)")
     return hedgehog_reference(x, weight, out_dtype)

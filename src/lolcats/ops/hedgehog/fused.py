@@ -97,6 +97,16 @@ def _hh_bwd(x, w, dy, dx, dw, R, HX, HW, NPROG, D: tl.constexpr, FD: tl.constexp
     tl.atomic_add(dw + hw * D * FD + od[:, None] * FD + of[None, :], dwa, mask=dm[:, None] & fm[None, :])
 
 
+# The backward keeps W and its gradient as [D, F] float32 tiles per program: at D = F = 256 (Gemma-3's
+# head dim) that asked for 288 KiB of shared memory on the H200, whose limit is 227 KiB (measured).
+MAX_TILE = 128 * 128
+
+
+def kernel_fits(head_dim: int, feature_dim: int) -> bool:
+    """Whether the kernel's [D, F] tiles fit the GPU (else `hedgehog_feature_map` runs the reference)."""
+    return block(head_dim) * block(feature_dim) <= MAX_TILE
+
+
 @dataclasses.dataclass
 class LaunchConfig:
     """Launch parameters of the fused map; `CONFIG` is the one in use (benchmarks change it)."""
