@@ -88,13 +88,14 @@ def check_errors(errors: dict[str, float], tol: float) -> None:
     assert not bad, f"above {tol:.0e}: {', '.join(bad)} (all: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()) + ")"
 
 
-def hedgehog_errors(x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
+def hedgehog_errors(x: torch.Tensor, w: torch.Tensor, backend: str = "triton") -> dict[str, float]:
     """Relative errors of the Triton Hedgehog map (output y and both gradients) against its reference in
-    float64 on the same inputs. x [..., Hx, D] and w [Hw, D, F] are leaf tensors needing grad."""
+    float64 on the same inputs. x [..., Hx, D] and w [Hw, D, F] are leaf tensors needing grad.
+    backend "auto": what the model runs (the reference for maps too large for the kernel)."""
     from lolcats.ops import hedgehog_feature_map
     from lolcats.ops.hedgehog.reference import hedgehog_reference
 
-    y = hedgehog_feature_map(x, w, backend="triton")
+    y = hedgehog_feature_map(x, w, backend=backend)
     dy = torch.randn_like(y)
     (y * dy).sum().backward()
     x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()

@@ -5,7 +5,7 @@
 
 Converted layers compute both feature maps with this op (`LolcatsParams.query_features` /
 `key_features`): the fused kernel for CUDA tensors whose [D, F] tiles fit (head dim x feature dim
-up to 128 x 128: Llama, Mistral, Qwen, SmolLM2), the PyTorch reference elsewhere (CPU, Gemma's 256).
+up to 128 x 64: Llama, Mistral, Qwen, SmolLM2), the PyTorch reference elsewhere (CPU, Gemma-3's 256 x 64).
 """
 from __future__ import annotations
 
@@ -29,11 +29,12 @@ def hedgehog_feature_map(
     (`fused.kernel_fits`); "auto" runs the reference for larger maps, "triton" refuses them.
     """
     if resolve_backend(backend, x) == "triton" and weight.dtype in KERNEL_DTYPES:
-        from lolcats.ops.hedgehog.fused import hedgehog_triton, kernel_fits
+        from lolcats.ops.hedgehog.fused import MAX_TILE, hedgehog_triton, kernel_fits
 
         if kernel_fits(weight.shape[1], weight.shape[2]):
             return hedgehog_triton(x, weight, out_dtype)
         if backend == "triton":
-            raise ValueError(f"the fused Hedgehog kernel takes head dim x feature dim up to 128 x 128, got "
+            raise ValueError(f"the fused Hedgehog kernel takes head dim x feature dim up to {MAX_TILE} elements "
+                             f"(e.g. 128 x 64), got "
                              f"{weight.shape[1]} x {weight.shape[2]}; use backend='auto' (the PyTorch reference)")
     return hedgehog_reference(x, weight, out_dtype)
