@@ -125,6 +125,12 @@ def test_lean_decoder_refuses_what_it_cannot_run():
         LeanDecoder(model)
     with pytest.raises(RuntimeError, match="CUDA"):
         DecodeRunner(LeanDecoder(tiny_lm(None)), [], torch.ones(1, 1), 0).capture()
+    # it calls hybrid_decode without memory and with post-RoPE keys: it would drop sinks and cache
+    for changes, what in (({"sink_size": 2}, "memory beyond the window"), ({"global_cache_size": 4}, "memory"),
+                          ({"feature_map_rope": False}, "pre-RoPE feature maps")):
+        model = convert(tiny_lm(None), LolcatsConfig(**TINY_LCFG, **changes))
+        with pytest.raises(ValueError, match=what):
+            LeanDecoder(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -225,6 +231,31 @@ def test_decode_bench_rows_and_table():
     assert res["config"]["lolcats_config"]["window_size"] == 8 and "context_state" in res
     table = decode_table(res)
     assert "lolcats-query/graph (eager)" in table and "largest batch that fit" in table
+    json.dumps(res)
+
+
+def test_decode_bench_mechanism_rows():
+    """One linearized model per mechanism: hf rows decode with its memory (cache bytes as prefilled), the
+    graph runner says it cannot run memory or pre-RoPE maps; the rows carry the mechanism's name."""
+    mechs = {"sinks 2 + global 4": {"sink_size": 2, "global_cache_size": 4, "global_cache_interval": 4},
+             "decay": {"linear_decay": 16}}
+    res = run_decode(preset=tiny_config(), device="cpu", contexts=(24,), batches=[1, 2], key_maps=("kv",),
+                     softmax=False, lolcats_config=TINY_LCFG, steps=2, hf_steps=2, warmup=1, mechanisms=mechs)
+    rows = {(r["label"], r["batch"]): r for r in res["rows"]}
+    mem, dec = "lolcats-kv [sinks 2 + global 4]", "lolcats-kv [decay]"
+    assert list(rows) == [(f"{mem}/graph", 1), (f"{mem}/hf", 1), (f"{mem}/hf", 2),
+                          (f"{dec}/graph", 1), (f"{dec}/graph", 2), (f"{dec}/hf", 1), (f"{dec}/hf", 2)]
+    assert rows[(f"{mem}/graph", 1)]["status"] == "unsupported" and "memory" in rows[(f"{mem}/graph", 1)]["reason"]
+    for key, r in rows.items():
+        assert r["mechanism"] == key[0].split("[")[1].split("]")[0]
+        if r["status"] != "unsupported":
+            assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
+    measured = res["state_bytes_per_sequence_measured"]
+    assert set(measured) == {"kv [sinks 2 + global 4]", "kv [decay]"}
+    assert measured["kv [sinks 2 + global 4]"] > measured["kv [decay]"]  # sinks and cache slots
+    assert rows[(f"{mem}/hf", 2)]["cache_bytes"] == 2 * measured["kv [sinks 2 + global 4]"]
+    assert res["config"]["mechanisms"] == mechs
+    assert "[decay]" in decode_table(res)
     json.dumps(res)
 
 

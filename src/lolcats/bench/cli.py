@@ -107,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--measure", action="store_true",
                    help="also build, convert and prefill the model and read cache_nbytes (needs memory for it)")
     s.add_argument("--mechanisms", action="store_true",
-                   help="one row per memory mechanism (window 256, sinks, pre-RoPE maps, global cache budgets)")
+                   help="state and decode: one row per memory mechanism (window 256, sinks, pre-RoPE maps, global "
+                        "cache budgets, the long-input recipe); decode runs them with --runners hf")
 
 
 def _mechanisms() -> dict[str, dict[str, Any]]:
@@ -150,7 +151,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                        batches=args.batches, max_batch=args.max_batch, key_maps=tuple(args.key_maps),
                        runners=tuple(args.runners), softmax=not args.no_softmax, lolcats_config=lcfg,
                        steps=args.steps, hf_steps=args.hf_steps, warmup=args.warmup,
-                       bandwidth=args.bandwidth_tbs * 1e12),
+                       bandwidth=args.bandwidth_tbs * 1e12,
+                       mechanisms=_mechanisms() if getattr(args, "mechanisms", False) else None),
         "prefill": dict(lengths=tuple(args.lengths), tokens=args.tokens, heads=heads, kv_heads=kv_heads,
                         head_dim=head_dim, feature_dim=lcfg.get("feature_dim", 64), window=lcfg.get("window_size", 64),
                         dtype=args.dtype, key_maps=tuple(args.key_maps), backward=not args.no_backward,

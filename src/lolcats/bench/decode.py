@@ -100,6 +100,7 @@ def weight_bytes_per_step(model: nn.Module, batch: int) -> int:
 @torch.no_grad()
 def prefill_hybrid_state(model: nn.Module, context: int, *, seed: int = 0) -> tuple[list, int]:
     """(one HybridState per layer at batch 1, cache bytes) after a prefill of `context` random tokens."""
+    from lolcats.adapters import get_adapter
     from lolcats.attention.cache import cache_nbytes, hybrid_layer_cache
     from lolcats.train.transfer import decoder_of
 
@@ -109,7 +110,7 @@ def prefill_hybrid_state(model: nn.Module, context: int, *, seed: int = 0) -> tu
     cache = _dynamic_cache(model)
     decoder = decoder_of(model)
     decoder(input_ids=ids, use_cache=True, **{_cache_kwarg(decoder): cache})
-    n = LeanDecoder(model).num_layers
+    n = len(get_adapter(model).attention_modules(model))
     states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(n)]
     if any(s is None for s in states):
         raise RuntimeError("the prefill left no hybrid state in some layer")
@@ -127,10 +128,16 @@ def _kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(2 * a.config.num_key_value_heads * a.head_dim * el for a in lean.attentions)
 
 
-def _row_base(attention: str, key_maps: str | None, runner: str, context: int, batch: int) -> dict[str, Any]:
+def _row_base(attention: str, key_maps: str | None, runner: str, context: int, batch: int,
+              mechanism: str | None = None) -> dict[str, Any]:
     label = "softmax" if attention == "softmax" else f"lolcats-{key_maps}"
-    return {"label": f"{label}/{runner}", "attention": attention, "key_maps": key_maps, "runner": runner,
-            "context": context, "batch": batch}
+    if mechanism:
+        label += f" [{mechanism}]"
+    row = {"label": f"{label}/{runner}", "attention": attention, "key_maps": key_maps, "runner": runner,
+           "context": context, "batch": batch}
+    if mechanism:
+        row["mechanism"] = mechanism
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,22 +277,35 @@ def _sweep(measure: Callable[[int], dict], base: Callable[[int], dict], batches:
         emit(row)
 
 
-def _lolcats_sweeps(model, mode, ctx, result, *, runners, batches, steps, hf_steps, common, deadline, emit) -> None:
+def _lolcats_sweeps(model, mode, ctx, result, *, runners, batches, steps, hf_steps, common, deadline, emit,
+                    mechanism: str | None = None) -> None:
     """Prefill once at batch 1, then a batch sweep per runner, for one linearized model."""
+    from lolcats.attention.layer import converted_layers
+    from lolcats.bench.decode_step import lean_unsupported
+
     result["config"].setdefault("weights_bytes", sum(p.numel() * p.element_size() for p in model.parameters()))
     state1, nbytes = prefill_hybrid_state(model, ctx, seed=common["seed"])
-    result["state_bytes_per_sequence_measured"][mode] = nbytes
+    key = mode if mechanism is None else f"{mode} [{mechanism}]"
+    result["state_bytes_per_sequence_measured"][key] = nbytes
+    unsupported = lean_unsupported(converted_layers(model))
     for runner in runners:
+        def base(b, r=runner):
+            return {**_row_base("lolcats", mode, r, ctx, b, mechanism), "context_independent": True}
+
+        if runner == "graph" and unsupported:  # one row says why the sweep is not there
+            emit({**base(batches[0]), "status": "unsupported", "reason": f"the graph runner has no {unsupported}"})
+            continue
         fn = _lolcats_graph if runner == "graph" else _lolcats_hf
         n = steps if runner == "graph" else hf_steps
 
         def measure(b, fn=fn, n=n):
             row = fn(model, b, ctx, state1, key_maps=mode, steps=n, **common)
-            row["context_independent"] = True
+            row.update(context_independent=True, **({"mechanism": mechanism} if mechanism else {}))
+            if mechanism:
+                row["label"] = base(b)["label"]
             return row
 
-        _sweep(measure, lambda b, r=runner: {**_row_base("lolcats", mode, r, ctx, b), "context_independent": True},
-               batches, common["device"], deadline, emit)
+        _sweep(measure, base, batches, common["device"], deadline, emit)
 
 
 def run_decode(
@@ -294,12 +314,15 @@ def run_decode(
     batches: list[int] | None = None, max_batch: int = 4096, key_maps: tuple[str, ...] = ("query", "kv"),
     runners: tuple[str, ...] = RUNNERS, softmax: bool = True, lolcats_config: dict[str, Any] | None = None,
     steps: int = 32, hf_steps: int = 8, warmup: int = 3, bandwidth: float = H200_BANDWIDTH, seed: int = 0,
-    deadline: float | None = None, on_row: OnRow | None = None,
+    deadline: float | None = None, on_row: OnRow | None = None, mechanisms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Decode throughput sweep (see the module doc). `preset`: a `lolcats.plan.PRESETS` key or a LlamaConfig.
 
     batches: explicit batch sizes (ascending) instead of 1, 2, 4, ... <= max_batch.
     lolcats_config: LolcatsConfig keys (window_size, feature_dim, ...) besides key_map_sharing.
+    mechanisms: name -> LolcatsConfig changes (`lolcats.bench.state.MECHANISMS`): one linearized model
+    per mechanism and key-map mode, its rows labelled with the name (None: the config as given). The
+    graph runner has no memory beyond the window nor pre-RoPE maps: those rows say "unsupported".
     deadline: a time.monotonic() value after which remaining rows are recorded as skipped.
     """
     from lolcats.bench.models import random_causal_lm
@@ -349,16 +372,20 @@ def run_decode(
         return random_causal_lm(preset, dtype=dtype, device=device, num_layers=num_layers, seed=seed)
 
     ctx = contexts[-1]
-    for mode in key_maps:
-        if past(deadline):
-            for runner in runners:
-                emit({**_row_base("lolcats", mode, runner, ctx, batch_list[0]), "status": "skipped",
-                      "reason": "time budget"})
-            continue
-        _lolcats_sweeps(convert(build(), LolcatsConfig(**overrides, key_map_sharing=mode)), mode, ctx, result,
-                        runners=runners, batches=batch_list, steps=steps, hf_steps=hf_steps, common=common,
-                        deadline=deadline, emit=emit)
-        free_memory(device)  # the model went with the call
+    if mechanisms:
+        result["config"]["mechanisms"] = {name: dict(changes) for name, changes in mechanisms.items()}
+    for mech, changes in (mechanisms or {None: {}}).items():
+        for mode in key_maps:
+            if past(deadline):
+                for runner in runners:
+                    emit({**_row_base("lolcats", mode, runner, ctx, batch_list[0], mech), "status": "skipped",
+                          "reason": "time budget"})
+                continue
+            cfg = LolcatsConfig(**{**overrides, **changes}, key_map_sharing=mode)
+            _lolcats_sweeps(convert(build(), cfg), mode, ctx, result, runners=runners, batches=batch_list,
+                            steps=steps, hf_steps=hf_steps, common=common, deadline=deadline, emit=emit,
+                            mechanism=mech)
+            free_memory(device)  # the model went with the call
     if softmax and past(deadline):
         for runner in runners:
             for c in contexts:

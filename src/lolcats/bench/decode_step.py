@@ -45,7 +45,7 @@ from lolcats.train.transfer import decoder_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder"]
+__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder", "lean_unsupported"]
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -60,6 +60,16 @@ class KVBuffers:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+
+def lean_unsupported(attentions) -> str | None:
+    """What of the converted layers' configuration the lean step cannot run (None: it can): it calls
+    `hybrid_decode` without memory beyond the window and with post-RoPE key maps only."""
+    if any(a.lolcats_memory.active for a in attentions):
+        return "memory beyond the window (sinks, global cache)"
+    if any(not a.lolcats_feature_rope for a in attentions):
+        return "pre-RoPE feature maps"
+    return None
 
 
 class LeanDecoder:
@@ -81,6 +91,9 @@ class LeanDecoder:
             bad = [i for i, a in enumerate(self.attentions) if a.lolcats_mode != "hybrid"]
             if bad:
                 raise ValueError(f"layers {bad} are not in 'hybrid' mode; call set_mode(model, 'hybrid') first")
+            unsupported = lean_unsupported(self.attentions)
+            if unsupported:
+                raise ValueError(f"the lean decode step has no {unsupported}; decode with model.forward (runner hf)")
             self.kind = "hybrid"
         elif not any(converted):
             if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):

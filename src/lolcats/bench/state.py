@@ -30,6 +30,9 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     "sinks 4 + pre-RoPE + global 32": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 32},
     "sinks 4 + pre-RoPE + global 64": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 64},
     "sinks 4 + pre-RoPE + global 128": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128},
+    # QUALITY.md's long-input recipe (run 11): the deduplicating cache and the learned decay
+    "sinks 4 + pre-RoPE + global 128 + decay": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
+                                                "global_cache_dedup": 0.95, "linear_decay": 1024},
 }
 
 
