@@ -33,8 +33,8 @@ def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay
 
 def _decode_kernel_takes(state: HybridState, memory: Memory | None) -> bool:
     """Decode: the kernels take a window of at least one token and a state built for exactly this
-    memory (none, sinks, global cache); otherwise the reference
-    form runs (and says what is wrong with the pair)."""
+    memory (none, sinks, global cache); otherwise the reference form runs (and says what is wrong
+    with the pair)."""
     memory = memory or Memory()
     if state.win_valid.shape[1] - memory.period + 1 < 1:
         return False
@@ -89,7 +89,9 @@ def hybrid_decode(
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd, with or
     without memory beyond the window (sinks, global cache; the state must have been built for
-    `memory`) and decay.
+    `memory`) and decay. With memory a step's band and, with a global cache, whether it runs the
+    selection (in PyTorch, before the launch) follow the state's position, a host-side int: such a
+    step is not one a CUDA graph can replay.
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a

@@ -6,6 +6,19 @@ into (S, z) (its key featurised by key_map, done in PyTorch before the launch), 
 enters the buffer, and the output is the window softmax over the w slots (gamma e^{s - m}, m the
 max window score) plus the state read, with one normaliser.
 
+Memory beyond the window (`Memory`, the state built for it), the same kernels with flags:
+
+* attention sinks (P = 1): an evicted slot that holds a sink is not folded (its flag is cleared
+  before the launch); the sinks whose position is in [0, lo) are extra exact keys, scored with the
+  window's max m and the clamp of `_extra_terms` (gamma e^{min(s - m, 60)}), one normaliser; a valid
+  token while the row has fewer sinks than slots becomes the next one (slot: the first empty one).
+* a global cache (interval P): the Wb = w + P - 1 slots hold the band [floor(t / P) P - w + 1, t]
+  (its nband = w + t % P newest slots) and older tokens already handled. Only a step opening an
+  interval (t % P == 0, known on the host from the state's position) changes (S, z) and the cache:
+  there the reference's own selection (`_select`: candidates = the cache and the P oldest slots,
+  recall error, keep the worst recalled, fold the rest) runs in PyTorch before the launch, and the
+  kernel folds nothing. The valid cache slots are extra exact keys, like the sinks.
+
 Two kernels:
 
 * `_decode_step` (out of place; the state passed in is left as it was): one program per (batch,
@@ -26,7 +39,10 @@ Two kernels:
     - z is read by the programs of every Dv block, so no program writes it: `k_sum += phi(k_old)`
       runs just before the launch (one small elementwise op, stream ordered), which reads the new z;
     - the programs read the oldest slot from `slot` (win_head % Wb, computed before the launch),
-      so the one program per row that advances win_head in place races no one.
+      so the one program per row that advances win_head in place races no one;
+    - a new sink goes into slot `sfill` (the number of filled slots, computed before the launch);
+      that slot's position is -1 or (once written) t, never in [0, lo), so no program loads its
+      key or value, and reading either position gives the same mask.
 """
 from __future__ import annotations
 
