@@ -131,3 +131,86 @@ def test_sinks_fill_and_leave_the_band_during_decode():
     assert bool((rst.sink_pos[1] >= 0).all()) and int(rst.sink_pos[1].max()) >= T0
     assert int(rst.sink_pos[1].max()) < T0 + STEPS - W - P  # out of the band by the end
     assert not torch.equal(rst.glob_pos, st.glob_pos) and bool(rst.glob_valid.all())
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's cache: a transformers DynamicCache through LolcatsAttention, memory in the config
+
+
+@pytest.mark.parametrize("config", [
+    dict(key_map_sharing="query", sink_size=2),
+    dict(key_map_sharing="kv", feature_map_rope=False, sink_size=1, global_cache_size=3, global_cache_interval=4,
+         linear_decay=5),
+], ids=["query-sinks", "kv-pre-rope-sinks-global-decay"])
+def test_model_cache_decodes_memory_in_place(config, monkeypatch):
+    """Decode steps through the cache with the kernel (in place, memory beyond the window) equal the
+    reference backend's; the layer states keep their storage; the final states are the reference's.
+    Left padding: a row whose sinks fill during the decode."""
+    import lolcats
+    from tiny_models import random_batch, tiny_model
+    from transformers import DynamicCache
+
+    from lolcats.attention.cache import hybrid_layer_cache
+    from lolcats.compat import cache_argument_name, output_cache
+    from lolcats.config import LolcatsConfig
+
+    torch.manual_seed(0)
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=5, feature_dim=8, **config))
+    ids, mask = random_batch(3, 30, pad=[0, 5, 1], seed=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    n_prompt = 6
+    name = cache_argument_name(model)
+
+    def run(decode_backend):
+        cache = DynamicCache(config=model.config)
+        logits, ptrs = [], []
+        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :n_prompt], attention_mask=mask[:, :n_prompt],
+                        position_ids=pos[:, :n_prompt], use_cache=True, **{name: cache})
+            cache = output_cache(out)
+            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
+            for t in range(n_prompt, ids.shape[1]):
+                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                            use_cache=True, **{name: cache})
+                cache = output_cache(out)
+                logits.append(out.logits)
+                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
+                             for i in range(len(cache.layers))])
+        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
+        return torch.cat(logits, 1), states, ptrs
+
+    ref, ref_states, _ = run("torch")
+    got, states, ptrs = run("triton")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert all(p == ptrs[0] for p in ptrs), "state storage changed between decode steps"
+    for st, rst in zip(states, ref_states):
+        assert st.win_head is not None and rst.win_head is None and st.has_memory
+        check_errors(memory_state_errors(st, rst), 1e-5)
+
+
+def test_memory_decode_falls_back_where_the_kernel_does_not_run():
+    """Autograd, a state not built for the memory passed, or no window: the reference form runs."""
+    c = CASES[6].values[0]
+    x, kf, lam, st = setup(c)
+    mem = c["memory"]
+    s_ = slice(T0, T0 + 2)
+    args = (x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_])
+    common = dict(state=st, key_map=x.key_map, key_mask=cut(x.mask, s_), log_decay=lam)
+    ro, rst = hybrid_attention_recurrent(*args, x.gamma, memory=mem, **common)
+    gamma = x.gamma.clone().requires_grad_()
+    assert not decodes_in_place(x.q, st, memory=mem, backend="triton")  # grad mode on
+    o, new = hybrid_decode(*args, gamma, memory=mem, backend="triton", **common)
+    assert o.requires_grad and torch.equal(o, ro) and torch.equal(new.kv, rst.kv)
+    with torch.no_grad():
+        assert not decodes_in_place(x.q, st, memory=None, backend="triton")  # the state has sinks and a cache
+        assert not decodes_in_place(x.q, st, memory=Memory(sinks=mem.sinks), backend="triton")
+        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
+        w0 = hybrid_attention_chunked(x.q[:, :T0], x.k[:, :T0], x.v[:, :T0], x.fq[:, :T0], x.fk[:, :T0], x.gamma,
+                                      window=0, memory=SINKS, output_final_state=True, key_mask=cut(x.mask, slice(0, T0)))[1]
+        assert not decodes_in_place(x.q, w0, memory=SINKS, backend="triton")
+        o, _ = hybrid_decode(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_), memory=SINKS,
+                             backend="triton")
+        ro, _ = hybrid_attention_recurrent(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_),
+                                           memory=SINKS)
+        assert torch.equal(o, ro)
