@@ -206,8 +206,9 @@ def test_memory_decode_falls_back_where_the_kernel_does_not_run():
         assert not decodes_in_place(x.q, st, memory=None, backend="triton")  # the state has sinks and a cache
         assert not decodes_in_place(x.q, st, memory=Memory(sinks=mem.sinks), backend="triton")
         assert decodes_in_place(x.q, st, memory=mem, backend="triton")
-        w0 = hybrid_attention_chunked(x.q[:, :T0], x.k[:, :T0], x.v[:, :T0], x.fq[:, :T0], x.fk[:, :T0], x.gamma,
-                                      window=0, memory=SINKS, output_final_state=True, key_mask=cut(x.mask, slice(0, T0)))[1]
+        a = slice(0, T0)
+        _, w0 = hybrid_attention_chunked(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], x.fk[:, a], x.gamma, window=0,
+                                         memory=SINKS, output_final_state=True, key_mask=cut(x.mask, a))
         assert not decodes_in_place(x.q, w0, memory=SINKS, backend="triton")
         o, _ = hybrid_decode(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_), memory=SINKS,
                              backend="triton")
