@@ -44,6 +44,9 @@ CASES = [
     case("both-gqa4-kv-in-place-decay", BOTH, 8, 2, "kv", inplace=True, decay=True),
     case("both-gqa4-query-out-of-place-pre-rope-decay", BOTH, 8, 2, "query", inplace=False, decay=True, kf=True),
     case("both-mha-kv-in-place-pre-rope-Dv72", BOTH, 2, 2, "kv", inplace=True, kf=True, Dv=72, softcap=None),
+    # the second row's first decode tokens are padding too (no band, no sink taken, nothing folded)
+    case("both-gqa4-kv-in-place-padded-decode", BOTH, 8, 2, "kv", inplace=True, pad=(0, T0 + 3)),
+    case("sinks-mha-query-out-of-place-padded-decode", SINKS, 2, 2, "query", inplace=False, pad=(0, T0 + 3)),
     case("both-gqa4-query-in-place-dedup-P1", Memory(sinks=2, global_size=4, interval=1, dedup=0.5), 4, 1, "query",
          inplace=True),
 ]
@@ -123,6 +126,7 @@ def test_sinks_fill_and_leave_the_band_during_decode():
     """The case above is not vacuous: a row gets new sinks while decoding, sinks leave the band,
     and selections keep and evict cache entries."""
     c = CASES[6].values[0]
+    assert c["memory"] is BOTH and c["pad"] == (0, T0 - 2)
     x, kf, lam, st = setup(c)
     assert int((st.sink_pos[1] >= 0).sum()) == 2  # the padded row: 2 valid tokens so far
     r = slice(T0, T0 + STEPS)
