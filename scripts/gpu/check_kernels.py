@@ -1,13 +1,17 @@
 """Check every hybrid-attention kernel against the reference on fresh random inputs (needs CUDA).
 
-    PYTHONPATH=src python3 scripts/gpu/check_kernels.py [--quick] [--out DIR]
+    PYTHONPATH=src python3 scripts/gpu/check_kernels.py [--quick] [--out DIR] [--dtype D] [--only TEXT]
+
+A dry run on CPU under Triton's interpreter (slow: a part of the matrix, e.g. the memory decode cases):
+    CHECK_DEVICE=cpu TRITON_INTERPRET=1 PYTHONPATH=src python3 scripts/gpu/check_kernels.py --dtype fp32 --only sinks
 
 Prefill / training (lolcats.ops.hybrid_attention, backend="triton"): outputs and the gradients of
 q, k, v, fq, fk, gamma and the final state, against `hybrid_attention_quadratic` (and `_chunked` for
 the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head size 64 / 128, GQA
 1 / 4, both key-map modes, with and without left padding, bfloat16 and float32; a few with softcap
 and continuing from a state. Decode (hybrid_decode, out of place and in place: the ring wrapping
-around) against `hybrid_attention_recurrent`, and the fused Hedgehog feature map against
+around; with and without memory beyond the window: sinks, global cache) against
+`hybrid_attention_recurrent`, and the fused Hedgehog feature map against
 `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
 reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
 bfloat16 1e-2, float32 1e-4. Prints a table and writes JSON (and the per-case table) to --out or
@@ -28,6 +32,7 @@ import torch
 
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
+    Memory,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
@@ -36,7 +41,7 @@ from lolcats.ops import hybrid_attention, hybrid_decode
 from lolcats.fileio import atomic_write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the kernel tests' helpers
-from kernel_helpers import hedgehog_errors, rel_error  # noqa: E402
+from kernel_helpers import fix_interpreter_loop_bounds, hedgehog_errors, interpreting, rel_error  # noqa: E402
 
 W = 64
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" + TRITON_INTERPRET=1: a dry run of this script
@@ -136,17 +141,22 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
 
 
 def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False, inplace=False,
-                 window=W, decay=False):
+                 window=W, decay=False, memory=None, pad_rows=None):
     """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
 
     separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
     which the state buffers beside the window. inplace: `hybrid_decode(..., inplace=True)` one token
     a call, as generation runs it (steps > window: the ring wraps); the state must keep its storage
     and hold the reference state, oldest first once `ordered()`. decay: a decaying linear state
-    (log lambda per state head, from about a 3- to a 100-token horizon), in the reference and the kernel."""
+    (log lambda per state head, from about a 3- to a 100-token horizon), in the reference and the kernel.
+    memory: attention sinks and/or a global cache (`Memory`), the state built for it by the reference
+    prefill; the sinks (positions; keys and values of the filled slots) and the cache are compared too.
+    pad_rows: {row: left padding} on top of make()'s (a row whose sinks are still filling during decode)."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
+    for row, p in (pad_rows or {}).items():
+        mask[row, :p] = False
     kf = None
     if separate_inputs:
         kf = torch.randn(xs[1].shape, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1),
@@ -155,9 +165,11 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
     lam = -torch.linspace(0.01, 0.3, xs[4].shape[2], device=DEVICE) if decay else None
     lam64 = None if lam is None else lam.double()
     with torch.no_grad():
+        key_map64 = lambda x: key_map(x.to(dtype)).double()  # noqa: E731
         _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=window,
                                            key_mask=mask[:, :T0], softcap=softcap, output_final_state=True,
-                                           key_map_input=None if kf is None else kf[:, :T0].double(), log_decay=lam64)
+                                           key_map_input=None if kf is None else kf[:, :T0].double(), log_decay=lam64,
+                                           memory=memory, key_map=key_map64)
         st = st64.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         st.kv, st.k_sum = st64.kv.float(), st64.k_sum.float()  # the state accumulates in float32
         new = [x[:, T0:] for x in xs]
@@ -171,7 +183,8 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                 o_t, same = hybrid_decode(new[0][:, s_], new[1][:, s_], new[2][:, s_], new[3][:, s_], gamma,
                                           state=st_k, key_map=key_map, key_mask=mask[:, T0 + t:T0 + t + 1],
                                           softcap=softcap, backend="triton", inplace=True, log_decay=lam,
-                                          key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1])
+                                          key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1],
+                                          memory=memory)
                 if t == 0:
                     ptrs = [x.data_ptr() for x in st_k.tensors()]
                 ptrs_moved |= same is not st_k or [x.data_ptr() for x in st_k.tensors()] != ptrs
@@ -180,16 +193,25 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
         else:
             o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
                                     key_mask=mask[:, T0:], softcap=softcap, backend="triton", log_decay=lam,
-                                    key_map_input=None if kf is None else kf[:, T0:])
+                                    key_map_input=None if kf is None else kf[:, T0:], memory=memory)
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
-                                             key_map=lambda x: key_map(x.to(dtype)).double(),
-                                             key_mask=mask[:, T0:], softcap=softcap, log_decay=lam64,
+                                             key_map=key_map64, key_mask=mask[:, T0:], softcap=softcap,
+                                             log_decay=lam64, memory=memory,
                                              key_map_input=None if kf is None else kf[:, T0:].double())
     err = {"o": rel_error(o, ro), "S": rel_error(st_k.kv, rst.kv), "z": rel_error(st_k.k_sum, rst.k_sum)}
     err["win"] = max(rel_error(st_k.win_k, rst.win_k), rel_error(st_k.win_v, rst.win_v),
                      0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
     if kf is not None:
         err["win"] = max(err["win"], rel_error(st_k.win_kf, rst.win_kf))
+    if memory is not None and memory.sinks:  # positions exactly; an empty slot's contents are never read
+        filled = (rst.sink_pos >= 0)[:, None, :, None]
+        err["mem"] = max(rel_error(st_k.sink_k * filled, rst.sink_k * filled),
+                         rel_error(st_k.sink_v * filled, rst.sink_v * filled),
+                         0.0 if torch.equal(st_k.sink_pos, rst.sink_pos) else math.inf)
+    if memory is not None and memory.global_size:
+        same = torch.equal(st_k.glob_valid, rst.glob_valid) and torch.equal(st_k.glob_pos, rst.glob_pos)
+        err["mem"] = max(err.get("mem", 0.0), rel_error(st_k.glob_k, rst.glob_k), rel_error(st_k.glob_v, rst.glob_v),
+                         0.0 if same else math.inf, 0.0 if kf is None else rel_error(st_k.glob_kf, rst.glob_kf))
     if ptrs_moved:  # the in-place step allocated or replaced a state tensor
         err["win"] = math.inf
     return err
@@ -219,8 +241,13 @@ def main():
                     help="check one dtype (two processes in parallel halve the compile time)")
     ap.add_argument("--kinds", default="prefill,continue,decode,hedgehog",
                     help="comma-separated kinds of check to run (default: all); each one compiles its own kernels")
+    ap.add_argument("--only", default="",
+                    help="run only the checks whose 'kind case' contains this text (e.g. 'global', 'sinks'); "
+                         "with CHECK_DEVICE=cpu TRITON_INTERPRET=1, a dry run of a part of the matrix on CPU")
     args = ap.parse_args()
     kinds = set(args.kinds.split(","))
+    if interpreting():
+        fix_interpreter_loop_bounds()
     dtypes = tuple(d for d in (torch.bfloat16, torch.float32) if args.dtype in ("all", DT[d]))
     suffix = ("" if args.dtype == "all" else f"_{args.dtype}") + os.environ.get("CHECK_TAG", "")
     assert DEVICE != "cuda" or torch.cuda.is_available(), "needs CUDA"
@@ -229,7 +256,7 @@ def main():
     partial = os.path.join(args.out, f"check_kernels{suffix}.json")
 
     def record(kind, tag, dtype, fn, *a, **kw):
-        if kind not in kinds:
+        if kind not in kinds or args.only not in f"{kind} {tag}":
             return
         t0 = time.time()
         try:
@@ -275,6 +302,19 @@ def main():
         record("decode", "T0=300 +8 D=128 G=4 kv decay", dtype, check_decode, 128, 4, "kv", dtype, steps=8, decay=True)
         record("decode", "T0=300 +100 D=64 G=4 query decay in place", dtype, check_decode, 64, 4, "query", dtype,
                steps=100, inplace=True, decay=True)
+        # memory beyond the window (sinks, global cache): over several selection intervals; row 2 left
+        # padded up to 2 tokens before the decode, so its sinks fill while decoding
+        for tag, mem in (("sinks=4", Memory(sinks=4)), ("global=64 P=16", Memory(global_size=64, interval=16)),
+                         ("sinks=4 global=32 P=16", Memory(sinks=4, global_size=32, interval=16))):
+            for G, mode, inplace in ((4, "kv", False), (4, "query", True), (1, "kv", True)):
+                record("decode", f"T0=300 +70 D=128 G={G} {mode} w=32 {tag}{' in place' if inplace else ''}", dtype,
+                       check_decode, 128, G, mode, dtype, steps=70, window=32, memory=mem, inplace=inplace,
+                       pad_rows={2: 298})
+            record("decode", f"T0=300 +100 D=64 G=4 query w=50 {tag} pre-RoPE decay softcap=5 in place", dtype,
+                   check_decode, 64, 4, "query", dtype, steps=100, window=50, memory=mem, inplace=True, decay=True,
+                   separate_inputs=True, softcap=5.0, pad_rows={2: 298})
+            record("decode", f"T0=300 +40 D=128 G=4 kv w=64 {tag} decay", dtype, check_decode, 128, 4, "kv", dtype,
+                   steps=40, memory=mem, decay=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)
@@ -283,7 +323,7 @@ def main():
                backend="auto")
 
     # summary: max error per (kind, dtype, quantity)
-    fields = ["o", "dq", "dk", "dv", "dfq", "dfk", "dgamma", "dgamma0", "S", "z", "win", "y", "dx", "dW"]
+    fields = ["o", "dq", "dk", "dv", "dfq", "dfk", "dgamma", "dgamma0", "S", "z", "win", "mem", "y", "dx", "dW"]
     lines = ["| check | dtype | cases | failed | " + " | ".join(fields) + " |",
              "|---|---|---|---|" + "---|" * len(fields)]
     for kind in ("prefill", "continue", "decode", "hedgehog"):

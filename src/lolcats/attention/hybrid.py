@@ -836,6 +836,45 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
 # c. recurrent form (and the interval loop the chunked form runs with a global cache)
 
 
+def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory: Memory, p0: int, dec=None):
+    """The selection at an interval start p0 (p0 % P == 0): the P slots that leave the band (ck, cv,
+    ckf [B, Hk, P, .], positions pos [P], leaving [B, P]: valid and no sink) and the global cache
+    `glob` (glob_k, glob_v, glob_kf, glob_valid, glob_pos; Nones without one) are the candidates;
+    the M worst recalled by (kv, k_sum) stay cached, the others are folded into (kv, k_sum), each
+    weighed by its age at p0 (dec: log lambda as [1, Hk, kg, 1, 1], None without decay).
+    Returns (kv, k_sum, glob). Also what the decode kernels run (in PyTorch) at interval starts.
+    """
+    B, Hk, P = ck.shape[:3]
+    acc = kv.dtype
+    cand = leaving[:, None, :].expand(B, Hk, P)
+    cpos = pos.expand(B, Hk, P)
+    if memory.global_size:
+        gk, gv, gkf, gok, gpos = glob
+        ck, cv = torch.cat([gk, ck], 2), torch.cat([gv, cv], 2)
+        ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
+        cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
+        cpos = torch.cat([gpos, cpos], 2)
+    f = key_map(ckf.transpose(1, 2))  # slots as tokens [B, M + P, Hk, Dk] -> [B, M + P, Hk*kg, F]
+    fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
+    vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
+    if memory.global_size:
+        with torch.no_grad():
+            score = recall_error(fg, vg, kv, k_sum)
+        keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
+        idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
+        glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
+                cpos.gather(2, idx))
+        fold = cand & ~keep
+    else:
+        fold = cand
+    fg = fg * fold[:, :, None, :, None].to(acc)
+    if dec is not None:  # a folded key weighed by its age now
+        fg = fg * _age_weight(dec, (p0 - cpos)[:, :, None, :, None])
+    kv = kv + torch.matmul(fg.transpose(-1, -2), vg)
+    k_sum = k_sum + fg.sum(-2)
+    return kv, k_sum, glob
+
+
 def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_map: KeyMap, *,
                     window: int, memory: Memory, scale: float, softcap: float | None, log_decay=None):
     """Advance `state` by n tokens that lie in one selection interval (the first may open it).
@@ -873,35 +912,9 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
 
     # 2. selection: the P oldest slots left the band (positions p0 - w - P + 1 .. p0 - w)
     if p0 % P == 0:
-        leaving = (buf_ok & ~slot_sink)[:, :P]  # [B, P]
-        ck, cv = buf_k[:, :, :P], buf_v[:, :, :P]
-        ckf = (buf_kf if buf_kf is not None else buf_k)[:, :, :P]
-        cand = leaving[:, None, :].expand(B, Hk, P)
-        cpos = slot_pos[:P].expand(B, Hk, P)
-        if memory.global_size:
-            gk, gv, gkf, gok, gpos = glob
-            ck, cv = torch.cat([gk, ck], 2), torch.cat([gv, cv], 2)
-            ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
-            cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
-            cpos = torch.cat([gpos, cpos], 2)
-        f = key_map(ckf.transpose(1, 2))  # slots as tokens [B, M + P, Hk, Dk] -> [B, M + P, Hk*kg, F]
-        fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
-        vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
-        if memory.global_size:
-            with torch.no_grad():
-                score = recall_error(fg, vg, kv, k_sum)
-            keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
-            idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
-            glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
-                    cpos.gather(2, idx))
-            fold = cand & ~keep
-        else:
-            fold = cand
-        fg = fg * fold[:, :, None, :, None].to(acc)
-        if dec is not None:  # a folded key weighed by its age now
-            fg = fg * _age_weight(dec, (p0 - cpos)[:, :, None, :, None])
-        kv = kv + torch.matmul(fg.transpose(-1, -2), vg)
-        k_sum = k_sum + fg.sum(-2)
+        kv, k_sum, glob = _select(
+            kv, k_sum, buf_k[:, :, :P], buf_v[:, :, :P], (buf_kf if buf_kf is not None else buf_k)[:, :, :P],
+            (buf_ok & ~slot_sink)[:, :P], slot_pos[:P], glob, key_map, memory, p0, dec)
 
     # 3. attend: band [floor(t / P) * P - w + 1, t], extras outside it, the linear state
     lo = (p0 // P) * P - w + 1

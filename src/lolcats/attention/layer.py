@@ -144,7 +144,7 @@ class LolcatsAttention(nn.Module):
         if state is not None and q.shape[1] == 1:
             # the cache owns its state (beam reordering etc. replace it with new tensors): the kernel
             # updates it in place; the first such step copies it, as a prefill's state can view its
-            # inputs. The reference forms (CPU, memory, autograd) still return a new state.
+            # inputs. The reference forms (CPU, autograd) still return a new state.
             inplace = decodes_in_place(q, state, memory=self.lolcats_memory)
             if inplace and state.win_head is None:
                 state = state.map(lambda t: t.clone(memory_format=torch.contiguous_format))

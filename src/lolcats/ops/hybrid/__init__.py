@@ -4,8 +4,10 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
-Memory beyond the window (sinks, the global cache) has no kernel yet: it always runs the reference
-forms. The decaying linear state has the decode kernels, not yet the prefill / training ones.
+Memory beyond the window (sinks, the global cache) and the decaying linear state have the decode
+kernels (with a global cache, the selection at an interval start, one step in P, runs the
+reference's PyTorch code before the launch), not yet the prefill / training ones: those run the
+reference forms.
 """
 from __future__ import annotations
 
@@ -24,9 +26,22 @@ __all__ = ["decodes_in_place", "hybrid_attention", "hybrid_decode"]
 
 
 def _needs_reference(memory: Memory | None, state: HybridState | None, log_decay: torch.Tensor | None = None) -> bool:
-    """Memory beyond the window (sinks, global cache) has no kernel yet, decay none for prefill: the
-    reference forms run them (decode passes no log_decay here: its kernels take it)."""
+    """Prefill / training: memory beyond the window (sinks, global cache) and decay have no kernel
+    yet; the reference forms run them."""
     return (memory is not None and memory.active) or (state is not None and state.has_memory) or log_decay is not None
+
+
+def _decode_kernel_takes(state: HybridState, memory: Memory | None) -> bool:
+    """Decode: the kernels take a window of at least one token and a state built for exactly this
+    memory (none, sinks, global cache); otherwise the reference form runs (and says what is wrong
+    with the pair)."""
+    memory = memory or Memory()
+    if state.win_valid.shape[1] - memory.period + 1 < 1:
+        return False
+    for n, t in ((memory.sinks, state.sink_k), (memory.global_size, state.glob_k)):
+        if (t is None) != (n == 0) or (t is not None and t.shape[2] != n):
+            return False
+    return True
 
 
 def hybrid_attention(
@@ -62,7 +77,7 @@ def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | No
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
     False where it would compute a new state and copy it in (the reference forms). Needs grad mode
     off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
-    return (not torch.is_grad_enabled() and not _needs_reference(memory, state) and state.win_valid.shape[1] > 0
+    return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory)
             and resolve_backend(backend, q) == "triton")
 
 
@@ -72,8 +87,11 @@ def hybrid_decode(
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None, backend: str = "auto", inplace: bool = False,
 ) -> tuple[torch.Tensor, HybridState]:
-    """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd (and without
-    memory beyond the window, which runs the pure-PyTorch form; decay runs in the kernel).
+    """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd, with or
+    without memory beyond the window (sinks, global cache; the state must have been built for
+    `memory`) and decay. With memory a step's band and, with a global cache, whether it runs the
+    selection (in PyTorch, before the launch) follow the state's position, a host-side int: such a
+    step is not one a CUDA graph can replay.
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
@@ -82,12 +100,12 @@ def hybrid_decode(
     `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
     says which runs).
     """
-    if not _needs_reference(memory, state) and resolve_backend(backend, q) == "triton":
+    if _decode_kernel_takes(state, memory) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input, inplace=inplace, log_decay=log_decay,
+            key_map_input=key_map_input, inplace=inplace, log_decay=log_decay, memory=memory,
         )
     o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,

@@ -6,6 +6,19 @@ into (S, z) (its key featurised by key_map, done in PyTorch before the launch), 
 enters the buffer, and the output is the window softmax over the w slots (gamma e^{s - m}, m the
 max window score) plus the state read, with one normaliser.
 
+Memory beyond the window (`Memory`, the state built for it), the same kernels with flags:
+
+* attention sinks (P = 1): an evicted slot that holds a sink is not folded (its flag is cleared
+  before the launch); the sinks whose position is in [0, lo) are extra exact keys, scored with the
+  window's max m and the clamp of `_extra_terms` (gamma e^{min(s - m, 60)}), one normaliser; a valid
+  token while the row has fewer sinks than slots becomes the next one (slot: the first empty one).
+* a global cache (interval P): the Wb = w + P - 1 slots hold the band [floor(t / P) P - w + 1, t]
+  (its nband = w + t % P newest slots) and older tokens already handled. Only a step opening an
+  interval (t % P == 0, known on the host from the state's position) changes (S, z) and the cache:
+  there the reference's own selection (`_select`: candidates = the cache and the P oldest slots,
+  recall error, keep the worst recalled, fold the rest) runs in PyTorch before the launch, and the
+  kernel folds nothing. The valid cache slots are extra exact keys, like the sinks.
+
 Two kernels:
 
 * `_decode_step` (out of place; the state passed in is left as it was): one program per (batch,
@@ -26,22 +39,42 @@ Two kernels:
     - z is read by the programs of every Dv block, so no program writes it: `k_sum += phi(k_old)`
       runs just before the launch (one small elementwise op, stream ordered), which reads the new z;
     - the programs read the oldest slot from `slot` (win_head % Wb, computed before the launch),
-      so the one program per row that advances win_head in place races no one.
+      so the one program per row that advances win_head in place races no one;
+    - a new sink goes into slot `sfill` (the number of filled slots, computed before the launch);
+      that slot's position is -1 or (once written) t, never in [0, lo), so no program loads its
+      key or value, and reading either position gives the same mask.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from lolcats.ops.common import NEG, block, softcap
-from lolcats.ops.hybrid.reference import HybridState, KeyMap, hybrid_attention_recurrent
+from lolcats.ops.hybrid import _decode_kernel_takes
+from lolcats.ops.hybrid.reference import (
+    EXTRA_LOGIT_CLAMP,
+    NO_MEMORY,
+    HybridState,
+    KeyMap,
+    Memory,
+    _decay_grouped,
+    _select,
+    hybrid_attention_recurrent,
+)
+
+CLAMP = tl.constexpr(EXTRA_LOGIT_CLAMP)
 
 
 @triton.jit
-def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap):
+def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap,
+                 xkf, xvf, xok, HAS_X: tl.constexpr):
     """One query head's output block for the step (both decode kernels): the window softmax over the
-    slots `wok` of kwf / vwf (gamma e^{s - m}) plus the state read fq.S, over one normaliser."""
+    slots `wok` of kwf / vwf (gamma e^{s - m}) plus the state read fq.S, over one normaliser.
+    HAS_X: plus the extra exact keys `xok` of xkf / xvf (sinks, global cache) at gamma e^{min(s - m, 60)},
+    m the band's max (0 when the band is empty), as `_extra_terms`."""
     qv = tl.load(q_row + od, mask=dm, other=0.0).to(tl.float32)
     s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
     s = tl.where(wok, s, NEG)
@@ -50,6 +83,12 @@ def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf
     gam = tl.load(gamma_h).to(tl.float32)
     num = tl.sum(e[:, None] * vwf, 0) * gam
     den = tl.sum(e, 0) * gam
+    if HAS_X:
+        m0 = tl.where(tl.sum(wok.to(tl.int32), 0) > 0, mx, 0.0)
+        sx = softcap(tl.sum(xkf * qv[None, :], 1) * scale, cap)
+        ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
+        num += tl.sum(ex[:, None] * xvf, 0) * gam
+        den += tl.sum(ex, 0) * gam
     fqv = tl.load(fq_row + of, mask=fm, other=0.0).to(tl.float32)
     num += tl.sum(fqv[:, None] * S, 0)
     den += tl.sum(fqv * z, 0)
@@ -57,12 +96,45 @@ def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf
     tl.store(o_row + ov, out.to(o_row.dtype.element_ty), mask=vm)
 
 
-@triton.jit(do_not_specialize=["H", "Hk", "Hs", "G"])
+@triton.jit
+def _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm, D: tl.constexpr,
+                DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, BD: tl.constexpr,
+                BV: tl.constexpr, BX: tl.constexpr):
+    """The extra exact keys of KV head `bk` (= b * Hk + hk) as one tile of BX >= NS + NM rows: rows
+    0..NS-1 the sinks (those with a position in [0, lo): out of the band), then the NM global cache
+    slots (the valid ones). Returns (keys [BX, BD], values [BX, BV], float32; which rows count [BX])."""
+    e = tl.arange(0, BX)
+    xok = e < 0
+    xk = tl.zeros([BX, BD], dtype=tl.float32)
+    xv = tl.zeros([BX, BV], dtype=tl.float32)
+    if HAS_SINKS:
+        is_s = e < NS
+        p = tl.load(spos + b64 * NS + e, mask=is_s, other=-1)
+        s_ok = is_s & (p >= 0) & (p < lo)
+        xk += tl.load(sk + (bk * NS + e)[:, None] * D + od[None, :], mask=s_ok[:, None] & dm[None, :],
+                      other=0.0).to(tl.float32)
+        xv += tl.load(svv + (bk * NS + e)[:, None] * DV + ov[None, :], mask=s_ok[:, None] & vm[None, :],
+                      other=0.0).to(tl.float32)
+        xok = xok | s_ok
+    if HAS_GLOB:
+        gi = e - NS
+        is_g = (gi >= 0) & (gi < NM)
+        g_ok = is_g & (tl.load(gvalid + bk * NM + gi, mask=is_g, other=0) != 0)
+        xk += tl.load(gk + (bk * NM + gi)[:, None] * D + od[None, :], mask=g_ok[:, None] & dm[None, :],
+                      other=0.0).to(tl.float32)
+        xv += tl.load(gv + (bk * NM + gi)[:, None] * DV + ov[None, :], mask=g_ok[:, None] & vm[None, :],
+                      other=0.0).to(tl.float32)
+        xok = xok | g_ok
+    return xk, xv, xok
+
+
+@triton.jit(do_not_specialize=["H", "Hk", "Hs", "G", "nband", "lo"])
 def _decode_step(
-    q, k, v, fq, fk_old, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam,
+    q, k, v, fq, fk_old, evict, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam, sk, svv, spos, gk, gv, gvalid,
     o, kv_out, ksum_out, wk_out, wv_out,
-    scale, cap, H, Hk, Hs, G, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, HAS_DECAY: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr,
+    scale, cap, H, Hk, Hs, G, W, nband, lo, ES, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    HAS_DECAY: tl.constexpr, FOLD: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b = i_bh // Hs
@@ -76,23 +148,25 @@ def _decode_step(
     dm, vm, fm = od < D, ov < DV, of < F
     b64 = b.to(tl.int64)
 
-    # evict slot 0 into the state
+    # evict slot 0 into the state (FOLD; with a global cache the selection folded before the launch)
     wbase_k = wk + (b64 * Hk + hk) * W * D
     wbase_v = wv + (b64 * Hk + hk) * W * DV
-    v_old = tl.load(wbase_v + ov, mask=vm, other=0.0).to(tl.float32)
-    val0 = tl.load(wvalid + b64 * W).to(tl.float32)
-    fko = tl.load(fk_old + (b64 * Hs + hs) * F + of, mask=fm, other=0.0).to(tl.float32) * val0
     soff = (b64 * Hs + hs) * F
     S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=fm[:, None] & vm[None, :], other=0.0)
-    S = S + fko[:, None] * v_old[None, :]
-    z = tl.load(ksum + soff + of, mask=fm, other=0.0) + fko
+    z = tl.load(ksum + soff + of, mask=fm, other=0.0)
+    if FOLD:
+        v_old = tl.load(wbase_v + ov, mask=vm, other=0.0).to(tl.float32)
+        val0 = tl.load(evict + b64 * ES).to(tl.float32)  # the slot held a valid key (and no sink)
+        fko = tl.load(fk_old + (b64 * Hs + hs) * F + of, mask=fm, other=0.0).to(tl.float32) * val0
+        S = S + fko[:, None] * v_old[None, :]
+        z = z + fko
     # decay (fko came scaled by lambda^w, its age): this token reads S and z, the next one them x lambda
     age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0
     tl.store(kv_out + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=fm[:, None] & vm[None, :])
     if i_v == 0:
         tl.store(ksum_out + soff + of, z * age, mask=fm)
 
-    # the new buffer: old slots 1..w-1, then the new token
+    # the new buffer: old slots 1..W-1, then the new token; the band is its last nband slots
     old = (sl + 1) < W
     new = (sl + 1) == W
     kw = tl.load(wbase_k + (sl + 1)[:, None] * D + od[None, :], mask=old[:, None] & dm[None, :], other=0.0)
@@ -101,7 +175,7 @@ def _decode_step(
     vw += tl.load(v + (b64 * Hk + hk) * DV + ov[None, :] + sl[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
     sv = tl.load(wvalid + b64 * W + sl + 1, mask=old, other=0)
     sv += tl.load(newvalid + b + sl * 0, mask=new, other=0)
-    wok = sv != 0
+    wok = (sv != 0) & (sl >= W - nband)
     if hs % KG == 0:  # one writer per KV head
         wm = sl < W
         tl.store(wv_out + (b64 * Hk + hk) * W * DV + sl[:, None] * DV + ov[None, :], vw,
@@ -111,21 +185,27 @@ def _decode_step(
                      mask=wm[:, None] & dm[None, :])
     kwf = kw.to(tl.float32)
     vwf = vw.to(tl.float32)
+    xkf, xvf, xok = kwf, vwf, wok  # no extra keys (unused)
+    if HAS_SINKS or HAS_GLOB:
+        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm,
+                                    D, DV, HAS_SINKS, HAS_GLOB, BD, BV, BX)
 
     nq = H // Hs  # query heads reading this state: the GQA group (per KV head) or one
     hq0 = hs * nq
     for gi in range(nq):
         hq = b64 * H + hq0 + gi
         _head_output(q + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                     kwf, vwf, wok, S, z, scale, cap)
+                     kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB)
 
 
-@triton.jit(do_not_specialize=["H", "Hk", "KG"])
+@triton.jit(do_not_specialize=["H", "Hk", "KG", "nband", "lo", "p0"])
 def _decode_step_inplace(
-    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam, o,
-    scale, cap, H, Hk, KG, W, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DK: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
+    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam,
+    sk, svv, spos, sfill, gk, gv, gvalid, o,
+    scale, cap, H, Hk, KG, W, nband, lo, p0, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    DK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b = i_bh // Hk
@@ -143,7 +223,8 @@ def _decode_step_inplace(
     if HAS_MASK:
         nv = tl.load(newvalid + b64).to(tl.int32)
 
-    # the window after this step: the ring with the new token in slot hd (never read from memory)
+    # the window after this step: the ring with the new token in slot hd (never read from memory);
+    # the band: the nband newest slots (slot hd is age 0)
     wbase_k = wk + bk * W * D
     wbase_v = wv + bk * W * DV
     new = sl == hd
@@ -153,28 +234,34 @@ def _decode_step_inplace(
     vw = tl.load(wbase_v + sl[:, None] * DV + ov[None, :], mask=old[:, None] & vm[None, :], other=0.0)
     vw += tl.load(v + bk * DV + ov[None, :] + sl[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
     sv = tl.load(wvalid + b64 * W + sl, mask=old, other=0).to(tl.int32)
-    wok = (sv != 0) | (new & (nv != 0))
+    wok = ((sv != 0) | (new & (nv != 0))) & ((hd - sl + W) % W < nband)
     kwf = kw.to(tl.float32)
     vwf = vw.to(tl.float32)
-    v_old = tl.load(wbase_v + hd * DV + ov, mask=vm, other=0.0).to(tl.float32)
-
-    val0 = tl.load(vold + b64).to(tl.float32)  # the evicted slot held a valid key (gathered before the launch)
+    xkf, xvf, xok = kwf, vwf, wok  # no extra keys (unused)
+    if HAS_SINKS or HAS_GLOB:
+        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm,
+                                    D, DV, HAS_SINKS, HAS_GLOB, BD, BV, BX)
+    if FOLD:
+        v_old = tl.load(wbase_v + hd * DV + ov, mask=vm, other=0.0).to(tl.float32)
+        val0 = tl.load(vold + b64).to(tl.float32)  # the evicted slot held a valid key (gathered before the launch)
 
     nq = H // Hs  # query heads reading one state: the GQA group (per KV head) or one
     for kg in range(KG):
         hs = hk * KG + kg
         soff = (b64 * Hs + hs) * F
-        fko = tl.load(fk_old + soff + of, mask=fm, other=0.0) * val0
         smask = fm[:, None] & vm[None, :]
         S = tl.load(kv + soff * DV + of[:, None] * DV + ov[None, :], mask=smask, other=0.0)
-        S = S + fko[:, None] * v_old[None, :]
-        age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0  # the next token reads S x lambda
-        tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=smask)  # this program's tile only
+        if FOLD:
+            fko = tl.load(fk_old + soff + of, mask=fm, other=0.0) * val0
+            S = S + fko[:, None] * v_old[None, :]
+        if FOLD or HAS_DECAY:
+            age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0  # the next token reads S x lambda
+            tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=smask)  # this program's tile only
         z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
         for gi in range(nq):
             hq = b64 * H + hs * nq + gi
             _head_output(q + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                         kwf, vwf, wok, S, z, scale, cap)
+                         kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB)
 
     # the new token into slot hd: only this program reads this Dv block of slot hd of the value
     # ring (v_old, above; the barrier keeps every thread's read before the overwrite); slot hd of
@@ -190,6 +277,20 @@ def _decode_step_inplace(
         if hk == 0:  # one program per row: the validity flag and the ring head (read by no other program)
             tl.store(wvalid + b64 * W + hd, nv.to(tl.uint8))
             tl.store(head + b64, tl.load(head + b64) + 1)
+    if HAS_SINKS:  # a valid token while the row has fewer than NS sinks: the next sink, in slot sfill
+        # (computed before the launch; that slot holds no position in [0, lo): no program reads it)
+        sf = tl.load(sfill + b64)
+        put = (sf < NS) & (nv != 0)
+        tl.store(svv + (bk * NS + sf) * DV + ov, tl.load(v + bk * DV + ov, mask=vm, other=0.0), mask=vm & put)
+        if i_v == 0:
+            tl.store(sk + (bk * NS + sf) * D + od, tl.load(k + bk * D + od, mask=dm, other=0.0), mask=dm & put)
+            if hk == 0:
+                tl.store(spos + b64 * NS + sf, (sf * 0 + p0).to(tl.int64), mask=put)
+
+
+def _decay_factors(log_decay: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    """lambda per state head (None without decay): what the kernels multiply S and z by each step."""
+    return None if log_decay is None else torch.exp(log_decay.to(acc)).contiguous()
 
 
 def _evicted_features(key_map: KeyMap, k_old: torch.Tensor, acc: torch.dtype, B: int, Hs: int, F: int,
@@ -200,49 +301,132 @@ def _evicted_features(key_map: KeyMap, k_old: torch.Tensor, acc: torch.dtype, B:
     if log_decay is None:
         return fk_old.contiguous(), None
     a = log_decay.to(acc)
-    return (fk_old * torch.exp(a * window)[None, :, None]).contiguous(), torch.exp(a).contiguous()
+    return (fk_old * torch.exp(a * window)[None, :, None]).contiguous(), _decay_factors(log_decay, acc)
+
+
+class _Band(NamedTuple):
+    """Where a step of position p0 stands (see `_memory_segment`): the band [lo, p0] (its nband newest
+    slots of the Wb-slot buffer), whether the step opens a selection interval with a global cache
+    (`select`: the selection runs in PyTorch before the launch, the kernel folds nothing), else
+    whether the kernel folds the evicted slot (`fold`: without a global cache, P = 1)."""
+
+    p0: int
+    lo: int
+    nband: int
+    select: bool
+    fold: bool
+
+
+def _band(state: HybridState, memory: Memory) -> _Band:
+    P, W, p0 = memory.period, state.win_valid.shape[1], state.position
+    lo = (p0 // P) * P - (W - P + 1) + 1
+    return _Band(p0, lo, p0 - lo + 1, bool(memory.global_size) and p0 % P == 0, not memory.global_size)
+
+
+def _slot_sinks(pos: torch.Tensor, sink_pos: torch.Tensor) -> torch.Tensor:
+    """[B, n]: which of the slots at positions pos [n] hold a sink."""
+    return (pos[None, :, None] == sink_pos[:, None, :]).any(-1)
+
+
+def _selection(state: HybridState, ck, cv, ckf, ok, key_map: KeyMap, memory: Memory, log_decay):
+    """The reference's selection (`_select`) for a step opening an interval, from the P oldest slots
+    (ck, cv, ckf [B, Hk, P, .], validity ok [B, P]) of `state`: (kv, k_sum, glob)."""
+    P, W, p0 = memory.period, state.win_valid.shape[1], state.position
+    pos = p0 - W + torch.arange(P, device=ok.device)
+    leaving = ok if state.sink_pos is None else ok & ~_slot_sinks(pos, state.sink_pos)
+    dec = None if log_decay is None else _decay_grouped(log_decay, ck.shape[1], 2, state.kv.dtype)
+    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
+    return _select(state.kv, state.k_sum, ck, cv, ckf, leaving, pos, glob, key_map, memory, p0, dec)
+
+
+def _memory_launch_args(sinks, glob_k, glob_v, glob_valid, dummy: torch.Tensor) -> tuple:
+    """The kernels' memory arguments: (sink_k, sink_v, sink_pos, glob_k, glob_v, glob_valid as uint8,
+    NS, NM, HAS_SINKS, HAS_GLOB, BX); `dummy` where a part is absent (never read)."""
+    sk, sv, sp = sinks if sinks is not None else (dummy, dummy, dummy)
+    ns = 0 if sinks is None else sk.shape[2]
+    nm = 0 if glob_k is None else glob_k.shape[2]
+    gval = dummy if glob_valid is None else glob_valid.view(torch.uint8)
+    return (sk, sv, sp, dummy if glob_k is None else glob_k, dummy if glob_v is None else glob_v, gval,
+            ns, nm, sinks is not None, glob_k is not None, block(ns + nm))
 
 
 def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float, softcap: float | None,
                 key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None,
-                log_decay: torch.Tensor | None = None):
+                log_decay: torch.Tensor | None = None, memory: Memory = NO_MEMORY):
     """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state).
 
     key_map_input [B, 1, Hk, Dk]: the new token's key-map input when the state buffers those apart
     from the keys (position-free feature maps); that small buffer is shifted here, outside the kernel.
+    memory: the state's memory beyond the window. At an interval start with a global cache the
+    selection runs first (the reference's code, in PyTorch); a new sink is appended here too.
     """
     state = state.ordered()
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
-    kv = state.kv.contiguous()
-    _, _, KG, F, _ = kv.shape
+    _, _, KG, F, _ = state.kv.shape
     Hs = Hk * KG
     W = state.win_valid.shape[1]
-    acc = kv.dtype
-    fk_old, lam = _evicted_features(key_map, state.key_inputs()[:, :, :1], acc, B, Hs, F, log_decay, W)
+    acc = state.kv.dtype
+    band = _band(state, memory)
+    kv, k_sum = state.kv, state.k_sum
+    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
+    P = memory.period
+    if band.select:
+        kv, k_sum, glob = _selection(state, state.win_k[:, :, :P], state.win_v[:, :, :P],
+                                     state.key_inputs()[:, :, :P], state.win_valid[:, :P], key_map, memory, log_decay)
+    kv, k_sum = kv.contiguous(), k_sum.contiguous()
     newvalid = (torch.ones(B, dtype=torch.int8, device=q.device) if key_mask is None
                 else key_mask[:, 0].to(torch.int8).contiguous())
     wvalid = state.win_valid.to(torch.int8).contiguous()
+    evict, es = wvalid, W  # slot 0 of each row: folded where valid
+    if band.fold:
+        fk_old, lam = _evicted_features(key_map, state.key_inputs()[:, :, :1], acc, B, Hs, F, log_decay, W)
+        if state.sink_pos is not None:  # ... and no sink
+            is_sink = _slot_sinks(torch.tensor([band.p0 - W], device=q.device), state.sink_pos)[:, 0]
+            evict, es = (state.win_valid[:, 0] & ~is_sink).to(torch.int8), 1
+    else:
+        fk_old, lam = kv, _decay_factors(log_decay, acc)  # fk_old unused
+    sinks = None if state.sink_k is None else (state.sink_k, state.sink_v, state.sink_pos)
+    mem = _memory_launch_args(sinks, glob[0], glob[1], None if glob[3] is None else glob[3].contiguous(), kv)
     o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
     new = dict(device=q.device, memory_format=torch.contiguous_format)  # never empty_like: inputs may be views
     kv_out = torch.empty(kv.shape, dtype=kv.dtype, **new)
-    ksum_out = torch.empty(state.k_sum.shape, dtype=state.k_sum.dtype, **new)
+    ksum_out = torch.empty(k_sum.shape, dtype=k_sum.dtype, **new)
     wk_out = torch.empty(state.win_k.shape, dtype=state.win_k.dtype, **new)
     wv_out = torch.empty(state.win_v.shape, dtype=state.win_v.dtype, **new)
     BV = min(64, block(DV))
     grid = (triton.cdiv(DV, BV), B * Hs)
+    k_in = k.to(state.win_k.dtype).contiguous()
+    v_in = v.to(state.win_v.dtype).contiguous()
     _decode_step[grid](
-        q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
-        fk_old, kv, state.k_sum.contiguous(), state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid,
-        gamma.contiguous(), fk_old if lam is None else lam, o, kv_out, ksum_out, wk_out, wv_out,
-        scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, D, DV, F, lam is not None,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), num_warps=4,
+        q.contiguous(), k_in, v_in, fq.contiguous(), fk_old, evict, kv, k_sum, state.win_k.contiguous(),
+        state.win_v.contiguous(), wvalid, newvalid, gamma.contiguous(), fk_old if lam is None else lam,
+        *[x.contiguous() for x in mem[:6]], o, kv_out, ksum_out, wk_out, wv_out,
+        scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
+        lam is not None, band.fold, mem[8], mem[9],
+        BW=block(W), BD=block(D), BV=BV, BF=block(F), BX=mem[10], num_warps=4,
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
     win_kf = None
     if state.win_kf is not None:
         win_kf = torch.cat([state.win_kf[:, :, 1:], key_map_input.transpose(1, 2).to(state.win_kf.dtype)], 2)
-    return o, HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid, win_kf=win_kf, position=state.position + 1)
+    out = HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid, win_kf=win_kf, position=state.position + 1,
+                      glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3], glob_pos=glob[4])
+    if sinks is not None:
+        out.sink_k, out.sink_v, out.sink_pos = _append_sink(sinks, k_in, v_in, newvalid, band.p0)
+    return o, out
+
+
+def _append_sink(sinks, k, v, newvalid, p0: int):
+    """The sinks after a token at p0 (k/v [B, 1, Hk, .], newvalid [B]): a valid one becomes the next
+    sink while the row has room (sinks fill slots in position order: the first empty slot)."""
+    sink_k, sink_v, sink_pos = sinks
+    filled = (sink_pos >= 0).sum(1, keepdim=True)  # [B, 1]
+    put = (torch.arange(sink_pos.shape[1], device=sink_pos.device) == filled) & (newvalid[:, None] != 0)  # [B, s]
+    sink_pos = torch.where(put, p0, sink_pos)
+    put = put[:, None, :, None]
+    return (torch.where(put, k.transpose(1, 2).to(sink_k.dtype), sink_k),
+            torch.where(put, v.transpose(1, 2).to(sink_v.dtype), sink_v), sink_pos)
 
 
 def inplace_ready(state: HybridState) -> HybridState:
@@ -260,11 +444,15 @@ def inplace_ready(state: HybridState) -> HybridState:
 
 def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float,
                         softcap: float | None, key_mask: torch.Tensor | None,
-                        key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None) -> torch.Tensor:
+                        key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
+                        memory: Memory = NO_MEMORY) -> torch.Tensor:
     """One token, updating `state` (made `inplace_ready`) in place; returns o [B, 1, H, Dv].
 
     Launches (no host sync, no shape depending on data): the oldest slot, the gathers of its key
-    and validity, the key map, k_sum += phi(k_old), then the kernel (which also advances win_head).
+    and validity, the key map, k_sum += phi(k_old), then the kernel (which also advances win_head
+    and appends a new sink). With a global cache, the step opening an interval instead runs the
+    selection over the P oldest ring slots first (the reference's code, in PyTorch; whether a step
+    opens one follows from the host-side position) and copies its result into the state.
     """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
@@ -272,15 +460,39 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     Hs = Hk * KG
     W = state.win_valid.shape[1]
     acc = state.kv.dtype
+    band = _band(state, memory)
     slot = state.win_head % W  # [B]: the oldest slot of each row
     ki = state.key_inputs()
-    k_old = ki.gather(2, slot.view(B, 1, 1, 1).expand(B, Hk, 1, ki.shape[-1]))  # [B, Hk, 1, Dk]
-    valid_old = state.win_valid.gather(1, slot.view(B, 1))  # [B, 1]
-    fk_old, lam = _evicted_features(key_map, k_old, acc, B, Hs, F, log_decay, W)
-    # z += phi(k_old) where the evicted slot was valid, here: the kernel's programs only read z
-    state.k_sum.view(B, Hs, F).addcmul_(fk_old, valid_old.view(B, 1, 1))
-    o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
+    if band.select:
+        P = memory.period
+        idx = (slot.view(B, 1) + torch.arange(P, device=slot.device)) % W  # [B, P]: the P oldest, oldest first
+
+        def oldest(t: torch.Tensor) -> torch.Tensor:  # [B, Hk, W, X] -> [B, Hk, P, X]
+            return t.gather(2, idx[:, None, :, None].expand(B, Hk, P, t.shape[-1]))
+
+        kv, k_sum, glob = _selection(state, oldest(state.win_k), oldest(state.win_v), oldest(ki),
+                                     state.win_valid.gather(1, idx), key_map, memory, log_decay)
+        state.kv.copy_(kv)
+        state.k_sum.copy_(k_sum)
+        for name, t in zip(("glob_k", "glob_v", "glob_kf", "glob_valid", "glob_pos"), glob):
+            if t is not None:
+                getattr(state, name).copy_(t)
     wvalid = state.win_valid.view(torch.uint8)  # same storage: the kernel writes the new slot's flag
+    if band.fold:
+        k_old = ki.gather(2, slot.view(B, 1, 1, 1).expand(B, Hk, 1, ki.shape[-1]))  # [B, Hk, 1, Dk]
+        valid_old = state.win_valid.gather(1, slot.view(B, 1))  # [B, 1]
+        if state.sink_pos is not None:  # a sink is never folded
+            valid_old = valid_old & ~(state.sink_pos == band.p0 - W).any(1, keepdim=True)
+        fk_old, lam = _evicted_features(key_map, k_old, acc, B, Hs, F, log_decay, W)
+        # z += phi(k_old) where the evicted slot was valid, here: the kernel's programs only read z
+        state.k_sum.view(B, Hs, F).addcmul_(fk_old, valid_old.view(B, 1, 1))
+        vold = valid_old.view(torch.uint8)
+    else:
+        fk_old, vold, lam = state.kv, wvalid, _decay_factors(log_decay, acc)  # fk_old, vold unused
+    sinks = None if state.sink_k is None else (state.sink_k, state.sink_v, state.sink_pos)
+    sfill = wvalid if sinks is None else (state.sink_pos >= 0).sum(1)  # [B]: the slot a new sink takes
+    mem = _memory_launch_args(sinks, state.glob_k, state.glob_v, state.glob_valid, state.kv)
+    o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
     newvalid = wvalid if key_mask is None else key_mask[:, 0].to(torch.int8).contiguous()
     has_kf = state.win_kf is not None
     if has_kf:
@@ -292,11 +504,13 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     grid = (triton.cdiv(DV, BV), B * Hk)
     _decode_step_inplace[grid](
         q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
-        fk_old, valid_old.view(torch.uint8), state.kv, state.k_sum, state.win_k, state.win_v, wvalid,
+        fk_old, vold, state.kv, state.k_sum, state.win_k, state.win_v, wvalid,
         state.win_head, slot, newvalid, kmi,
-        state.win_kf if has_kf else wvalid, gamma.contiguous(), fk_old if lam is None else lam, o,
-        scale, softcap or 0.0, H, Hk, KG, W, D, DV, F, DK, key_mask is not None, has_kf, lam is not None,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), num_warps=4,
+        state.win_kf if has_kf else wvalid, gamma.contiguous(), fk_old if lam is None else lam,
+        mem[0], mem[1], mem[2], sfill, mem[3], mem[4], mem[5], o,
+        scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, mem[6], mem[7], D, DV, F, DK,
+        key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9],
+        BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10], num_warps=4,
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
         state.k_sum.view(B, Hs, F).mul_(lam.view(1, Hs, 1))
@@ -308,25 +522,28 @@ def hybrid_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None, inplace: bool = False,
-    log_decay: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None, memory: Memory | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`.
 
     inplace: update `state` itself (returned) with `_decode_step_inplace`; otherwise `state` is left
     as it was and a new state is returned. The reference fallbacks honour it by copying in.
+    memory: the memory beyond the window the state was built for (sinks, global cache), as the
+    reference takes it.
     """
     B, T, H, D = q.shape
     inputs = (q, k, v, fq, gamma, *state.tensors(), *(() if log_decay is None else (log_decay,)))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if inplace and grad:
         raise ValueError("in-place decode runs without autograd (torch.no_grad(), or inplace=False)")
-    if state.has_memory or state.win_valid.shape[1] == 0 or grad:
-        # memory beyond the window, no window (w = 0) or autograd: the reference form
+    if grad or not _decode_kernel_takes(state, memory):
+        # no window (w = 0), a state not built for this memory, or autograd: the reference form
         o, new = hybrid_attention_recurrent(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input, log_decay=log_decay,
+            key_map_input=key_map_input, log_decay=log_decay, memory=memory,
         )
         return (o, state.copy_(new)) if inplace else (o, new)
+    memory = memory or NO_MEMORY
     scale = D**-0.5 if scale is None else float(scale)
     if state.win_kf is not None and key_map_input is None:
         raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
@@ -337,7 +554,7 @@ def hybrid_decode_triton(
         args = (
             q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fq[:, t : t + 1], gamma.float(), state, key_map,
             scale, softcap, None if key_mask is None else key_mask[:, t : t + 1],
-            None if key_map_input is None else key_map_input[:, t : t + 1], log_decay,
+            None if key_map_input is None else key_map_input[:, t : t + 1], log_decay, memory,
         )
         if inplace:
             outs.append(decode_step_inplace(*args))

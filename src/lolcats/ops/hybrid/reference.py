@@ -5,14 +5,18 @@ this package are measured against and reuse (tests/ops compare them in float64):
 
 * `hybrid_attention_quadratic`  outputs and gradients of the prefill / training kernels (chunk.py);
 * `hybrid_attention_chunked`    their final state, and the torch backend of `lolcats.ops.hybrid_attention`;
-* `hybrid_attention_recurrent`  the decode kernel (fused_recurrent.py), and the torch backend of
-  `lolcats.ops.hybrid_decode`.
+* `hybrid_attention_recurrent`  the decode kernels (fused_recurrent.py; memory beyond the window
+  included), and the torch backend of `lolcats.ops.hybrid_decode`.
 """
 from __future__ import annotations
 
 # prepend_state / window_buffer: the state plumbing the kernels share with the chunked form
-# (continuing from a state, the window buffer of the final state).
+# (continuing from a state, the window buffer of the final state); _select (the global cache's
+# selection at an interval start), _decay_grouped, EXTRA_LOGIT_CLAMP, NO_MEMORY: what the decode
+# kernels reuse of the recurrent form with memory beyond the window.
 from lolcats.attention.hybrid import (  # noqa: F401
+    EXTRA_LOGIT_CLAMP,
+    NO_MEMORY,
     HybridState,
     KeyMap,
     Memory,
@@ -20,6 +24,8 @@ from lolcats.attention.hybrid import (  # noqa: F401
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
+    _decay_grouped,
+    _select,
     prepend_state,
     window_buffer,
 )

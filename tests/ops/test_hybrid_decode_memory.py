@@ -1,0 +1,221 @@
+"""The decode kernels with memory beyond the window (attention sinks, the global cache; fused_recurrent.py)
+against the recurrent reference (`hybrid_attention_recurrent`), under Triton's interpreter on CPU.
+
+From a reference prefill's state (T0 tokens), many decode steps: enough to cross several selection
+intervals (P = 8) and, for the sinks, the point where they leave the band, with a second row left
+padded so heavily that its sinks are still being filled during decode. Outputs and every part of the
+resulting state are compared: S, z, the window (oldest first), the sinks (positions exactly; keys
+and values of the filled slots: an empty slot's contents are never read), the global cache.
+"""
+import pytest
+import torch
+from kernel_helpers import check_errors, hybrid_inputs, rel_error
+
+from lolcats.attention.hybrid import Memory
+from lolcats.ops import hybrid_decode
+from lolcats.ops.hybrid import decodes_in_place
+from lolcats.ops.hybrid.reference import hybrid_attention_chunked, hybrid_attention_recurrent
+
+pytestmark = [
+    pytest.mark.usefixtures("interpreter"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+
+F32 = torch.float32
+T0, STEPS, W, P, CAP = 150, 72, 12, 8, 2.0
+SINKS = Memory(sinks=4)
+GLOBAL = Memory(global_size=6, interval=P)
+BOTH = Memory(sinks=3, global_size=5, interval=P)
+
+
+def case(id_, memory, H, Hk, sharing, *, inplace, decay=False, kf=False, pad=(0, T0 - 2), softcap=CAP, Dv=20):
+    return pytest.param(dict(memory=memory, H=H, Hk=Hk, sharing=sharing, inplace=inplace, decay=decay, kf=kf,
+                             pad=pad, softcap=softcap, Dv=Dv), id=id_)
+
+
+CASES = [
+    case("sinks-mha-kv-out-of-place", SINKS, 2, 2, "kv", inplace=False),
+    case("sinks-gqa4-query-in-place-decay", SINKS, 8, 2, "query", inplace=True, decay=True),
+    case("sinks-gqa4-kv-in-place-pre-rope-Dv72", SINKS, 8, 2, "kv", inplace=True, kf=True, Dv=72),
+    case("global-gqa4-kv-out-of-place", GLOBAL, 8, 2, "kv", inplace=False),
+    case("global-mha-query-in-place-pre-rope", GLOBAL, 2, 2, "query", inplace=True, kf=True),
+    case("global-gqa4-query-out-of-place-decay-no-padding", GLOBAL, 4, 1, "query", inplace=False, decay=True,
+         pad=None, softcap=None),
+    case("both-gqa4-kv-in-place-decay", BOTH, 8, 2, "kv", inplace=True, decay=True),
+    case("both-gqa4-query-out-of-place-pre-rope-decay", BOTH, 8, 2, "query", inplace=False, decay=True, kf=True),
+    case("both-mha-kv-in-place-pre-rope-Dv72", BOTH, 2, 2, "kv", inplace=True, kf=True, Dv=72, softcap=None),
+    # the second row's first decode tokens are padding too (no band, no sink taken, nothing folded)
+    case("both-gqa4-kv-in-place-padded-decode", BOTH, 8, 2, "kv", inplace=True, pad=(0, T0 + 3)),
+    case("sinks-mha-query-out-of-place-padded-decode", SINKS, 2, 2, "query", inplace=False, pad=(0, T0 + 3)),
+    case("both-gqa4-query-in-place-dedup-P1", Memory(sinks=2, global_size=4, interval=1, dedup=0.5), 4, 1, "query",
+         inplace=True),
+]
+
+
+def setup(c, seed=11):
+    """Inputs (T0 + STEPS tokens), key-map inputs (None: the keys), log lambda, the prefill's state."""
+    x = hybrid_inputs(2, T0 + STEPS, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"],
+                      pad=None if c["pad"] is None else list(c["pad"]), seed=seed, dtype=F32, kernel_dtype=F32)
+    kf = None
+    if c["kf"]:  # position-free feature maps: the key map reads other inputs than the window's keys
+        kf = x.k * 0.5 + 0.3 * torch.randn(x.k.shape, generator=torch.Generator().manual_seed(seed))
+    fk = x.fk if kf is None else x.key_map(kf)
+    lam = -torch.linspace(0.01, 0.2, fk.shape[2], dtype=F32) if c["decay"] else None
+    a = slice(0, T0)
+    _, st = hybrid_attention_chunked(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], fk[:, a], x.gamma, window=W,
+                                     key_mask=cut(x.mask, a), output_final_state=True, softcap=c["softcap"],
+                                     key_map=x.key_map, key_map_input=None if kf is None else kf[:, a],
+                                     memory=c["memory"], log_decay=lam)
+    return x, kf, lam, st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
+
+
+def cut(t, s):
+    return None if t is None else t[:, s]
+
+
+def memory_state_errors(st, ref) -> dict[str, float]:
+    """Every part of the state (the window oldest first); positions and flags must be equal."""
+    st = st.ordered()
+    assert set(st.parts()) == set(ref.parts()), (set(st.parts()), set(ref.parts()))
+    for name in ("win_valid", "sink_pos", "glob_valid", "glob_pos"):
+        if getattr(ref, name) is not None:
+            assert torch.equal(getattr(st, name), getattr(ref, name)), name
+    assert st.position == ref.position
+    errors = {}
+    for name, t in st.parts().items():
+        r = ref.parts()[name]
+        if not t.is_floating_point():
+            continue
+        if name in ("sink_k", "sink_v"):  # the filled slots (an empty one's contents are never read)
+            filled = (ref.sink_pos >= 0)[:, None, :, None]
+            t, r = t * filled, r * filled
+        errors[name] = rel_error(t, r)
+    return errors
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_memory_decode_matches_reference(c):
+    x, kf, lam, st = setup(c)
+    mem = c["memory"]
+    r = slice(T0, T0 + STEPS)
+    common = dict(key_map=x.key_map, softcap=c["softcap"], memory=mem, log_decay=lam)
+    ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                         key_mask=cut(x.mask, r), key_map_input=cut(kf, r), **common)
+    with torch.no_grad():
+        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
+        before = {n: t.data_ptr() for n, t in st.parts().items()}
+        kept = st.map(torch.clone)
+        outs, t, state = [], T0, st
+        for n in [3] + [1] * (STEPS - 3 - 5) + [5]:  # several tokens in a call, then one a call
+            s_ = slice(t, t + n)
+            o, new = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=state,
+                                   key_mask=cut(x.mask, s_), key_map_input=cut(kf, s_), backend="triton",
+                                   inplace=c["inplace"], **common)
+            assert (new is state) == c["inplace"]
+            outs.append(o)
+            state, t = new, t + n
+    assert t == T0 + STEPS
+    if c["inplace"]:  # the caller's tensors, updated where they are (the ring head added)
+        assert {n: x_.data_ptr() for n, x_ in st.parts().items() if n != "win_head"} == before
+    else:  # the state passed in is left as it was
+        assert all(torch.equal(a, b) for a, b in zip(st.tensors(), kept.tensors())), "state changed"
+    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **memory_state_errors(state, rst)}, 1e-5)
+
+
+def test_sinks_fill_and_leave_the_band_during_decode():
+    """The case above is not vacuous: a row gets new sinks while decoding, sinks leave the band,
+    and selections keep and evict cache entries."""
+    c = CASES[6].values[0]
+    assert c["memory"] is BOTH and c["pad"] == (0, T0 - 2)
+    x, kf, lam, st = setup(c)
+    assert int((st.sink_pos[1] >= 0).sum()) == 2  # the padded row: 2 valid tokens so far
+    r = slice(T0, T0 + STEPS)
+    _, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                        key_map=x.key_map, key_mask=cut(x.mask, r), memory=c["memory"], log_decay=lam)
+    assert bool((rst.sink_pos[1] >= 0).all()) and int(rst.sink_pos[1].max()) >= T0
+    assert int(rst.sink_pos[1].max()) < T0 + STEPS - W - P  # out of the band by the end
+    assert not torch.equal(rst.glob_pos, st.glob_pos) and bool(rst.glob_valid.all())
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's cache: a transformers DynamicCache through LolcatsAttention, memory in the config
+
+
+@pytest.mark.parametrize("config", [
+    dict(key_map_sharing="query", sink_size=2),
+    dict(key_map_sharing="kv", feature_map_rope=False, sink_size=1, global_cache_size=3, global_cache_interval=4,
+         linear_decay=5),
+], ids=["query-sinks", "kv-pre-rope-sinks-global-decay"])
+def test_model_cache_decodes_memory_in_place(config, monkeypatch):
+    """Decode steps through the cache with the kernel (in place, memory beyond the window) equal the
+    reference backend's; the layer states keep their storage; the final states are the reference's.
+    Left padding: a row whose sinks fill during the decode."""
+    import lolcats
+    from tiny_models import random_batch, tiny_model
+    from transformers import DynamicCache
+
+    from lolcats.attention.cache import hybrid_layer_cache
+    from lolcats.compat import cache_argument_name, output_cache
+    from lolcats.config import LolcatsConfig
+
+    torch.manual_seed(0)
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=5, feature_dim=8, **config))
+    ids, mask = random_batch(3, 30, pad=[0, 5, 1], seed=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    n_prompt = 6
+    name = cache_argument_name(model)
+
+    def run(decode_backend):
+        cache = DynamicCache(config=model.config)
+        logits, ptrs = [], []
+        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :n_prompt], attention_mask=mask[:, :n_prompt],
+                        position_ids=pos[:, :n_prompt], use_cache=True, **{name: cache})
+            cache = output_cache(out)
+            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
+            for t in range(n_prompt, ids.shape[1]):
+                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                            use_cache=True, **{name: cache})
+                cache = output_cache(out)
+                logits.append(out.logits)
+                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
+                             for i in range(len(cache.layers))])
+        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
+        return torch.cat(logits, 1), states, ptrs
+
+    ref, ref_states, _ = run("torch")
+    got, states, ptrs = run("triton")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert all(p == ptrs[0] for p in ptrs), "state storage changed between decode steps"
+    for st, rst in zip(states, ref_states):
+        assert st.win_head is not None and rst.win_head is None and st.has_memory
+        check_errors(memory_state_errors(st, rst), 1e-5)
+
+
+def test_memory_decode_falls_back_where_the_kernel_does_not_run():
+    """Autograd, a state not built for the memory passed, or no window: the reference form runs."""
+    c = CASES[6].values[0]
+    x, kf, lam, st = setup(c)
+    mem = c["memory"]
+    s_ = slice(T0, T0 + 2)
+    args = (x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_])
+    common = dict(state=st, key_map=x.key_map, key_mask=cut(x.mask, s_), log_decay=lam)
+    ro, rst = hybrid_attention_recurrent(*args, x.gamma, memory=mem, **common)
+    gamma = x.gamma.clone().requires_grad_()
+    assert not decodes_in_place(x.q, st, memory=mem, backend="triton")  # grad mode on
+    o, new = hybrid_decode(*args, gamma, memory=mem, backend="triton", **common)
+    assert o.requires_grad and torch.equal(o, ro) and torch.equal(new.kv, rst.kv)
+    with torch.no_grad():
+        assert not decodes_in_place(x.q, st, memory=None, backend="triton")  # the state has sinks and a cache
+        assert not decodes_in_place(x.q, st, memory=Memory(sinks=mem.sinks), backend="triton")
+        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
+        a = slice(0, T0)
+        _, w0 = hybrid_attention_chunked(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], x.fk[:, a], x.gamma, window=0,
+                                         memory=SINKS, output_final_state=True, key_mask=cut(x.mask, a))
+        assert not decodes_in_place(x.q, w0, memory=SINKS, backend="triton")
+        o, _ = hybrid_decode(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_), memory=SINKS,
+                             backend="triton")
+        ro, _ = hybrid_attention_recurrent(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_),
+                                           memory=SINKS)
+        assert torch.equal(o, ro)
