@@ -16,8 +16,8 @@ import torch
 from lolcats.attention.feature_map import hedgehog
 
 __all__ = [
-    "HybridInputs", "check_errors", "fix_interpreter_loop_bounds", "hedgehog_errors", "hybrid_inputs", "interpreting",
-    "rel_error",
+    "HybridInputs", "check_errors", "decode_through_cache", "fix_interpreter_loop_bounds", "hedgehog_errors",
+    "hybrid_inputs", "interpreting", "rel_error",
 ]
 
 
@@ -129,3 +129,36 @@ def fix_interpreter_loop_bounds() -> None:
 
     interp._patch_lang_tensor = patched
     interp._lolcats_loop_bounds = True
+
+
+def decode_through_cache(model, ids, mask, pos, n_prompt: int, decode_backend: str, monkeypatch,
+                         before_step: Callable | None = None):
+    """Prefill ids[:, :n_prompt] into a transformers DynamicCache with the torch backend, then decode the
+    rest one token a step with `decode_backend` (LOLCATS_BACKEND). before_step(t, cache): called before
+    step t (e.g. a beam-search reorder_cache). Returns (logits of the decode steps [B, steps, V], each
+    layer's final HybridState, per step the data pointers of every layer's state tensors)."""
+    from transformers import DynamicCache
+
+    from lolcats.attention.cache import hybrid_layer_cache
+    from lolcats.compat import cache_argument_name, output_cache
+
+    name = cache_argument_name(model)
+    cache = DynamicCache(config=model.config)
+    logits, ptrs = [], []
+    monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :n_prompt], attention_mask=mask[:, :n_prompt], position_ids=pos[:, :n_prompt],
+                    use_cache=True, **{name: cache})
+        cache = output_cache(out)
+        monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
+        for t in range(n_prompt, ids.shape[1]):
+            if before_step is not None:
+                before_step(t, cache)
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                        use_cache=True, **{name: cache})
+            cache = output_cache(out)
+            logits.append(out.logits)
+            ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
+                         for i in range(len(cache.layers))])
+    states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
+    return torch.cat(logits, 1), states, ptrs

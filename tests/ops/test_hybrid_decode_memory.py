@@ -9,7 +9,7 @@ and values of the filled slots: an empty slot's contents are never read), the gl
 """
 import pytest
 import torch
-from kernel_helpers import check_errors, hybrid_inputs, rel_error
+from kernel_helpers import check_errors, decode_through_cache, hybrid_inputs, rel_error
 
 from lolcats.attention.hybrid import Memory
 from lolcats.ops import hybrid_decode
@@ -152,37 +152,16 @@ def test_model_cache_decodes_memory_in_place(config, monkeypatch):
     Left padding: a row whose sinks fill during the decode."""
     import lolcats
     from tiny_models import random_batch, tiny_model
-    from transformers import DynamicCache
 
-    from lolcats.attention.cache import hybrid_layer_cache
-    from lolcats.compat import cache_argument_name, output_cache
     from lolcats.config import LolcatsConfig
 
     torch.manual_seed(0)
     model = lolcats.convert(tiny_model("llama"), LolcatsConfig(window_size=5, feature_dim=8, **config))
     ids, mask = random_batch(3, 30, pad=[0, 5, 1], seed=1)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    n_prompt = 6
-    name = cache_argument_name(model)
 
     def run(decode_backend):
-        cache = DynamicCache(config=model.config)
-        logits, ptrs = [], []
-        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :n_prompt], attention_mask=mask[:, :n_prompt],
-                        position_ids=pos[:, :n_prompt], use_cache=True, **{name: cache})
-            cache = output_cache(out)
-            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
-            for t in range(n_prompt, ids.shape[1]):
-                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                            use_cache=True, **{name: cache})
-                cache = output_cache(out)
-                logits.append(out.logits)
-                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
-                             for i in range(len(cache.layers))])
-        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
-        return torch.cat(logits, 1), states, ptrs
+        return decode_through_cache(model, ids, mask, pos, 6, decode_backend, monkeypatch)
 
     ref, ref_states, _ = run("torch")
     got, states, ptrs = run("triton")

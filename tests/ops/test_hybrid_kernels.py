@@ -5,7 +5,7 @@ error named. float16 covers the 16-bit paths (split dN, o's residual); the inter
 bfloat16 dots. The full matrix on a GPU is scripts/gpu/check_kernels.py."""
 import pytest
 import torch
-from kernel_helpers import check_errors, hybrid_inputs, rel_error
+from kernel_helpers import check_errors, decode_through_cache, hybrid_inputs, rel_error
 
 from lolcats.ops import hybrid_attention, hybrid_decode
 from lolcats.ops.hybrid import chunk
@@ -286,10 +286,7 @@ def test_model_cache_decodes_in_place(config, monkeypatch):
     them), and the final states are the reference's. Left padding: the new-token mask path."""
     import lolcats
     from tiny_models import random_batch, tiny_model
-    from transformers import DynamicCache
 
-    from lolcats.attention.cache import hybrid_layer_cache
-    from lolcats.compat import cache_argument_name, output_cache
     from lolcats.config import LolcatsConfig
 
     torch.manual_seed(0)
@@ -297,28 +294,13 @@ def test_model_cache_decodes_in_place(config, monkeypatch):
     ids, mask = random_batch(3, 17, pad=[0, 3, 1], seed=1)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     P, REORDER = 6, 12  # prompt length; the step before which the cache is reordered (beam search)
-    name = cache_argument_name(model)
+
+    def reorder(t, cache):
+        if t == REORDER:
+            cache.reorder_cache(torch.tensor([2, 0, 0]))
 
     def run(decode_backend):
-        cache = DynamicCache(config=model.config)
-        logits, ptrs = [], []
-        monkeypatch.setenv("LOLCATS_BACKEND", "torch")  # the same prefill in both runs
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], use_cache=True,
-                        **{name: cache})
-            cache = output_cache(out)
-            monkeypatch.setenv("LOLCATS_BACKEND", decode_backend)
-            for t in range(P, ids.shape[1]):
-                if t == REORDER:
-                    cache.reorder_cache(torch.tensor([2, 0, 0]))
-                out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                            use_cache=True, **{name: cache})
-                cache = output_cache(out)
-                logits.append(out.logits)
-                ptrs.append([[x.data_ptr() for x in hybrid_layer_cache(cache, i).hybrid_state.tensors()]
-                             for i in range(len(cache.layers))])
-        states = [hybrid_layer_cache(cache, i).hybrid_state for i in range(len(cache.layers))]
-        return torch.cat(logits, 1), states, ptrs
+        return decode_through_cache(model, ids, mask, pos, P, decode_backend, monkeypatch, before_step=reorder)
 
     ref, ref_states, ref_ptrs = run("torch")
     got, states, ptrs = run("triton")
