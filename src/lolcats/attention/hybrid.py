@@ -92,6 +92,9 @@ class Memory:
 NO_MEMORY = Memory()
 
 
+GLOBAL_CACHE_FIELDS = ("glob_k", "glob_v", "glob_kf", "glob_valid", "glob_pos")
+
+
 @dataclass
 class HybridState:
     """Decode state of one layer; its size does not depend on the sequence length.
@@ -147,6 +150,11 @@ class HybridState:
     @property
     def has_memory(self) -> bool:
         return self.sink_k is not None or self.glob_k is not None
+
+    @property
+    def global_cache(self) -> tuple:
+        """(glob_k, glob_v, glob_kf, glob_valid, glob_pos), as `_select` takes and returns them."""
+        return tuple(getattr(self, name) for name in GLOBAL_CACHE_FIELDS)
 
     def key_inputs(self) -> torch.Tensor:
         return self.win_k if self.win_kf is None else self.win_kf
@@ -908,7 +916,7 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         slot_sink = torch.zeros_like(buf_ok)
     kv, k_sum = state.kv, state.k_sum  # held relative to p0 (with decay)
     dec = None if log_decay is None else _decay_grouped(log_decay, Hk, 2, acc)  # [1, Hk, kg, 1, 1]
-    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
+    glob = state.global_cache
 
     # 2. selection: the P oldest slots left the band (positions p0 - w - P + 1 .. p0 - w)
     if p0 % P == 0:

@@ -56,6 +56,7 @@ from lolcats.ops.common import NEG, block, softcap
 from lolcats.ops.hybrid import _decode_kernel_takes
 from lolcats.ops.hybrid.reference import (
     EXTRA_LOGIT_CLAMP,
+    GLOBAL_CACHE_FIELDS,
     NO_MEMORY,
     HybridState,
     KeyMap,
@@ -335,7 +336,7 @@ def _selection(state: HybridState, ck, cv, ckf, ok, key_map: KeyMap, memory: Mem
     pos = p0 - W + torch.arange(P, device=ok.device)
     leaving = ok if state.sink_pos is None else ok & ~_slot_sinks(pos, state.sink_pos)
     dec = None if log_decay is None else _decay_grouped(log_decay, ck.shape[1], 2, state.kv.dtype)
-    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
+    glob = state.global_cache
     return _select(state.kv, state.k_sum, ck, cv, ckf, leaving, pos, glob, key_map, memory, p0, dec)
 
 
@@ -369,7 +370,7 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     acc = state.kv.dtype
     band = _band(state, memory)
     kv, k_sum = state.kv, state.k_sum
-    glob = (state.glob_k, state.glob_v, state.glob_kf, state.glob_valid, state.glob_pos)
+    glob = state.global_cache
     P = memory.period
     if band.select:
         kv, k_sum, glob = _selection(state, state.win_k[:, :, :P], state.win_v[:, :, :P],
@@ -474,7 +475,7 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
                                      state.win_valid.gather(1, idx), key_map, memory, log_decay)
         state.kv.copy_(kv)
         state.k_sum.copy_(k_sum)
-        for name, t in zip(("glob_k", "glob_v", "glob_kf", "glob_valid", "glob_pos"), glob):
+        for name, t in zip(GLOBAL_CACHE_FIELDS, glob):
             if t is not None:
                 getattr(state, name).copy_(t)
     wvalid = state.win_valid.view(torch.uint8)  # same storage: the kernel writes the new slot's flag

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 # prepend_state / window_buffer: the state plumbing the kernels share with the chunked form
 # (continuing from a state, the window buffer of the final state); _select (the global cache's
-# selection at an interval start), _decay_grouped, EXTRA_LOGIT_CLAMP, NO_MEMORY: what the decode
-# kernels reuse of the recurrent form with memory beyond the window.
+# selection at an interval start), _decay_grouped, EXTRA_LOGIT_CLAMP, GLOBAL_CACHE_FIELDS, NO_MEMORY:
+# what the decode kernels reuse of the recurrent form with memory beyond the window.
 from lolcats.attention.hybrid import (  # noqa: F401
     EXTRA_LOGIT_CLAMP,
+    GLOBAL_CACHE_FIELDS,
     NO_MEMORY,
     HybridState,
     KeyMap,
