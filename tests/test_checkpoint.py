@@ -205,3 +205,40 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     for p in paths:
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode & 0o777), oct(want))
+
+
+def test_round_trip_keeps_position_free_memory(tmp_path):
+    """memory_distance is saved, its RoPE buffers are not (they are rebuilt from the base), and it
+    changes what the model computes; configure_memory switches it after training."""
+    cfg = LolcatsConfig(window_size=3, sink_size=2, global_cache_size=2, global_cache_interval=4,
+                        feature_map_rope=False, memory_distance=7)
+    model = trained_like(lolcats.convert(tiny_model("llama"), cfg))
+    ids, mask = random_batch(2, 30, pad=[0, 3])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "delta")
+    assert json.loads((tmp_path / "delta" / "config.json").read_text())["lolcats"]["memory_distance"] == 7
+    loaded = lolcats.from_pretrained(tmp_path / "delta", base_model=tiny_model("llama"))
+    assert loaded.lolcats_config == cfg
+    assert not any("memory_cos" in k for k in loaded.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, ref)
+    lolcats.configure_memory(loaded, memory_distance=0)
+    with torch.no_grad():
+        true_distances = loaded(input_ids=ids, attention_mask=mask).logits
+    assert (true_distances - ref).abs().max() > 1e-4
+    assert all(layer.lolcats_memory_cos is None for layer in converted_layers(loaded))
+
+
+def test_memory_distance_rotates_by_the_models_own_rope():
+    """The memory queries are RoPE at that one position: the buffers equal the decoder's rotary
+    embedding there, and they need position-free feature maps."""
+    model = lolcats.convert(tiny_model("llama"), LolcatsConfig(feature_map_rope=False, sink_size=1,
+                                                                 memory_distance=5))
+    x = torch.zeros(1, 6, 1)
+    cos, sin = model.model.rotary_emb(x, torch.arange(6)[None])
+    for layer in converted_layers(model):
+        assert torch.allclose(layer.lolcats_memory_cos[0, 0], cos[0, 5].float())
+        assert torch.allclose(layer.lolcats_memory_sin[0, 0], sin[0, 5].float())
+    with pytest.raises(Exception, match="feature_map_rope"):
+        LolcatsConfig(memory_distance=5)

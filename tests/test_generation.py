@@ -114,6 +114,12 @@ def test_incremental_decoding_matches_full_forward(family):
         ("llama", {}, {"linear_decay": 3, "window_size": 4}),
         ("qwen3", {}, {"linear_decay": 5, "window_size": 4, "sink_size": 1, "global_cache_size": 2,
                        "global_cache_interval": 3, "feature_map_rope": False}),
+        # position-free memory: sinks and cache scored at one fixed distance (Gemma-3: its global RoPE)
+        ("llama", {}, {"window_size": 4, "sink_size": 2, "global_cache_size": 2, "global_cache_interval": 3,
+                       "feature_map_rope": False, "memory_distance": 16, "linear_decay": 5}),
+        ("gemma3", {"sliding_window": 6}, {"window_size": 4, "sink_size": 1, "global_cache_size": 2,
+                                           "global_cache_interval": 3, "feature_map_rope": False,
+                                           "memory_distance": 9}),
     ],
 )
 def test_incremental_decoding_mixed_configs(family, model_overrides, config):

@@ -241,6 +241,21 @@ def test_stage2_lr_by_model_size_when_the_preset_leaves_it_open(base_dir, data_f
     assert lrs and 1e-4 < max(lrs) <= 1e-3  # the schedule around 1e-3, not the paper's 1e-4
 
 
+def test_stage2_distillation_trains_on_the_teachers_distribution(base_dir, data_file, tmp_path):
+    """distill=W adds the KL to the teacher (the same model, LoRA off, softmax) to stage 2: the KL is
+    logged, the option is recorded, and it trains another model than the next-token loss alone."""
+    plain = run(base_dir, data_file, tmp_path / "plain")
+    kd = run(base_dir, data_file, tmp_path / "kd", distill=1.0)
+    assert kd["options"]["distill"] == 1.0 and plain["options"]["distill"] == 0.0
+    logged = [h for h in kd["stage2"]["history"] if "lr" in h]
+    assert logged and all(h["kl"] >= 0 for h in logged)
+    assert not any("kl" in h for h in plain["stage2"]["history"])
+    assert kd["perplexity"]["after_stage1"] == pytest.approx(plain["perplexity"]["after_stage1"])
+    assert kd["perplexity"]["after_stage2"] != plain["perplexity"]["after_stage2"]  # (same seed, data, init)
+    with pytest.raises(LinearizeError, match="distill"):
+        run(base_dir, data_file, tmp_path / "bad", distill=-1.0)
+
+
 # ----------------------------------------------------------------------------- keep_softmax
 
 

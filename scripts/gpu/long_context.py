@@ -42,12 +42,15 @@ from lolcats.eval.longcontext import evaluate_long, position_perplexity  # noqa:
 from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.linearize import perplexity  # noqa: E402
 from lolcats.train.layer_selection import keep_softmax_layers as lolcats_keep_softmax_layers  # noqa: E402
-from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters  # noqa: E402
+from lolcats.train import (  # noqa: E402
+    DistillationLoss, TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train, transfer_parameters,
+)
 
 T0 = time.perf_counter()
 TRAIN_RESERVE, EVAL_RESERVE = 150.0, 100.0  # seconds a variant / an evaluation row needs at least (H200)
 SINKS, GC = {"sink_size": 4}, {"global_cache_size": 64}
 GC128DD = {"global_cache_size": 128, "global_cache_dedup": 0.95}
+RECIPE = {**SINKS, **GC128DD, "feature_map_rope": False, "linear_decay": 1024}  # README's long-input recipe
 # name: conversion config for training, stage-2 block length, inference settings (memory changes)
 VARIANTS: dict[str, dict] = {
     "default": dict(cfg={}, evals={"": {}, "+sinks4+gc64": {**SINKS, **GC}}),
@@ -80,6 +83,27 @@ VARIANTS: dict[str, dict] = {
     "sinks_nope_gc128dd_decay1k_s1_4k": dict(cfg={**SINKS, **GC128DD, "feature_map_rope": False,
                                                   "linear_decay": 1024}, s1_block=4096, evals={"": {}}),
     "nope_decay1k": dict(cfg={"feature_map_rope": False, "linear_decay": 1024}, evals={"": {}}),
+    # run 11's recipe with stage 2 distilling the teacher (next-token loss + KL to the softmax model's
+    # distribution at every position), at 1K or 4K blocks: does the LoRA keep the teacher's retrieval?
+    "recipe_kd": dict(cfg=RECIPE, s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
+    "recipe_kd_s2_4k": dict(cfg=RECIPE, s2_loss=dict(ce_weight=1.0, kd_weight=1.0), s2_block=4096, evals={"": {}}),
+    "recipe_kdonly": dict(cfg=RECIPE, s2_loss=dict(ce_weight=0.0, kd_weight=1.0), evals={"": {}}),
+    # the recipe with a 256-token decay horizon: the linear state reaches its steady mass inside the
+    # 1K training blocks, so positions past them look like positions the model was trained on
+    "recipe_decay256": dict(cfg={**RECIPE, "linear_decay": 256}, evals={"": {}}),
+    "recipe_decay256_kd": dict(cfg={**RECIPE, "linear_decay": 256}, s2_loss=dict(ce_weight=1.0, kd_weight=1.0),
+                               evals={"": {}}),
+    "recipe_decay512": dict(cfg={**RECIPE, "linear_decay": 512}, evals={"": {}}),
+    "recipe_decay256_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256}, s2_block=4096, evals={"": {}}),
+    # position-free memory: sinks and cache scored as if 256 tokens before every query, trained so
+    "recipe_decay256_md256": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256}, evals={"": {}}),
+    "recipe_decay256_md256_kd": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
+                                     s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
+    "recipe_decay256_md64": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 64}, evals={"": {}}),
+    "recipe_decay256_md1024": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 1024}, evals={"": {}}),
+    "recipe_md256": dict(cfg={**RECIPE, "memory_distance": 256}, evals={"": {}}),
+    # the recipe with a 256-token window (and half the cache, so the state stays near 2x the default)
+    "recipe_w256_gc64": dict(cfg={**RECIPE, "window_size": 256, "global_cache_size": 64}, evals={"": {}}),
 }
 
 
@@ -140,11 +164,13 @@ def train_variant(base, spec, data, val, data4k, args):
     peft = add_lora(model, r=8, alpha=16)
     block = spec.get("s2_block", 1024)
     t = time.perf_counter()
-    r2 = train(peft, lora_parameters(peft), causal_lm_loss, data4k if block == 4096 else data, None,
+    loss = DistillationLoss(**spec["s2_loss"]) if spec.get("s2_loss") else causal_lm_loss
+    r2 = train(peft, lora_parameters(peft), loss, data4k if block == 4096 else data, None,
                config=stage(args.stage2_tokens, args.lr2, max(1, args.micro_batch * 1024 // block)), name="lora")
     t2 = time.perf_counter() - t
     return peft, {"stage1_tokens_per_s": r1.tokens / t1, "stage2_tokens_per_s": r2.tokens / t2,
-                  "train_seconds": t1 + t2, "stage1_block": block1, "stage2_block": block, **info}
+                  "train_seconds": t1 + t2, "stage1_block": block1, "stage2_block": block,
+                  "stage2_loss": spec.get("s2_loss", "next-token"), **info}
 
 
 def keep_softmax_layers(model, data4k, keep: int):

@@ -103,6 +103,16 @@ class LolcatsConfig:
             "which otherwise grows with the context past the training length. Constant memory; 0 = off."
         },
     )
+    memory_distance: int = field(
+        default=0,
+        metadata={
+            "flag": "--memory-distance", "metavar": "TOKENS",
+            "help": "Position-free memory: the sinks and the global cache are scored as if every one sat TOKENS "
+            "before the query (RoPE at that one distance, on the keys before RoPE), not at its true distance, "
+            "which past the training length is one the model never trained at. Needs --no-feature-map-rope; "
+            "0 = true distances."
+        },
+    )
     chunk_size: int = field(default=64, metadata={"help": "Query chunk length of the chunked (training/prefill) form."})
     feature_map_dtype: str = field(
         default="float32", metadata={"help": "dtype of the feature maps' weights and computation."}
@@ -127,6 +137,10 @@ class LolcatsConfig:
         self.linear_decay = v.integer("linear_decay", self.linear_decay, minimum=0)
         if self.linear_decay == 1:
             raise ConfigError("linear_decay must be 0 (off) or at least 2 tokens (lambda = 1 - 1/linear_decay)")
+        self.memory_distance = v.integer("memory_distance", self.memory_distance, minimum=0)
+        if self.memory_distance and self.feature_map_rope:
+            raise ConfigError("memory_distance scores the memory on the keys before RoPE: it needs "
+                              "feature_map_rope=False (--no-feature-map-rope)")
         self.chunk_size = v.integer("chunk_size", self.chunk_size, minimum=1)
         v.choice("feature_map_dtype", self.feature_map_dtype, FEATURE_MAP_DTYPES)
 

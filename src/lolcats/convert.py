@@ -65,6 +65,7 @@ def convert(model: nn.Module, config: LolcatsConfig | None = None) -> nn.Module:
                 layer.attention_type = "full_attention"
     model.__class__ = mixin_subclass(LolcatsModelMixin, type(model))
     model.lolcats_config = config
+    _set_memory_rope(model, config)
     logger.info("converted %d of %d attention layers", len(todo), len(adapter.attention_modules(model)))
     return model
 
@@ -93,6 +94,8 @@ def restore_softmax(model: nn.Module, layers: Iterable[int]) -> LolcatsConfig:
         layer, attn = by_index[i]
         sliding = attn.__dict__.get("lolcats_sliding")
         del attn.lolcats  # the feature maps and gamma
+        for name in [n for n in attn._buffers if n.startswith("lolcats_")]:
+            del attn._buffers[name]
         for name in [n for n in attn.__dict__ if n.startswith("lolcats_")]:
             delattr(attn, name)
         attn.__class__ = next(b for b in type(attn).__bases__ if b is not LolcatsAttention)
@@ -107,7 +110,20 @@ def restore_softmax(model: nn.Module, layers: Iterable[int]) -> LolcatsConfig:
     return config
 
 
-MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup")
+MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup", "memory_distance")
+
+
+def _set_memory_rope(model: nn.Module, config: LolcatsConfig) -> None:
+    """Each converted layer's RoPE at `memory_distance` (position-free memory's query rotation), as
+    non-persistent buffers: they follow the model's device and dtype and are never saved."""
+    adapter = get_adapter(model)
+    for attn in converted_layers(model):
+        attn.lolcats_memory_distance = config.memory_distance
+        cos = sin = None
+        if config.memory_distance:
+            cos, sin = adapter.rope_at(model, attn, config.memory_distance)
+        attn.register_buffer("lolcats_memory_cos", cos, persistent=False)
+        attn.register_buffer("lolcats_memory_sin", sin, persistent=False)
 
 
 def configure_memory(model: nn.Module, **changes) -> LolcatsConfig:
@@ -128,6 +144,7 @@ def configure_memory(model: nn.Module, **changes) -> LolcatsConfig:
     for layer in converted_layers(model):
         layer.lolcats_memory = config.memory
     owner.lolcats_config = config
+    _set_memory_rope(owner, config)
     return config
 
 

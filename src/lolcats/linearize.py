@@ -63,7 +63,7 @@ from lolcats.lock import folder_lock
 from lolcats.measure import greedy_sample, perplexity
 from lolcats.recipe import DEFAULT_PROMPT, Recipe, default_lr2, load_config_file  # noqa: F401 (re-exported)
 from lolcats.runtime import autocast
-from lolcats.train import TransferLoss, add_lora, causal_lm_loss, distributed, lora_parameters, train
+from lolcats.train import DistillationLoss, TransferLoss, add_lora, causal_lm_loss, distributed, lora_parameters, train
 from lolcats.train import transfer_parameters
 from lolcats.train import layer_selection
 from lolcats.train.blockwise import check_disk_space, estimate_bytes, stored_rows, train_blockwise
@@ -294,7 +294,8 @@ def _identity(recipe: Recipe, run: Run) -> dict[str, Any]:
         "lolcats": run.config.to_dict(), "stage1": recipe.train_config("stage1").to_dict(),
         "stage2": recipe.train_config("stage2").to_dict(),
         "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
-                 "targets": recipe.lora_targets},
+                 "targets": recipe.lora_targets,
+                 **({"distill": recipe.distill} if recipe.distill else {})},  # (absent when off: old runs resume)
         "loss": {"mse_weight": recipe.mse_weight, "ce_weight": recipe.ce_weight},
         "data": tensor_digest(run.splits.train.input_ids, run.splits.train.labels, run.splits.val.input_ids,
                               run.splits.val.labels),
@@ -413,8 +414,9 @@ def _add_lora(recipe: Recipe, run: Run) -> None:
 
 def _stage2(recipe: Recipe, run: Run) -> None:
     model = run.base
+    loss = DistillationLoss(ce_weight=1.0, kd_weight=recipe.distill) if recipe.distill else causal_lm_loss
     run.results["stage2"] = train(
-        model, lora_parameters(model), causal_lm_loss, run.splits.train, run.splits.val,
+        model, lora_parameters(model), loss, run.splits.train, run.splits.val,
         config=recipe.train_config("stage2"), checkpoint_dir=run.work / "stage2", resume=run.work.resume,
         callback=run.on_train_event, meta=run.work.meta("stage2"), name="stage2", device=run.device)
     for p in model.parameters():

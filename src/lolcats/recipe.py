@@ -144,6 +144,11 @@ class Recipe:
     lr1: float = option(1e-2, check=_number(above=0.0), type=float, help="stage 1 learning rate")
     lr2: float | None = option(1e-3, cuda=None, check=_optional(_number(above=0.0)), type=float,
                                help="stage 2 learning rate (default on CUDA: by model size, default_lr2)")
+    distill: float = option(0.0, check=_number(minimum=0.0), type=float, metavar="W",
+                            help="stage 2: add W x the KL to the teacher's next-token distribution (every "
+                                 "position) to the next-token loss; the teacher is the same model with LoRA "
+                                 "off and softmax attention, one extra forward. Keeps the teacher's recall "
+                                 "(QUALITY.md); 0 = off")
     lora_r: int = option(8, check=_integer(1), type=int, metavar="R", help="LoRA rank (default 8)")
     lora_alpha: float = option(16.0, check=_number(above=0.0), type=float, metavar="A",
                                help="LoRA alpha (default 16)")

@@ -26,7 +26,7 @@ MEMORIES = {
 
 
 def recurrent(q, k, v, fq, gamma, key_map, mask, window, memory, kf=None, splits=(), state=None, softcap=None,
-              log_decay=None):
+              log_decay=None, mq=None):
     B, T, H, D = q.shape
     Hk = k.shape[2]
     probe = key_map(k[:, :1] if kf is None else kf[:, :1])
@@ -39,6 +39,7 @@ def recurrent(q, k, v, fq, gamma, key_map, mask, window, memory, kf=None, splits
             q[:, a:b], k[:, a:b], v[:, a:b], fq[:, a:b], gamma, state=state, key_map=key_map,
             key_mask=None if mask is None else mask[:, a:b], memory=memory,
             key_map_input=None if kf is None else kf[:, a:b], softcap=softcap, log_decay=log_decay,
+            memory_query=None if mq is None else mq[:, a:b],
         )
         outs.append(o)
     return torch.cat(outs, 1), state

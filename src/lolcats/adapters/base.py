@@ -10,6 +10,7 @@ adds (`is_lolcats_parameter`, `is_lora_parameter`: chosen by name, as PEFT does)
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -116,6 +117,21 @@ class Adapter:
     def apply_rope(self, attn: nn.Module, q, k, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = position_embeddings
         return self.modeling_module(attn).apply_rotary_pos_emb(q, k, cos, sin)
+
+    def rope_at(self, model: nn.Module, attn: nn.Module, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [1, 1, head_dim] float32 of the RoPE `attn` applies, at one position (what
+        position-free memory rotates its queries by), from the decoder's own rotary embedding."""
+        decoder = self.decoder(model)
+        rotary = getattr(decoder, "rotary_emb", None)
+        if rotary is None:
+            raise UnsupportedModelError(f"{self.model_type}: the decoder has no rotary_emb, so memory_distance "
+                                        "has no RoPE to apply; use memory_distance=0")
+        device = next(attn.parameters()).device
+        x = torch.zeros(1, 1, attn.head_dim, device=device, dtype=torch.float32)
+        ids = torch.tensor([[position]], device=device)
+        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
+            return rotary(x, ids, decoder.config.layer_types[attn.layer_idx])
+        return rotary(x, ids)
 
     def eager_attention(self, attn: nn.Module) -> Callable:
         return self.modeling_module(attn).eager_attention_forward

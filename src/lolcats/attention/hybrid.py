@@ -35,6 +35,13 @@ Memory beyond the window (`Memory`; fixed size per sequence, so decoding stays c
   selections the band is [floor(i / P) * P - w + 1, i]: w to w + P - 1 tokens, so no token is
   ever lost. Without a global cache P is 1 and this is the plain sliding window.
 
+Position-free memory (optional, `memory_query`): the extra keys X(i) are scored as
+softcap(scale * mq_i . kf_j) with mq the queries rotated to one fixed distance and kf the key-map
+inputs (the keys before RoPE), instead of q_i . k_j at their true distance. Every sink and cached
+key then sits at the same distance from every query, one inside the training length, so the
+memory's scores never meet distances the trained hybrid never saw (with true distances they
+reach the whole context and the model gets worse the longer it reads). The band keeps RoPE.
+
 Layout (as fla): q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], fq [B, T, H, F],
 fk [B, T, Hk*kg, F] with kg = 1 (one key map per KV head, state shared by the GQA group) or
 kg = H / Hk (one key map per query head, the official behaviour). gamma [H] is the window weight.
@@ -312,6 +319,16 @@ def _extra_terms(s: torch.Tensor, mask: torch.Tensor, m: torch.Tensor, gamma: to
     return torch.where(mask, e, torch.zeros_like(e))
 
 
+def check_memory_query(memory_query: torch.Tensor | None, q: torch.Tensor, key_map_input: torch.Tensor | None) -> None:
+    """Position-free memory scores the memory keys' key-map inputs: both must come with it."""
+    if memory_query is None:
+        return
+    if key_map_input is None:
+        raise ValueError("memory_query scores the memory against the keys before RoPE: pass key_map_input too")
+    if memory_query.shape != q.shape:
+        raise ValueError(f"memory_query must have q's shape {tuple(q.shape)}, got {tuple(memory_query.shape)}")
+
+
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, 0 where nothing was attended (padded queries), never NaN."""
     ok = den > 0
@@ -487,11 +504,15 @@ def hybrid_attention_quadratic(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, return_weights: bool = False, memory: Memory | None = None,
-    log_decay: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None, memory_query: torch.Tensor | None = None,
+    key_map_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference form. Returns (o [B, T, H, Dv], weights [B, H, T, T] or None); O(T^2) memory."""
+    """Reference form. Returns (o [B, T, H, Dv], weights [B, H, T, T] or None); O(T^2) memory.
+
+    key_map_input is only read with memory_query (the memory keys it scores); fk is given."""
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
+    check_memory_query(memory_query, q, key_map_input)
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
     acc = accumulation_dtype(q.dtype)
@@ -523,7 +544,9 @@ def hybrid_attention_quadratic(
     a_lin = torch.matmul(fqg, fkg.transpose(-1, -2)) * linear
     if log_decay is not None:
         a_lin = a_lin * _age_weight(_decay_grouped(log_decay, Hk, 2, acc), i[:, None] - i[None, :])
-    a = a_win + _extra_terms(s, extra, m, gam) + a_lin
+    s_x = s if memory_query is None else _scores(
+        _grouped(memory_query.to(acc), Hk), _grouped(key_map_input.to(acc), Hk), scale, softcap)
+    a = a_win + _extra_terms(s_x, extra, m, gam) + a_lin
     den = a.sum(-1, keepdim=True)
     o = _divide(torch.matmul(a, vg), den)
     weights = _divide(a, den).reshape(B, H, T, T) if return_weights else None
@@ -609,6 +632,7 @@ def hybrid_attention_chunked(
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
     memory: Memory | None = None, key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
+    memory_query: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Chunked form: never builds a T x T tensor. Returns (o [B, T, H, Dv], final state or None).
 
@@ -621,23 +645,28 @@ def hybrid_attention_chunked(
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
+    check_memory_query(memory_query, q, key_map_input)
     initial_state = None if initial_state is None else initial_state.ordered()
     if memory.global_size and key_map is None:  # also where the interval pass would not need it
         raise ValueError("a global cache needs key_map to score and fold the keys it selects")
     if memory.global_size and initial_state is None and not output_final_state:
         return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
-                                       softcap=softcap, key_mask=key_mask, log_decay=log_decay), None
+                                       softcap=softcap, key_mask=key_mask, log_decay=log_decay,
+                                       memory_query=memory_query, key_map_input=key_map_input), None
     if memory.global_size:
         o, state = _memory_segments(
             q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
             softcap=softcap, key_mask=key_mask, key_map_input=key_map_input, feature_dim=fk.shape[-1],
-            key_groups=kg, segment=memory.period, log_decay=log_decay,
+            key_groups=kg, segment=memory.period, log_decay=log_decay, memory_query=memory_query,
         )
         return o, state if output_final_state else None
     T_new = q.shape[1]
     position = 0 if initial_state is None else initial_state.position
     q, k, v, fq, fk, key_mask, kf = prepend_state(q, k, v, fq, fk, key_mask, initial_state, key_map, key_map_input)
     B, T, H, D = q.shape
+    mq, mk = q, k  # what scores the sinks (position-free memory: rotated queries, keys before RoPE)
+    if memory_query is not None:
+        mq, mk = torch.cat([memory_query.new_zeros(B, T - T_new, H, D), memory_query], 1), kf
     start = position + T_new - T  # tensor position of the first (possibly prepended) token
     scale = D**-0.5 if scale is None else scale
     acc = accumulation_dtype(q.dtype)
@@ -674,7 +703,7 @@ def hybrid_attention_chunked(
             held[:, n_pre:] = False
             is_sink = new_sink | held
         summable = valid & ~is_sink
-        sinks = _merge_sinks(initial_state, k.transpose(1, 2), v.transpose(1, 2), pos, new_sink, s_n)
+        sinks = _merge_sinks(initial_state, mk.transpose(1, 2), v.transpose(1, 2), pos, new_sink, s_n)
 
     num = torch.zeros(B, Hk, g, N, C, Dv, dtype=acc, device=q.device)
     den = torch.zeros(B, Hk, g, N, C, 1, dtype=acc, device=q.device)
@@ -699,7 +728,8 @@ def hybrid_attention_chunked(
     # sinks: extra exact keys for the queries whose window no longer holds them
     if sinks is not None:
         sink_k, sink_v, sink_pos = sinks  # [B, Hk, s, .], [B, s]
-        s_x = _scores(chunks(qg), sink_k.to(acc)[:, :, None, None], scale, softcap)  # [B, Hk, g, N, C, s]
+        mqg = qg if memory_query is None else _grouped(mq.to(acc), Hk)
+        s_x = _scores(chunks(mqg), sink_k.to(acc)[:, :, None, None], scale, softcap)  # [B, Hk, g, N, C, s]
         qpos = F.pad(pos, (0, pad), value=-1).view(N, C)
         outside = (sink_pos[:, None, None, :] >= 0) & (sink_pos[:, None, None, :] < (qpos - w + 1)[None, :, :, None])
         a_x = _extra_terms(s_x, outside[:, None, None], m, gam)  # [B, N, C, s] -> [B, 1, 1, N, C, s]
@@ -750,7 +780,7 @@ def hybrid_attention_chunked(
 
 
 def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask,
-                            log_decay=None):
+                            log_decay=None, memory_query=None, key_map_input=None):
     """A fresh sequence with a global cache, every interval at once (training, plain forwards).
 
     The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
@@ -791,21 +821,24 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     den = a_win.sum(-1, keepdim=True)
 
     # exact keys outside the band: the sinks, and each interval's cached keys
+    mqc, mk = qc, kk  # position-free memory scores them with other queries and keys
+    if memory_query is not None:
+        mqc, mk = chunks(_grouped(memory_query.to(acc), Hk)), _grouped(key_map_input.to(acc), Hk)
     extras = []
     if memory.sinks:
         idx = _first_slots(torch.arange(T, device=q.device).expand(B, T), is_sink, memory.sinks)  # [B, s]
         ok = is_sink.gather(1, idx)
         lo = torch.arange(N, device=q.device) * P - w + 1  # band start per interval
         outside = ok[:, None, :] & (idx[:, None, :] < lo[None, :, None])  # [B, N, s]
-        extras.append((_take(kk[:, :, 0], idx), _take(vg[:, :, 0], idx), outside[:, None, None, :, None, :]))
+        extras.append((_take(mk[:, :, 0], idx), _take(vg[:, :, 0], idx), outside[:, None, None, :, None, :]))
     slot = torch.where(kept, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, N, M]: kept first
     ok = kept.gather(-1, slot)
-    ck, cv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (kk, vg))
+    ck, cv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (mk, vg))
     extras.append((ck[:, :, None], cv[:, :, None], ok[:, :, None, :, None, :]))
     for xk, xv, xmask in extras:
         if xk.dim() == 4:  # the same keys for every interval: [B, Hk, s, .] -> [B, Hk, 1, 1, s, .]
             xk, xv = xk[:, :, None, None], xv[:, :, None, None]
-        a_x = _extra_terms(_scores(qc, xk, scale, softcap), xmask, m, gam)
+        a_x = _extra_terms(_scores(mqc, xk, scale, softcap), xmask, m, gam)
         num = num + torch.matmul(a_x, xv)
         den = den + a_x.sum(-1, keepdim=True)
 
@@ -884,10 +917,11 @@ def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory:
 
 
 def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_map: KeyMap, *,
-                    window: int, memory: Memory, scale: float, softcap: float | None, log_decay=None):
+                    window: int, memory: Memory, scale: float, softcap: float | None, log_decay=None, mq=None):
     """Advance `state` by n tokens that lie in one selection interval (the first may open it).
 
-    q [B, n, H, D], k/v [B, n, Hk, .], fq [B, n, H, F], kf [B, n, Hk, Dk] or None, valid_new [B, n].
+    q [B, n, H, D], k/v [B, n, Hk, .], fq [B, n, H, F], kf [B, n, Hk, Dk] or None, valid_new [B, n];
+    mq [B, n, H, D] or None: position-free memory (sinks hold key-map inputs, the cache scores glob_kf).
     Order: append the tokens, select (at an interval start), attend, drop the slots no band needs.
     """
     B, n, H, D = q.shape
@@ -910,7 +944,7 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
         filled = (state.sink_pos >= 0).sum(1)
         new_sink = _sink_flags(valid_new, memory.sinks, filled)
         sink_k, sink_v, sink_pos = _merge_sinks(
-            state, buf_k[:, :, wb:], buf_v[:, :, wb:], new_pos, new_sink, memory.sinks)
+            state, (buf_k if mq is None else buf_kf)[:, :, wb:], buf_v[:, :, wb:], new_pos, new_sink, memory.sinks)
         slot_sink = (slot_pos[None, :, None] == sink_pos[:, None, :]).any(-1)  # [B, wb + n]
     else:
         slot_sink = torch.zeros_like(buf_ok)
@@ -937,9 +971,10 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
     if sink_k is not None:
         extras.append((sink_k, sink_v, ((sink_pos >= 0) & (sink_pos < lo))[:, None, None, None, :]))
     if memory.global_size:
-        extras.append((glob[0], glob[1], glob[3][:, :, None, None, :]))
+        extras.append((glob[0] if mq is None else glob[2], glob[1], glob[3][:, :, None, None, :]))
+    mqg = qg if mq is None else _grouped(mq.to(acc), Hk)
     for xk, xv, xmask in extras:
-        a_x = _extra_terms(_scores(qg, xk.to(acc)[:, :, None], scale, softcap), xmask, m, gam)
+        a_x = _extra_terms(_scores(mqg, xk.to(acc)[:, :, None], scale, softcap), xmask, m, gam)
         num = num + torch.matmul(a_x, xv.to(acc)[:, :, None])
         den = den + a_x.sum(-1, keepdim=True)
     fqg = _grouped(fq.to(acc), Hk)  # [B, Hk, g, n, F]
@@ -963,7 +998,7 @@ def _memory_segment(state: HybridState, q, k, v, fq, kf, valid_new, gamma, key_m
 
 def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: KeyMap, window: int,
                      memory: Memory, scale, softcap, key_mask, key_map_input, feature_dim: int, key_groups: int,
-                     segment: int, log_decay=None) -> tuple[torch.Tensor, HybridState]:
+                     segment: int, log_decay=None, memory_query=None) -> tuple[torch.Tensor, HybridState]:
     """Run `_memory_segment` over the sequence, at most `segment` tokens at a time, never across
     a selection: segment = P vectorises each interval (chunked form), 1 is the recurrent form."""
     B, T, H, D = q.shape
@@ -983,6 +1018,7 @@ def _memory_segments(q, k, v, fq, gamma, *, state: HybridState | None, key_map: 
         o, state = _memory_segment(
             state, q[:, t : t + n], k[:, t : t + n], v[:, t : t + n], fq[:, t : t + n], kf, valid[:, t : t + n],
             gamma, key_map, window=window, memory=memory, scale=scale, softcap=softcap, log_decay=log_decay,
+            mq=None if memory_query is None else memory_query[:, t : t + n],
         )
         outs.append(o)
         t += n
@@ -994,7 +1030,7 @@ def hybrid_attention_recurrent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
-    log_decay: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None, memory_query: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Token-by-token form for decoding: o [B, T, H, Dv] and the updated state.
 
@@ -1012,9 +1048,10 @@ def hybrid_attention_recurrent(
     if state.win_kf is not None and key_map_input is None:
         raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
     kf = key_map_input if state.win_kf is not None else None
+    check_memory_query(memory_query, q, kf)
     check_decay(log_decay, state.kv.shape[1] * state.kv.shape[2])
     return _memory_segments(
         q, k, v, fq, gamma, state=state, key_map=key_map, window=window, memory=memory, scale=scale,
         softcap=softcap, key_mask=key_mask, key_map_input=kf, feature_dim=state.kv.shape[-2],
-        key_groups=state.kv.shape[2], segment=1, log_decay=log_decay,
+        key_groups=state.kv.shape[2], segment=1, log_decay=log_decay, memory_query=memory_query,
     )

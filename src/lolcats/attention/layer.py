@@ -104,14 +104,18 @@ class LolcatsAttention(nn.Module):
         q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
         # position-free feature maps read q/k before RoPE; the window always sees them rotated
         unrotated = None if self.lolcats_feature_rope else (q, k)
+        memory_query = None  # position-free memory: q rotated to one distance from every memory key
+        if self.lolcats_memory_distance and self.lolcats_memory.active and unrotated is not None:
+            cos, sin = self.lolcats_memory_cos, self.lolcats_memory_sin
+            memory_query = adapter.apply_rope(self, q, q, (cos.to(q.dtype), sin.to(q.dtype)))[0].transpose(1, 2)
         q, k = adapter.apply_rope(self, q, k, position_embeddings)
         B, _, T, _ = q.shape
         key_mask = key_padding_mask(attention_mask, T)
 
         if self.lolcats_mode == "transfer":
-            out = self._transfer(q, k, v, attention_mask, key_mask, unrotated, **kwargs)
+            out = self._transfer(q, k, v, attention_mask, key_mask, unrotated, memory_query, **kwargs)
         else:
-            out = self._hybrid(q, k, v, key_mask, cache, unrotated)
+            out = self._hybrid(q, k, v, key_mask, cache, unrotated, memory_query)
         out = out.reshape(B, T, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
 
@@ -129,7 +133,7 @@ class LolcatsAttention(nn.Module):
             key_mask=key_mask, memory=self.lolcats_memory, log_decay=self.lolcats.log_decay(),
         )
 
-    def _hybrid(self, q, k, v, key_mask, cache, unrotated=None) -> torch.Tensor:
+    def _hybrid(self, q, k, v, key_mask, cache, unrotated=None, memory_query=None) -> torch.Tensor:
         """Student path: [B, H, T, D] inputs -> [B, T, H, Dv] output; uses/updates the cache's state."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         fq, fk, kf = self._features(q, k, unrotated)
@@ -137,7 +141,7 @@ class LolcatsAttention(nn.Module):
         key_map = self.lolcats.key_features
         if cache is None:
             out, _ = hybrid_attention(q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
-                                      key_map=key_map, key_map_input=kf, **common)
+                                      key_map=key_map, key_map_input=kf, memory_query=memory_query, **common)
             return out
         layer_cache = hybrid_layer_cache(cache, self.layer_idx)
         state: HybridState | None = layer_cache.hybrid_state
@@ -145,22 +149,24 @@ class LolcatsAttention(nn.Module):
             # the cache owns its state (beam reordering etc. replace it with new tensors): the kernel
             # updates it in place; the first such step copies it, as a prefill's state can view its
             # inputs. The reference forms (CPU, autograd) still return a new state.
-            inplace = decodes_in_place(q, state, memory=self.lolcats_memory)
+            inplace = decodes_in_place(q, state, memory=self.lolcats_memory, memory_query=memory_query)
             if inplace and state.win_head is None:
                 state = state.map(lambda t: t.clone(memory_format=torch.contiguous_format))
             out, state = hybrid_decode(  # the window length is the state's buffer length
                 q, k, v, fq, self.lolcats.gamma(), state=state, key_map=key_map, key_map_input=kf, inplace=inplace,
-                **{name: val for name, val in common.items() if name != "window"},
+                memory_query=memory_query, **{name: val for name, val in common.items() if name != "window"},
             )
         else:
             out, state = hybrid_attention(
                 q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
-                initial_state=state, output_final_state=True, key_map=key_map, key_map_input=kf, **common,
+                initial_state=state, output_final_state=True, key_map=key_map, key_map_input=kf,
+                memory_query=memory_query, **common,
             )
         layer_cache.store(state, q.shape[1])
         return out
 
-    def _transfer(self, q, k, v, attention_mask, key_mask, unrotated=None, **kwargs) -> torch.Tensor:
+    def _transfer(self, q, k, v, attention_mask, key_mask, unrotated=None, memory_query=None,
+                  **kwargs) -> torch.Tensor:
         """Teacher softmax output goes on; MSE (and CE) between student and teacher is recorded."""
         with torch.no_grad():
             teacher_fn = attention_function(self, need_weights=self.lolcats_ce)
@@ -175,7 +181,8 @@ class LolcatsAttention(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if self.lolcats_ce:
             y_student, w_student = hybrid_attention_quadratic(
-                qt, kt, vt, fq, fk, self.lolcats.gamma(), return_weights=True, **common
+                qt, kt, vt, fq, fk, self.lolcats.gamma(), return_weights=True, memory_query=memory_query,
+                key_map_input=kf, **common
             )
             # cross-entropy of the student's attention distribution against the teacher's
             p = w_teacher.float()
@@ -183,7 +190,7 @@ class LolcatsAttention(nn.Module):
         else:
             y_student, _ = hybrid_attention(
                 qt, kt, vt, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
-                key_map=self.lolcats.key_features, key_map_input=kf, **common,
+                key_map=self.lolcats.key_features, key_map_input=kf, memory_query=memory_query, **common,
             )
         diff = (y_student.float() - y_teacher.float()) ** 2
         if key_mask is not None:  # only real query positions count

@@ -4,7 +4,8 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
-Memory beyond the window (sinks, the global cache) and the decaying linear state have the decode
+Position-free memory (`memory_query`) has no kernel yet: the reference forms run it, decode
+included. Memory beyond the window (sinks, the global cache) and the decaying linear state have the decode
 kernels (with a global cache, the selection at an interval start, one step in P, runs the
 reference's PyTorch code before the launch), not yet the prefill / training ones: those run the
 reference forms.
@@ -50,14 +51,15 @@ def hybrid_attention(
     key_mask: torch.Tensor | None = None, chunk_size: int = 64,
     initial_state: HybridState | None = None, output_final_state: bool = False, key_map: KeyMap | None = None,
     memory: Memory | None = None, key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
-    backend: str = "auto",
+    memory_query: torch.Tensor | None = None, backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Prefill / training form (see `hybrid_attention_chunked` for the contract).
 
     chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
     the window (sinks, global cache) and decay have no kernel yet: they run the pure-PyTorch form.
     """
-    if not _needs_reference(memory, initial_state, log_decay) and resolve_backend(backend, q) == "triton":
+    if (not _needs_reference(memory, initial_state, log_decay) and memory_query is None
+            and resolve_backend(backend, q) == "triton"):
         from lolcats.ops.hybrid.chunk import hybrid_attention_triton
 
         return hybrid_attention_triton(
@@ -68,16 +70,16 @@ def hybrid_attention(
     return hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
         chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
-        memory=memory, key_map_input=key_map_input, log_decay=log_decay,
+        memory=memory, key_map_input=key_map_input, log_decay=log_decay, memory_query=memory_query,
     )
 
 
 def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | None = None,
-                     backend: str = "auto") -> bool:
+                     backend: str = "auto", memory_query: torch.Tensor | None = None) -> bool:
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
     False where it would compute a new state and copy it in (the reference forms). Needs grad mode
     off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
-    return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory)
+    return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory) and memory_query is None
             and resolve_backend(backend, q) == "triton")
 
 
@@ -86,6 +88,7 @@ def hybrid_decode(
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None, backend: str = "auto", inplace: bool = False,
+    memory_query: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd, with or
     without memory beyond the window (sinks, global cache; the state must have been built for
@@ -100,7 +103,7 @@ def hybrid_decode(
     `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
     says which runs).
     """
-    if _decode_kernel_takes(state, memory) and resolve_backend(backend, q) == "triton":
+    if _decode_kernel_takes(state, memory) and memory_query is None and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
@@ -109,7 +112,7 @@ def hybrid_decode(
         )
     o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-        memory=memory, key_map_input=key_map_input, log_decay=log_decay,
+        memory=memory, key_map_input=key_map_input, log_decay=log_decay, memory_query=memory_query,
     )
     if inplace:
         if torch.is_grad_enabled() and any(t.requires_grad for t in new.tensors()):
