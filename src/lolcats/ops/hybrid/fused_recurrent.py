@@ -18,6 +18,9 @@ Memory beyond the window (`Memory`, the state built for it), the same kernels wi
   there the reference's own selection (`_select`: candidates = the cache and the P oldest slots,
   recall error, keep the worst recalled, fold the rest) runs in PyTorch before the launch, and the
   kernel folds nothing. The valid cache slots are extra exact keys, like the sinks.
+* position-free memory (`memory_query`): the extra keys are scored by the memory query (a second
+  query pointer, q's own without it) against glob_kf and sinks that hold key-map inputs (a new sink
+  stores the token's key-map input); the band keeps q and the rotated keys.
 
 Two kernels:
 
