@@ -292,8 +292,8 @@ def _decode_step_inplace(
         put = (sf < NS) & (nv != 0)
         tl.store(svv + (bk * NS + sf) * DV + ov, tl.load(v + bk * DV + ov, mask=vm, other=0.0), mask=vm & put)
         if i_v == 0:
-            tl.store(sk + (bk * NS + sf) * D + od, tl.load(snew + bk * D + od, mask=dm, other=0.0).to(sk.dtype.element_ty),
-                     mask=dm & put)
+            kn = tl.load(snew + bk * D + od, mask=dm, other=0.0)
+            tl.store(sk + (bk * NS + sf) * D + od, kn.to(sk.dtype.element_ty), mask=dm & put)
             if hk == 0:
                 tl.store(spos + b64 * NS + sf, (sf * 0 + p0).to(tl.int64), mask=put)
 
@@ -415,8 +415,9 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     v_in = v.to(state.win_v.dtype).contiguous()
     q_in = q.contiguous()
     _decode_step[grid](
-        q_in, memory_query.contiguous() if mq else q_in, k_in, v_in, fq.contiguous(), fk_old, evict, kv, k_sum, state.win_k.contiguous(),
-        state.win_v.contiguous(), wvalid, newvalid, gamma.contiguous(), fk_old if lam is None else lam,
+        q_in, memory_query.contiguous() if mq else q_in, k_in, v_in, fq.contiguous(), fk_old, evict, kv, k_sum,
+        state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid, gamma.contiguous(),
+        fk_old if lam is None else lam,
         *[x.contiguous() for x in mem[:6]], o, kv_out, ksum_out, wk_out, wv_out,
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
         lam is not None, band.fold, mem[8], mem[9], mq,
