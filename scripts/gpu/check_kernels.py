@@ -10,7 +10,7 @@ q, k, v, fq, fk, gamma and the final state, against `hybrid_attention_quadratic`
 the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head size 64 / 128, GQA
 1 / 4, both key-map modes, with and without left padding, bfloat16 and float32; a few with softcap
 and continuing from a state. Decode (hybrid_decode, out of place and in place: the ring wrapping
-around; with and without memory beyond the window: sinks, global cache) against
+around; with and without memory beyond the window: sinks, global cache; position-free memory) against
 `hybrid_attention_recurrent`, and the fused Hedgehog feature map against
 `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
 reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
@@ -141,7 +141,7 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
 
 
 def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False, inplace=False,
-                 window=W, decay=False, memory=None, pad_rows=None):
+                 window=W, decay=False, memory=None, pad_rows=None, memory_query=False):
     """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
 
     separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
@@ -151,7 +151,9 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
     (log lambda per state head, from about a 3- to a 100-token horizon), in the reference and the kernel.
     memory: attention sinks and/or a global cache (`Memory`), the state built for it by the reference
     prefill; the sinks (positions; keys and values of the filled slots) and the cache are compared too.
-    pad_rows: {row: left padding} on top of make()'s (a row whose sinks are still filling during decode)."""
+    pad_rows: {row: left padding} on top of make()'s (a row whose sinks are still filling during decode).
+    memory_query: position-free memory (random memory queries, q's shape; needs separate_inputs): the
+    sinks and the cache scored by them against the key-map inputs, in the prefill, the kernel and the reference."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
@@ -162,6 +164,11 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
         kf = torch.randn(xs[1].shape, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1),
                          device=DEVICE).to(dtype)
         xs[4] = key_map(kf)
+    mq = None
+    if memory_query:
+        assert kf is not None, "memory_query scores the key-map inputs: separate_inputs=True"
+        mq = torch.randn(xs[0].shape, generator=torch.Generator(device=DEVICE).manual_seed(seed + 2),
+                         device=DEVICE).to(dtype)
     lam = -torch.linspace(0.01, 0.3, xs[4].shape[2], device=DEVICE) if decay else None
     lam64 = None if lam is None else lam.double()
     with torch.no_grad():
@@ -169,7 +176,8 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
         _, st64 = hybrid_attention_chunked(*[x[:, :T0].double() for x in xs], gamma.double(), window=window,
                                            key_mask=mask[:, :T0], softcap=softcap, output_final_state=True,
                                            key_map_input=None if kf is None else kf[:, :T0].double(), log_decay=lam64,
-                                           memory=memory, key_map=key_map64)
+                                           memory=memory, key_map=key_map64,
+                                           memory_query=None if mq is None else mq[:, :T0].double())
         st = st64.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         st.kv, st.k_sum = st64.kv.float(), st64.k_sum.float()  # the state accumulates in float32
         new = [x[:, T0:] for x in xs]
@@ -184,7 +192,7 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                                           state=st_k, key_map=key_map, key_mask=mask[:, T0 + t:T0 + t + 1],
                                           softcap=softcap, backend="triton", inplace=True, log_decay=lam,
                                           key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1],
-                                          memory=memory)
+                                          memory=memory, memory_query=None if mq is None else mq[:, T0 + t:T0 + t + 1])
                 if t == 0:
                     ptrs = [x.data_ptr() for x in st_k.tensors()]
                 ptrs_moved |= same is not st_k or [x.data_ptr() for x in st_k.tensors()] != ptrs
@@ -193,11 +201,13 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
         else:
             o, st_k = hybrid_decode(new[0], new[1], new[2], new[3], gamma, state=st, key_map=key_map,
                                     key_mask=mask[:, T0:], softcap=softcap, backend="triton", log_decay=lam,
-                                    key_map_input=None if kf is None else kf[:, T0:], memory=memory)
+                                    key_map_input=None if kf is None else kf[:, T0:], memory=memory,
+                                    memory_query=None if mq is None else mq[:, T0:])
         ro, rst = hybrid_attention_recurrent(*[x.double() for x in new[:4]], gamma.double(), state=st_r,
                                              key_map=key_map64, key_mask=mask[:, T0:], softcap=softcap,
                                              log_decay=lam64, memory=memory,
-                                             key_map_input=None if kf is None else kf[:, T0:].double())
+                                             key_map_input=None if kf is None else kf[:, T0:].double(),
+                                             memory_query=None if mq is None else mq[:, T0:].double())
     err = {"o": rel_error(o, ro), "S": rel_error(st_k.kv, rst.kv), "z": rel_error(st_k.k_sum, rst.k_sum)}
     err["win"] = max(rel_error(st_k.win_k, rst.win_k), rel_error(st_k.win_v, rst.win_v),
                      0.0 if torch.equal(st_k.win_valid, rst.win_valid) else math.inf)
@@ -315,6 +325,16 @@ def main():
                    separate_inputs=True, softcap=5.0, pad_rows={2: 298})
             record("decode", f"T0=300 +40 D=128 G=4 kv w=64 {tag} decay", dtype, check_decode, 128, 4, "kv", dtype,
                    steps=40, memory=mem, decay=True)
+            # position-free memory (memory_distance): the same memory scored by memory queries against
+            # the key-map inputs (pre-RoPE keys), both kernels, both key-map modes, GQA 1 / 4
+            for G, mode, inplace in ((4, "kv", False), (4, "query", True), (1, "kv", True), (1, "query", False)):
+                record("decode", f"T0=300 +70 D=128 G={G} {mode} w=32 {tag} memory-query"
+                       f"{' in place' if inplace else ''}", dtype, check_decode, 128, G, mode, dtype, steps=70,
+                       window=32, memory=mem, inplace=inplace, separate_inputs=True, memory_query=True,
+                       pad_rows={2: 298})
+            record("decode", f"T0=300 +100 D=64 G=4 query w=50 {tag} memory-query decay softcap=5 in place", dtype,
+                   check_decode, 64, 4, "query", dtype, steps=100, window=50, memory=mem, inplace=True, decay=True,
+                   separate_inputs=True, softcap=5.0, pad_rows={2: 298}, memory_query=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)

@@ -5,7 +5,8 @@ From a reference prefill's state (T0 tokens), many decode steps: enough to cross
 intervals (P = 8) and, for the sinks, the point where they leave the band, with a second row left
 padded so heavily that its sinks are still being filled during decode. Outputs and every part of the
 resulting state are compared: S, z, the window (oldest first), the sinks (positions exactly; keys
-and values of the filled slots: an empty slot's contents are never read), the global cache.
+and values of the filled slots: an empty slot's contents are never read), the global cache. The same
+with position-free memory (`memory_query`, random memory queries): the kernels against the reference.
 """
 import pytest
 import torch
@@ -52,8 +53,9 @@ CASES = [
 ]
 
 
-def setup(c, seed=11):
-    """Inputs (T0 + STEPS tokens), key-map inputs (None: the keys), log lambda, the prefill's state."""
+def setup(c, seed=11, memory_query=None):
+    """Inputs (T0 + STEPS tokens), key-map inputs (None: the keys), log lambda, the prefill's state
+    (memory_query [B, T0 + STEPS, H, D]: its first T0 tokens', position-free memory)."""
     x = hybrid_inputs(2, T0 + STEPS, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"],
                       pad=None if c["pad"] is None else list(c["pad"]), seed=seed, dtype=F32, kernel_dtype=F32)
     kf = None
@@ -65,7 +67,8 @@ def setup(c, seed=11):
     _, st = hybrid_attention_chunked(x.q[:, a], x.k[:, a], x.v[:, a], x.fq[:, a], fk[:, a], x.gamma, window=W,
                                      key_mask=cut(x.mask, a), output_final_state=True, softcap=c["softcap"],
                                      key_map=x.key_map, key_map_input=None if kf is None else kf[:, a],
-                                     memory=c["memory"], log_decay=lam)
+                                     memory=c["memory"], log_decay=lam,
+                                     memory_query=None if memory_query is None else memory_query[:, a])
     return x, kf, lam, st.map(lambda t: t.clone(memory_format=torch.contiguous_format))
 
 
@@ -198,3 +201,114 @@ def test_memory_decode_falls_back_where_the_kernel_does_not_run():
         ro, _ = hybrid_attention_recurrent(*args, x.gamma, state=w0, key_map=x.key_map, key_mask=cut(x.mask, s_),
                                            memory=SINKS)
         assert torch.equal(o, ro)
+
+
+# ----------------------------------------------------------------------------------------------
+# position-free memory (`memory_query`): the sinks (holding key-map inputs) and the cache (glob_kf)
+# scored by a memory query instead of q; the state buffers key-map inputs (kf=True) as it then must
+
+
+MQ_CASES = [
+    case("mq-sinks-mha-kv-out-of-place", SINKS, 2, 2, "kv", inplace=False, kf=True),
+    case("mq-sinks-gqa4-query-in-place-decay", SINKS, 8, 2, "query", inplace=True, decay=True, kf=True),
+    case("mq-sinks-gqa4-query-out-of-place-padded-decode", SINKS, 8, 2, "query", inplace=False, kf=True,
+         pad=(0, T0 + 3)),
+    case("mq-global-gqa4-kv-in-place", GLOBAL, 8, 2, "kv", inplace=True, kf=True),
+    case("mq-global-mha-query-out-of-place-decay", GLOBAL, 2, 2, "query", inplace=False, decay=True, kf=True,
+         softcap=None),
+    case("mq-both-gqa4-query-in-place-decay", BOTH, 8, 2, "query", inplace=True, decay=True, kf=True),
+    case("mq-both-gqa4-kv-out-of-place-Dv72", BOTH, 8, 2, "kv", inplace=False, kf=True, Dv=72),
+    case("mq-both-mha-kv-in-place-padded-decode", BOTH, 2, 2, "kv", inplace=True, kf=True, pad=(0, T0 + 3)),
+    case("mq-both-mha-query-out-of-place-decay-no-padding", BOTH, 2, 2, "query", inplace=False, decay=True,
+         kf=True, pad=None),
+]
+
+
+def memory_queries(c, seed=11):
+    """Random memory queries [2, T0 + STEPS, H, 16] (q's shape), unrelated to q: a kernel scoring the
+    memory with q fails."""
+    return torch.randn(2, T0 + STEPS, c["H"], 16, generator=torch.Generator().manual_seed(seed + 500), dtype=F32)
+
+
+@pytest.mark.parametrize("c", MQ_CASES)
+def test_memory_query_decode_matches_reference(c):
+    mq = memory_queries(c)
+    x, kf, lam, st = setup(c, memory_query=mq)
+    assert mq.shape == x.q.shape
+    mem = c["memory"]
+    r = slice(T0, T0 + STEPS)
+    common = dict(key_map=x.key_map, softcap=c["softcap"], memory=mem, log_decay=lam)
+    args = (x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma)
+    ro, rst = hybrid_attention_recurrent(*args, state=st, key_mask=cut(x.mask, r), key_map_input=kf[:, r],
+                                         memory_query=mq[:, r], **common)
+    # the reference depends on mq (the memory is scored by it, the sinks hold key-map inputs)
+    plain_o, plain = hybrid_attention_recurrent(*args, state=st, key_mask=cut(x.mask, r), key_map_input=kf[:, r],
+                                                **common)
+    assert rel_error(ro, plain_o) > 1e-3
+    if mem.sinks and c["pad"] is not None:
+        assert not torch.equal(rst.sink_pos, st.sink_pos)  # sinks filled during the decode ...
+        filled = (rst.sink_pos >= 0)[:, None, :, None]
+        assert rel_error(rst.sink_k * filled, plain.sink_k * filled) > 1e-3  # ... from the key-map inputs
+    with torch.no_grad():
+        assert decodes_in_place(x.q, st, memory=mem, backend="triton", memory_query=mq)
+        before = {n: t.data_ptr() for n, t in st.parts().items()}
+        kept = st.map(torch.clone)
+        outs, t, state = [], T0, st
+        for n in [3] + [1] * (STEPS - 3 - 5) + [5]:  # several tokens in a call, then one a call
+            s_ = slice(t, t + n)
+            o, new = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=state,
+                                   key_mask=cut(x.mask, s_), key_map_input=kf[:, s_], memory_query=mq[:, s_],
+                                   backend="triton", inplace=c["inplace"], **common)
+            assert (new is state) == c["inplace"]
+            outs.append(o)
+            state, t = new, t + n
+    if c["inplace"]:
+        assert {n: x_.data_ptr() for n, x_ in st.parts().items() if n != "win_head"} == before
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(st.tensors(), kept.tensors())), "state changed"
+    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **memory_state_errors(state, rst)}, 1e-5)
+
+
+def test_memory_query_decode_runs_the_kernel(monkeypatch):
+    """With memory_query the decode kernels run (no reference fallback), in place and out of place."""
+    import lolcats.ops.hybrid.fused_recurrent as fr
+
+    c = MQ_CASES[5].values[0]
+    mq = memory_queries(c)
+    x, kf, lam, st = setup(c, memory_query=mq)
+    calls = []
+    for name in ("decode_step", "decode_step_inplace"):
+        f = getattr(fr, name)
+        monkeypatch.setattr(fr, name, lambda *a, _f=f, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setattr(fr, "hybrid_attention_recurrent", None)  # a fallback would fail
+    s_ = slice(T0, T0 + 2)
+    with torch.no_grad():
+        for inplace in (False, True):
+            hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=st.map(torch.clone),
+                          key_map=x.key_map, key_mask=cut(x.mask, s_), key_map_input=kf[:, s_], memory=c["memory"],
+                          log_decay=lam, memory_query=mq[:, s_], backend="triton", inplace=inplace)
+    assert calls == ["decode_step"] * 2 + ["decode_step_inplace"] * 2
+
+
+def test_model_cache_decodes_position_free_memory_in_place(monkeypatch):
+    """memory_distance in the config: the layer decodes through the kernel (in place) with its memory
+    query; equal to the reference backend's, storage kept, final states the reference's."""
+    import lolcats
+    from tiny_models import random_batch, tiny_model
+
+    from lolcats.config import LolcatsConfig
+
+    torch.manual_seed(0)
+    config = LolcatsConfig(window_size=5, feature_dim=8, key_map_sharing="kv", feature_map_rope=False,
+                           memory_distance=3, sink_size=2, global_cache_size=3, global_cache_interval=4,
+                           linear_decay=5)
+    model = lolcats.convert(tiny_model("llama"), config)
+    ids, mask = random_batch(3, 30, pad=[0, 5, 1], seed=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ref, ref_states, _ = decode_through_cache(model, ids, mask, pos, 6, "torch", monkeypatch)
+    got, states, ptrs = decode_through_cache(model, ids, mask, pos, 6, "triton", monkeypatch)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert all(p == ptrs[0] for p in ptrs), "state storage changed between decode steps"
+    for st, rst in zip(states, ref_states):
+        assert st.win_head is not None and rst.win_head is None and st.win_kf is not None
+        check_errors(memory_state_errors(st, rst), 1e-5)

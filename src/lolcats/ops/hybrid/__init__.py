@@ -4,11 +4,10 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
-Position-free memory (`memory_query`) has no kernel yet: the reference forms run it, decode
-included. Memory beyond the window (sinks, the global cache) and the decaying linear state have the decode
-kernels (with a global cache, the selection at an interval start, one step in P, runs the
-reference's PyTorch code before the launch), not yet the prefill / training ones: those run the
-reference forms.
+Memory beyond the window (sinks, the global cache), position-free memory (`memory_query`) and the
+decaying linear state have the decode kernels (with a global cache, the selection at an interval
+start, one step in P, runs the reference's PyTorch code before the launch), not yet the prefill /
+training ones: those run the reference forms.
 """
 from __future__ import annotations
 
@@ -56,7 +55,8 @@ def hybrid_attention(
     """Prefill / training form (see `hybrid_attention_chunked` for the contract).
 
     chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
-    the window (sinks, global cache) and decay have no kernel yet: they run the pure-PyTorch form.
+    the window (sinks, global cache), position-free memory (memory_query) and decay have no prefill /
+    training kernel yet: they run the pure-PyTorch form.
     """
     if (not _needs_reference(memory, initial_state, log_decay) and memory_query is None
             and resolve_backend(backend, q) == "triton"):
@@ -78,8 +78,9 @@ def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | No
                      backend: str = "auto", memory_query: torch.Tensor | None = None) -> bool:
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
     False where it would compute a new state and copy it in (the reference forms). Needs grad mode
-    off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad)."""
-    return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory) and memory_query is None
+    off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad).
+    memory_query does not change the answer (the kernel takes it); kept so callers pass what they decode with."""
+    return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory)
             and resolve_backend(backend, q) == "triton")
 
 
@@ -92,9 +93,9 @@ def hybrid_decode(
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd, with or
     without memory beyond the window (sinks, global cache; the state must have been built for
-    `memory`) and decay. With memory a step's band and, with a global cache, whether it runs the
-    selection (in PyTorch, before the launch) follow the state's position, a host-side int: such a
-    step is not one a CUDA graph can replay.
+    `memory`), position-free memory (memory_query) and decay. With memory a step's band and, with a
+    global cache, whether it runs the selection (in PyTorch, before the launch) follow the state's
+    position, a host-side int: such a step is not one a CUDA graph can replay.
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
@@ -103,12 +104,13 @@ def hybrid_decode(
     `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
     says which runs).
     """
-    if _decode_kernel_takes(state, memory) and memory_query is None and resolve_backend(backend, q) == "triton":
+    if _decode_kernel_takes(state, memory) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
 
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
             key_map_input=key_map_input, inplace=inplace, log_decay=log_decay, memory=memory,
+            memory_query=memory_query,
         )
     o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,

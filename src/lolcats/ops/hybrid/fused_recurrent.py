@@ -18,6 +18,9 @@ Memory beyond the window (`Memory`, the state built for it), the same kernels wi
   there the reference's own selection (`_select`: candidates = the cache and the P oldest slots,
   recall error, keep the worst recalled, fold the rest) runs in PyTorch before the launch, and the
   kernel folds nothing. The valid cache slots are extra exact keys, like the sinks.
+* position-free memory (`memory_query`): the extra keys are scored by the memory query (a second
+  query pointer, q's own without it) against glob_kf and sinks that hold key-map inputs (a new sink
+  stores the token's key-map input); the band keeps q and the rotated keys.
 
 Two kernels:
 
@@ -63,6 +66,7 @@ from lolcats.ops.hybrid.reference import (
     Memory,
     _decay_grouped,
     _select,
+    check_memory_query,
     hybrid_attention_recurrent,
 )
 
@@ -70,12 +74,13 @@ CLAMP = tl.constexpr(EXTRA_LOGIT_CLAMP)
 
 
 @triton.jit
-def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap,
-                 xkf, xvf, xok, HAS_X: tl.constexpr):
+def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap,
+                 xkf, xvf, xok, HAS_X: tl.constexpr, HAS_MQ: tl.constexpr):
     """One query head's output block for the step (both decode kernels): the window softmax over the
     slots `wok` of kwf / vwf (gamma e^{s - m}) plus the state read fq.S, over one normaliser.
     HAS_X: plus the extra exact keys `xok` of xkf / xvf (sinks, global cache) at gamma e^{min(s - m, 60)},
-    m the band's max (0 when the band is empty), as `_extra_terms`."""
+    m the band's max (0 when the band is empty), as `_extra_terms`. HAS_MQ: the extra keys are scored
+    by the memory query mq_row (position-free memory) instead of q_row; the band keeps q_row."""
     qv = tl.load(q_row + od, mask=dm, other=0.0).to(tl.float32)
     s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
     s = tl.where(wok, s, NEG)
@@ -86,7 +91,8 @@ def _head_output(q_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf
     den = tl.sum(e, 0) * gam
     if HAS_X:
         m0 = tl.where(tl.sum(wok.to(tl.int32), 0) > 0, mx, 0.0)
-        sx = softcap(tl.sum(xkf * qv[None, :], 1) * scale, cap)
+        mqv = tl.load(mq_row + od, mask=dm, other=0.0).to(tl.float32) if HAS_MQ else qv
+        sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
         ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
         num += tl.sum(ex[:, None] * xvf, 0) * gam
         den += tl.sum(ex, 0) * gam
@@ -131,10 +137,11 @@ def _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, 
 
 @triton.jit(do_not_specialize=["H", "Hk", "Hs", "G", "nband", "lo"])
 def _decode_step(
-    q, k, v, fq, fk_old, evict, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam, sk, svv, spos, gk, gv, gvalid,
+    q, mq, k, v, fq, fk_old, evict, kv, ksum, wk, wv, wvalid, newvalid, gamma, lam, sk, svv, spos, gk, gv, gvalid,
     o, kv_out, ksum_out, wk_out, wv_out,
     scale, cap, H, Hk, Hs, G, W, nband, lo, ES, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     HAS_DECAY: tl.constexpr, FOLD: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
+    HAS_MQ: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -195,17 +202,17 @@ def _decode_step(
     hq0 = hs * nq
     for gi in range(nq):
         hq = b64 * H + hq0 + gi
-        _head_output(q + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                     kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB)
+        _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
+                     kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB, HAS_MQ)
 
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG", "nband", "lo", "p0"])
 def _decode_step_inplace(
-    q, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam,
-    sk, svv, spos, sfill, gk, gv, gvalid, o,
+    q, mq, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam,
+    sk, svv, spos, sfill, snew, gk, gv, gvalid, o,
     scale, cap, H, Hk, KG, W, nband, lo, p0, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     DK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, HAS_MQ: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -261,8 +268,8 @@ def _decode_step_inplace(
         z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
         for gi in range(nq):
             hq = b64 * H + hs * nq + gi
-            _head_output(q + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                         kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB)
+            _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm,
+                         ov, vm, kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB, HAS_MQ)
 
     # the new token into slot hd: only this program reads this Dv block of slot hd of the value
     # ring (v_old, above; the barrier keeps every thread's read before the overwrite); slot hd of
@@ -279,12 +286,14 @@ def _decode_step_inplace(
             tl.store(wvalid + b64 * W + hd, nv.to(tl.uint8))
             tl.store(head + b64, tl.load(head + b64) + 1)
     if HAS_SINKS:  # a valid token while the row has fewer than NS sinks: the next sink, in slot sfill
-        # (computed before the launch; that slot holds no position in [0, lo): no program reads it)
+        # (computed before the launch; that slot holds no position in [0, lo): no program reads it).
+        # Its key from snew [B, Hk, D]: the new key, or its key-map input with position-free memory
         sf = tl.load(sfill + b64)
         put = (sf < NS) & (nv != 0)
         tl.store(svv + (bk * NS + sf) * DV + ov, tl.load(v + bk * DV + ov, mask=vm, other=0.0), mask=vm & put)
         if i_v == 0:
-            tl.store(sk + (bk * NS + sf) * D + od, tl.load(k + bk * D + od, mask=dm, other=0.0), mask=dm & put)
+            kn = tl.load(snew + bk * D + od, mask=dm, other=0.0)
+            tl.store(sk + (bk * NS + sf) * D + od, kn.to(sk.dtype.element_ty), mask=dm & put)
             if hk == 0:
                 tl.store(spos + b64 * NS + sf, (sf * 0 + p0).to(tl.int64), mask=put)
 
@@ -353,13 +362,16 @@ def _memory_launch_args(sinks, glob_k, glob_v, glob_valid, dummy: torch.Tensor) 
 
 def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float, softcap: float | None,
                 key_mask: torch.Tensor | None, key_map_input: torch.Tensor | None = None,
-                log_decay: torch.Tensor | None = None, memory: Memory = NO_MEMORY):
+                log_decay: torch.Tensor | None = None, memory: Memory = NO_MEMORY,
+                memory_query: torch.Tensor | None = None):
     """One token: q [B, 1, H, D], k/v [B, 1, Hk, .], fq [B, 1, H, F]. Returns (o [B, 1, H, Dv], new state).
 
     key_map_input [B, 1, Hk, Dk]: the new token's key-map input when the state buffers those apart
     from the keys (position-free feature maps); that small buffer is shifted here, outside the kernel.
     memory: the state's memory beyond the window. At an interval start with a global cache the
     selection runs first (the reference's code, in PyTorch); a new sink is appended here too.
+    memory_query [B, 1, H, D]: position-free memory (the extra keys: sinks holding key-map inputs and
+    glob_kf, scored by it).
     """
     state = state.ordered()
     B, _, H, D = q.shape
@@ -388,7 +400,9 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     else:
         fk_old, lam = kv, _decay_factors(log_decay, acc)  # fk_old unused
     sinks = None if state.sink_k is None else (state.sink_k, state.sink_v, state.sink_pos)
-    mem = _memory_launch_args(sinks, glob[0], glob[1], None if glob[3] is None else glob[3].contiguous(), kv)
+    mq = memory_query is not None
+    mem = _memory_launch_args(sinks, glob[2] if mq else glob[0], glob[1],
+                              None if glob[3] is None else glob[3].contiguous(), kv)
     o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
     new = dict(device=q.device, memory_format=torch.contiguous_format)  # never empty_like: inputs may be views
     kv_out = torch.empty(kv.shape, dtype=kv.dtype, **new)
@@ -399,12 +413,14 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     grid = (triton.cdiv(DV, BV), B * Hs)
     k_in = k.to(state.win_k.dtype).contiguous()
     v_in = v.to(state.win_v.dtype).contiguous()
+    q_in = q.contiguous()
     _decode_step[grid](
-        q.contiguous(), k_in, v_in, fq.contiguous(), fk_old, evict, kv, k_sum, state.win_k.contiguous(),
-        state.win_v.contiguous(), wvalid, newvalid, gamma.contiguous(), fk_old if lam is None else lam,
+        q_in, memory_query.contiguous() if mq else q_in, k_in, v_in, fq.contiguous(), fk_old, evict, kv, k_sum,
+        state.win_k.contiguous(), state.win_v.contiguous(), wvalid, newvalid, gamma.contiguous(),
+        fk_old if lam is None else lam,
         *[x.contiguous() for x in mem[:6]], o, kv_out, ksum_out, wk_out, wv_out,
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
-        lam is not None, band.fold, mem[8], mem[9],
+        lam is not None, band.fold, mem[8], mem[9], mq,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), BX=mem[10], num_warps=4,
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
@@ -414,7 +430,8 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     out = HybridState(kv_out, ksum_out, wk_out, wv_out, win_valid, win_kf=win_kf, position=state.position + 1,
                       glob_k=glob[0], glob_v=glob[1], glob_kf=glob[2], glob_valid=glob[3], glob_pos=glob[4])
     if sinks is not None:
-        out.sink_k, out.sink_v, out.sink_pos = _append_sink(sinks, k_in, v_in, newvalid, band.p0)
+        out.sink_k, out.sink_v, out.sink_pos = _append_sink(sinks, key_map_input if mq else k_in, v_in, newvalid,
+                                                            band.p0)
     return o, out
 
 
@@ -446,7 +463,7 @@ def inplace_ready(state: HybridState) -> HybridState:
 def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float,
                         softcap: float | None, key_mask: torch.Tensor | None,
                         key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
-                        memory: Memory = NO_MEMORY) -> torch.Tensor:
+                        memory: Memory = NO_MEMORY, memory_query: torch.Tensor | None = None) -> torch.Tensor:
     """One token, updating `state` (made `inplace_ready`) in place; returns o [B, 1, H, Dv].
 
     Launches (no host sync, no shape depending on data): the oldest slot, the gathers of its key
@@ -454,6 +471,7 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     and appends a new sink). With a global cache, the step opening an interval instead runs the
     selection over the P oldest ring slots first (the reference's code, in PyTorch; whether a step
     opens one follows from the host-side position) and copies its result into the state.
+    memory_query: as in `decode_step`.
     """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
@@ -492,7 +510,8 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         fk_old, vold, lam = state.kv, wvalid, _decay_factors(log_decay, acc)  # fk_old, vold unused
     sinks = None if state.sink_k is None else (state.sink_k, state.sink_v, state.sink_pos)
     sfill = wvalid if sinks is None else (state.sink_pos >= 0).sum(1)  # [B]: the slot a new sink takes
-    mem = _memory_launch_args(sinks, state.glob_k, state.glob_v, state.glob_valid, state.kv)
+    mq = memory_query is not None
+    mem = _memory_launch_args(sinks, state.glob_kf if mq else state.glob_k, state.glob_v, state.glob_valid, state.kv)
     o = torch.empty(B, 1, H, DV, device=q.device, dtype=v.dtype)
     newvalid = wvalid if key_mask is None else key_mask[:, 0].to(torch.int8).contiguous()
     has_kf = state.win_kf is not None
@@ -503,14 +522,15 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         kmi, DK = wvalid, 1  # unused
     BV = min(64, block(DV))
     grid = (triton.cdiv(DV, BV), B * Hk)
+    q_in, k_in = q.contiguous(), k.to(state.win_k.dtype).contiguous()
     _decode_step_inplace[grid](
-        q.contiguous(), k.to(state.win_k.dtype).contiguous(), v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
+        q_in, memory_query.contiguous() if mq else q_in, k_in, v.to(state.win_v.dtype).contiguous(), fq.contiguous(),
         fk_old, vold, state.kv, state.k_sum, state.win_k, state.win_v, wvalid,
         state.win_head, slot, newvalid, kmi,
         state.win_kf if has_kf else wvalid, gamma.contiguous(), fk_old if lam is None else lam,
-        mem[0], mem[1], mem[2], sfill, mem[3], mem[4], mem[5], o,
+        mem[0], mem[1], mem[2], sfill, kmi if mq else k_in, mem[3], mem[4], mem[5], o,
         scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, mem[6], mem[7], D, DV, F, DK,
-        key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9],
+        key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10], num_warps=4,
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
@@ -523,14 +543,15 @@ def hybrid_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor,
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None, inplace: bool = False,
-    log_decay: torch.Tensor | None = None, memory: Memory | None = None,
+    log_decay: torch.Tensor | None = None, memory: Memory | None = None, memory_query: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`.
 
     inplace: update `state` itself (returned) with `_decode_step_inplace`; otherwise `state` is left
     as it was and a new state is returned. The reference fallbacks honour it by copying in.
     memory: the memory beyond the window the state was built for (sinks, global cache), as the
-    reference takes it.
+    reference takes it. memory_query: position-free memory, as the reference takes it (the kernels
+    score the sinks and the cache with it; a new sink stores its key-map input).
     """
     B, T, H, D = q.shape
     inputs = (q, k, v, fq, gamma, *state.tensors(), *(() if log_decay is None else (log_decay,)))
@@ -541,13 +562,16 @@ def hybrid_decode_triton(
         # no window (w = 0), a state not built for this memory, or autograd: the reference form
         o, new = hybrid_attention_recurrent(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
-            key_map_input=key_map_input, log_decay=log_decay, memory=memory,
+            key_map_input=key_map_input, log_decay=log_decay, memory=memory, memory_query=memory_query,
         )
         return (o, state.copy_(new)) if inplace else (o, new)
     memory = memory or NO_MEMORY
     scale = D**-0.5 if scale is None else float(scale)
     if state.win_kf is not None and key_map_input is None:
         raise ValueError("the state buffers separate key-map inputs: pass key_map_input")
+    check_memory_query(memory_query, q, key_map_input if state.win_kf is not None else None)
+    if memory_query is not None and key_map_input.shape[-1] != D:  # the kernels read kf rows of q's size
+        raise ValueError(f"memory_query scores key-map inputs of q's size {D}, got {key_map_input.shape[-1]}")
     if inplace:
         inplace_ready(state)
     outs = []
@@ -556,6 +580,7 @@ def hybrid_decode_triton(
             q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fq[:, t : t + 1], gamma.float(), state, key_map,
             scale, softcap, None if key_mask is None else key_mask[:, t : t + 1],
             None if key_map_input is None else key_map_input[:, t : t + 1], log_decay, memory,
+            None if memory_query is None else memory_query[:, t : t + 1],
         )
         if inplace:
             outs.append(decode_step_inplace(*args))

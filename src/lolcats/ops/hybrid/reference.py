@@ -13,7 +13,8 @@ from __future__ import annotations
 # prepend_state / window_buffer: the state plumbing the kernels share with the chunked form
 # (continuing from a state, the window buffer of the final state); _select (the global cache's
 # selection at an interval start), _decay_grouped, EXTRA_LOGIT_CLAMP, GLOBAL_CACHE_FIELDS, NO_MEMORY:
-# what the decode kernels reuse of the recurrent form with memory beyond the window.
+# what the decode kernels reuse of the recurrent form with memory beyond the window;
+# check_memory_query: the inputs position-free memory needs, checked as the reference does.
 from lolcats.attention.hybrid import (  # noqa: F401
     EXTRA_LOGIT_CLAMP,
     GLOBAL_CACHE_FIELDS,
@@ -27,6 +28,7 @@ from lolcats.attention.hybrid import (  # noqa: F401
     hybrid_attention_recurrent,
     _decay_grouped,
     _select,
+    check_memory_query,
     prepend_state,
     window_buffer,
 )
