@@ -250,7 +250,7 @@ def test_memory_query_decode_matches_reference(c):
         filled = (rst.sink_pos >= 0)[:, None, :, None]
         assert rel_error(rst.sink_k * filled, plain.sink_k * filled) > 1e-3  # ... from the key-map inputs
     with torch.no_grad():
-        assert decodes_in_place(x.q, st, memory=mem, backend="triton", memory_query=mq)
+        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
         before = {n: t.data_ptr() for n, t in st.parts().items()}
         kept = st.map(torch.clone)
         outs, t, state = [], T0, st

@@ -149,7 +149,7 @@ class LolcatsAttention(nn.Module):
             # the cache owns its state (beam reordering etc. replace it with new tensors): the kernel
             # updates it in place; the first such step copies it, as a prefill's state can view its
             # inputs. The reference forms (CPU, autograd) still return a new state.
-            inplace = decodes_in_place(q, state, memory=self.lolcats_memory, memory_query=memory_query)
+            inplace = decodes_in_place(q, state, memory=self.lolcats_memory)
             if inplace and state.win_head is None:
                 state = state.map(lambda t: t.clone(memory_format=torch.contiguous_format))
             out, state = hybrid_decode(  # the window length is the state's buffer length

@@ -33,7 +33,7 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     # QUALITY.md's long-input recipe (run 11): the deduplicating cache and the learned decay
     "sinks 4 + pre-RoPE + global 128 + decay": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
                                                 "global_cache_dedup": 0.95, "linear_decay": 1024},
-    # run 14: the same with position-free memory and a 256-token decay (the same state; no decode kernel yet)
+    # run 14: the same with position-free memory and a 256-token decay (the same state size)
     "same + position-free memory": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
                                     "global_cache_dedup": 0.95, "linear_decay": 256, "memory_distance": 256},
 }

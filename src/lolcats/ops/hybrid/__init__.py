@@ -75,11 +75,11 @@ def hybrid_attention(
 
 
 def decodes_in_place(q: torch.Tensor, state: HybridState, *, memory: Memory | None = None,
-                     backend: str = "auto", memory_query: torch.Tensor | None = None) -> bool:
+                     backend: str = "auto") -> bool:
     """Whether `hybrid_decode(..., inplace=True)` runs the in-place kernel for these inputs (no copy);
     False where it would compute a new state and copy it in (the reference forms). Needs grad mode
     off (generation runs under torch.no_grad(); a parameter such as gamma would otherwise need grad).
-    memory_query does not change the answer (the kernel takes it); kept so callers pass what they decode with."""
+    Position-free memory (memory_query) does not change the answer: the kernels take it."""
     return (not torch.is_grad_enabled() and _decode_kernel_takes(state, memory)
             and resolve_backend(backend, q) == "triton")
 
