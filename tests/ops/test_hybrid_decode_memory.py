@@ -104,16 +104,25 @@ def test_memory_decode_matches_reference(c):
     common = dict(key_map=x.key_map, softcap=c["softcap"], memory=mem, log_decay=lam)
     ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
                                          key_mask=cut(x.mask, r), key_map_input=cut(kf, r), **common)
+    o, state = decode_with_kernels(x, kf, st, c, common)
+    check_errors({"o": rel_error(o, ro), **memory_state_errors(state, rst)}, 1e-5)
+
+
+def decode_with_kernels(x, kf, st, c, common, mq=None):
+    """Decode positions T0 .. T0 + STEPS from `st` through the kernels (several tokens in a call, then
+    one a call), in place or not as the case says; checks the state's storage contract on the way.
+    Returns (o, final state)."""
+    extra = {} if mq is None else {"memory_query": mq}
     with torch.no_grad():
-        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
+        assert decodes_in_place(x.q, st, memory=c["memory"], backend="triton")
         before = {n: t.data_ptr() for n, t in st.parts().items()}
         kept = st.map(torch.clone)
         outs, t, state = [], T0, st
-        for n in [3] + [1] * (STEPS - 3 - 5) + [5]:  # several tokens in a call, then one a call
+        for n in [3] + [1] * (STEPS - 3 - 5) + [5]:
             s_ = slice(t, t + n)
             o, new = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=state,
                                    key_mask=cut(x.mask, s_), key_map_input=cut(kf, s_), backend="triton",
-                                   inplace=c["inplace"], **common)
+                                   inplace=c["inplace"], **{k: v[:, s_] for k, v in extra.items()}, **common)
             assert (new is state) == c["inplace"]
             outs.append(o)
             state, t = new, t + n
@@ -122,7 +131,7 @@ def test_memory_decode_matches_reference(c):
         assert {n: x_.data_ptr() for n, x_ in st.parts().items() if n != "win_head"} == before
     else:  # the state passed in is left as it was
         assert all(torch.equal(a, b) for a, b in zip(st.tensors(), kept.tensors())), "state changed"
-    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **memory_state_errors(state, rst)}, 1e-5)
+    return torch.cat(outs, 1), state
 
 
 def test_sinks_fill_and_leave_the_band_during_decode():
@@ -249,24 +258,8 @@ def test_memory_query_decode_matches_reference(c):
         assert not torch.equal(rst.sink_pos, st.sink_pos)  # sinks filled during the decode ...
         filled = (rst.sink_pos >= 0)[:, None, :, None]
         assert rel_error(rst.sink_k * filled, plain.sink_k * filled) > 1e-3  # ... from the key-map inputs
-    with torch.no_grad():
-        assert decodes_in_place(x.q, st, memory=mem, backend="triton")
-        before = {n: t.data_ptr() for n, t in st.parts().items()}
-        kept = st.map(torch.clone)
-        outs, t, state = [], T0, st
-        for n in [3] + [1] * (STEPS - 3 - 5) + [5]:  # several tokens in a call, then one a call
-            s_ = slice(t, t + n)
-            o, new = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=state,
-                                   key_mask=cut(x.mask, s_), key_map_input=kf[:, s_], memory_query=mq[:, s_],
-                                   backend="triton", inplace=c["inplace"], **common)
-            assert (new is state) == c["inplace"]
-            outs.append(o)
-            state, t = new, t + n
-    if c["inplace"]:
-        assert {n: x_.data_ptr() for n, x_ in st.parts().items() if n != "win_head"} == before
-    else:
-        assert all(torch.equal(a, b) for a, b in zip(st.tensors(), kept.tensors())), "state changed"
-    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **memory_state_errors(state, rst)}, 1e-5)
+    o, state = decode_with_kernels(x, kf, st, c, common, mq=mq)
+    check_errors({"o": rel_error(o, ro), **memory_state_errors(state, rst)}, 1e-5)
 
 
 def test_memory_query_decode_runs_the_kernel(monkeypatch):
