@@ -86,6 +86,15 @@ class LolcatsConfig:
             "budgets compared, 64 and 256, see QUALITY.md); 1.0 = off."
         },
     )
+    global_cache_horizon: int = field(
+        default=0,
+        metadata={
+            "flag": "--global-cache-horizon", "metavar": "TOKENS",
+            "help": "Global cache: a candidate's recall error counts e times less per TOKENS of age when the cache "
+            "is re-chosen, so stale keys make way for new ones unless recalled far worse (past the training "
+            "length the cache otherwise fills with old keys); 0 = off (the worst recalled of the whole history)."
+        },
+    )
     feature_map_rope: bool = field(
         default=True,
         metadata={
@@ -131,6 +140,7 @@ class LolcatsConfig:
         self.global_cache_size = v.integer("global_cache_size", self.global_cache_size, minimum=0)
         self.global_cache_interval = v.integer("global_cache_interval", self.global_cache_interval, minimum=1)
         self.global_cache_dedup = v.number("global_cache_dedup", self.global_cache_dedup, minimum=-1.0, maximum=1.0)
+        self.global_cache_horizon = v.integer("global_cache_horizon", self.global_cache_horizon, minimum=0)
         if self.global_cache_size and self.window_size < 1:
             raise ConfigError("global_cache_size needs window_size >= 1")
         v.boolean("feature_map_rope", self.feature_map_rope)
@@ -149,7 +159,8 @@ class LolcatsConfig:
         """The exact memory beyond the window, as the hybrid math takes it."""
         from lolcats.attention.hybrid import Memory
 
-        return Memory(self.sink_size, self.global_cache_size, self.global_cache_interval, float(self.global_cache_dedup))
+        return Memory(self.sink_size, self.global_cache_size, self.global_cache_interval, float(self.global_cache_dedup),
+                      self.global_cache_horizon)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -110,7 +110,8 @@ def restore_softmax(model: nn.Module, layers: Iterable[int]) -> LolcatsConfig:
     return config
 
 
-MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup", "memory_distance")
+MEMORY_FIELDS = ("sink_size", "global_cache_size", "global_cache_interval", "global_cache_dedup", "global_cache_horizon",
+                 "memory_distance")
 
 
 def _set_memory_rope(model: nn.Module, config: LolcatsConfig) -> None:

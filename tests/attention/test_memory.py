@@ -12,6 +12,7 @@ from lolcats.attention.hybrid import (
     hybrid_attention_recurrent,
     keep_worst_recalled,
     recall_error,
+    selection_score,
 )
 from test_hybrid import make_inputs, valid_rows
 
@@ -22,6 +23,7 @@ MEMORIES = {
     "both": Memory(sinks=2, global_size=3, interval=4),
     "global_p1": Memory(global_size=2, interval=1),
     "global_dedup": Memory(global_size=3, interval=4, dedup=0.3),
+    "global_horizon": Memory(sinks=1, global_size=3, interval=4, dedup=0.3, horizon=3),
 }
 
 
@@ -67,7 +69,7 @@ def assert_three_forms_agree(q, k, v, fq, fk, gamma, key_map, memory, log_decay=
     return ref
 
 
-@pytest.mark.parametrize("mem", ["sinks", "both"])
+@pytest.mark.parametrize("mem", ["sinks", "both", "global_horizon"])
 @pytest.mark.parametrize("sharing", ["query", "kv"])
 def test_long_sequence_left_padding_and_state(mem, sharing):
     memory = MEMORIES[mem]
@@ -181,6 +183,34 @@ def test_global_cache_keeps_the_worst_recalled_token():
     assert torch.equal(st.glob_v[0, 0, 0], v[0, 10, 0])
 
 
+@pytest.mark.parametrize("horizon,needle_kept", [(0, True), (64, True), (8, False)])
+def test_horizon_lets_new_keys_replace_stale_ones_unless_recalled_far_worse(horizon, needle_kept):
+    """A needle ~2500x worse recalled than the rest, 180 tokens old at the last selection: a 64-token
+    horizon discounts it e^2.8 ~ 17x and keeps it; an 8-token one e^22 and replaces it. Without the
+    needle, a horizon keeps younger keys than the plain worst-recalled rule."""
+    T = 200
+    q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, T, 2, 1, 4, 3, "kv", seed=3)
+    v = v * 0.02
+    v_needle = v.clone()
+    v_needle[:, 10] = 1.0
+
+    def cached(values, h):
+        _, st = hybrid_attention_chunked(q, k, values, fq, fk, gamma, window=4, key_map=key_map,
+                                         memory=Memory(global_size=2, interval=8, horizon=h), output_final_state=True)
+        assert st.glob_valid.all()
+        return st.glob_pos[0, 0]
+
+    assert (10 in cached(v_needle, horizon).tolist()) == needle_kept
+    if horizon:
+        assert cached(v, horizon).float().mean() > cached(v, 0).float().mean()  # positions: younger
+    score = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    age = torch.tensor([[0, 5, 20]])
+    assert torch.equal(selection_score(score, age, 0), score)
+    assert torch.allclose(selection_score(score, age, 5), score.log() - age / 5)
+    with pytest.raises(ValueError, match="horizon"):
+        Memory(global_size=2, horizon=-1)
+
+
 def test_selection_helpers():
     score = torch.tensor([[0.5, 3.0, 2.0, 9.0]])
     cand = torch.tensor([[True, True, True, False]])
@@ -273,7 +303,8 @@ def test_dedup_keeps_distinct_values():
         Memory(global_size=2, dedup=1.5)
 
 
-@pytest.mark.parametrize("memory", [Memory(sinks=2, global_size=3, interval=4), Memory(global_size=5, interval=7, dedup=0.5)])
+@pytest.mark.parametrize("memory", [Memory(sinks=2, global_size=3, interval=4), Memory(global_size=5, interval=7, dedup=0.5),
+                                    Memory(sinks=1, global_size=4, interval=5, horizon=6)])
 @pytest.mark.parametrize("sharing", ["query", "kv"])
 def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sharing):
     """A fresh sequence without a returned state runs every interval at once (training); outputs and

@@ -50,6 +50,9 @@ CASES = [
     case("sinks-mha-query-out-of-place-padded-decode", SINKS, 2, 2, "query", inplace=False, pad=(0, T0 + 3)),
     case("both-gqa4-query-in-place-dedup-P1", Memory(sinks=2, global_size=4, interval=1, dedup=0.5), 4, 1, "query",
          inplace=True),
+    # the cache's selection discounted by age (global_cache_horizon), with the decay it is meant for
+    case("both-gqa4-kv-in-place-horizon-decay", Memory(sinks=2, global_size=5, interval=P, horizon=10), 8, 2, "kv",
+         inplace=True, decay=True, kf=True),
 ]
 
 

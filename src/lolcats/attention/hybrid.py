@@ -81,10 +81,13 @@ class Memory:
     global_size: int = 0
     interval: int = 64
     dedup: float = 1.0  # cosine of values above which the lower-scored of two candidates is not kept
+    horizon: int = 0  # tokens: a candidate's selection score falls by e per `horizon` tokens of age; 0 = off
 
     def __post_init__(self) -> None:
-        if self.sinks < 0 or self.global_size < 0 or self.interval < 1 or not -1.0 <= self.dedup <= 1.0:
-            raise ValueError(f"Memory needs sinks >= 0, global_size >= 0, interval >= 1, -1 <= dedup <= 1; got {self}")
+        if (self.sinks < 0 or self.global_size < 0 or self.interval < 1 or not -1.0 <= self.dedup <= 1.0
+                or self.horizon < 0):
+            raise ValueError("Memory needs sinks >= 0, global_size >= 0, interval >= 1, -1 <= dedup <= 1, "
+                             f"horizon >= 0; got {self}")
 
     @property
     def period(self) -> int:
@@ -384,6 +387,19 @@ def recall_error(fk: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, k_sum: tor
     return ((v - pred) ** 2).sum(-1).mean(2)
 
 
+def selection_score(error: torch.Tensor, age: torch.Tensor, horizon: int) -> torch.Tensor:
+    """The global cache's ranking of its candidates: the recall error, discounted by age when `horizon` > 0.
+
+    error [.., n] >= 0, age [.., n] tokens since each candidate's position. With a horizon H the score
+    is log(error) - age / H: a key stays cached only while it is recalled e^(age / H) times worse than
+    the newer candidates. Without it the cache keeps the worst-recalled keys of the whole history,
+    which past the training length are mostly stale ones the model never saw at that age.
+    """
+    if not horizon:
+        return error
+    return error.clamp_min(torch.finfo(error.dtype).tiny).log() - age.to(error.dtype) / horizon
+
+
 def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: int,
                         values: torch.Tensor | None = None, dedup: float = 1.0) -> torch.Tensor:
     """[.., n] bool: the `budget` candidates with the largest score (all of them when fewer).
@@ -473,7 +489,8 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
         vv = _take(v_g[:, :, 0], idx)[:, :, None]  # [B, Hk, 1, n, Dv]
         if dec is not None:  # the state, held relative to the previous selection, now to this one
             kv, k_sum = kv * torch.exp(dec * P)[..., None], k_sum * torch.exp(dec * P)
-        keep = keep_worst_recalled(recall_error(f, vv, kv, k_sum), ok, M, vv[:, :, 0], memory.dedup)
+        score = selection_score(recall_error(f, vv, kv, k_sum), c * P - idx, memory.horizon)
+        keep = keep_worst_recalled(score, ok, M, vv[:, :, 0], memory.dedup)
         fold = (ok & ~keep).to(f.dtype)[:, :, None, :, None]
         if dec is not None:  # each folded key weighed by its age at this selection
             fold = fold * _age_weight(dec[..., None], (c * P - idx)[:, :, None, :, None])
@@ -900,7 +917,7 @@ def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory:
     vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
     if memory.global_size:
         with torch.no_grad():
-            score = recall_error(fg, vg, kv, k_sum)
+            score = selection_score(recall_error(fg, vg, kv, k_sum), p0 - cpos, memory.horizon)
         keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
         idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
         glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
