@@ -7,6 +7,7 @@ worse the longer it reads is better with less (run 11: 28.47 vs 21.85). Each mem
 switched on the trained delta with `lolcats.configure_memory` before scoring.
 
     python3 scripts/late_context_diagnosis.py teacher --windows 2
+    python3 scripts/late_context_diagnosis.py DELTA --control          # its LoRA on softmax attention
     python3 scripts/late_context_diagnosis.py DELTA sink_size=4,global_cache_size=128 sink_size=0,global_cache_size=0 \\
         sink_size=4,global_cache_size=128,memory_distance=256
 """
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--wiki", type=Path, default=WIKI, help="WikiText-2 test text (default: ../shared/evaldata)")
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--no-bos", action="store_true", help="do not start the text with BOS (position_perplexity does)")
+    ap.add_argument("--control", action="store_true",
+                    help="score the delta's control instead: its LoRA on softmax attention (settings are ignored)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -67,6 +70,11 @@ def main() -> None:
     tok = lolcats.load_tokenizer(args.base) if args.base else lolcats.load_tokenizer()
     base = lolcats.load_base(args.base) if args.base else lolcats.load_base()
     model = base if args.delta == "teacher" else lolcats.from_pretrained(args.delta, base_model=base)
+    if args.control:
+        if args.delta == "teacher":
+            ap.error("--control needs a delta folder: the teacher has no LoRA")
+        lolcats.set_mode(model, "softmax")  # separates what the LoRA costs from what the hybrid costs
+        args.settings = ["control"]
     model.eval()
     ids = tok(args.wiki.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     if tok.bos_token_id is not None and not args.no_bos:
@@ -75,7 +83,7 @@ def main() -> None:
     print("| setting | full prefix | last 1K only | ratio |\n|---|---|---|---|")
     with torch.no_grad():
         for text in args.settings:
-            if text != "-":
+            if text not in ("-", "control"):
                 lolcats.configure_memory(model, **parse_setting(text))
             full = late_perplexity(model, ids, args.windows, None)
             cut = late_perplexity(model, ids, args.windows, PIECE)

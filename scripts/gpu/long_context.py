@@ -6,7 +6,8 @@ variant's inference settings (memory switched on after training with `lolcats.co
 
   * ShareGPT and WikiText-2 perplexity on 1024-token blocks (the short-context quality), and the
     same for the control (the variant's LoRA on softmax attention),
-  * perplexity by token position over 8192-token WikiText-2 windows (`position_perplexity`),
+  * perplexity by token position over 8192-token WikiText-2 windows (`position_perplexity`), and
+    the same for the control,
   * passkey and needle retrieval through `generate()` (`evaluate_long`), per length x depth,
   * the decode state per sequence after an 8K prompt (bytes of the cache) and decode tokens/s.
 
@@ -99,6 +100,13 @@ VARIANTS: dict[str, dict] = {
     "recipe_decay256_md256": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256}, evals={"": {}}),
     "recipe_decay256_md256_kd": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
                                      s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
+    # run 14 with stage-2 blocks of 4K (run 12 cut the 4K-8K bucket 1.66x -> 1.46x on run 11's recipe),
+    # alone and with a lighter distillation (run 15's weight 1 bought recall for +2-3% perplexity)
+    "recipe_decay256_md256_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
+                                        s2_block=4096, evals={"": {}}),
+    "recipe_decay256_md256_kd05_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
+                                             s2_loss=dict(ce_weight=1.0, kd_weight=0.5), s2_block=4096,
+                                             evals={"": {}}),
     "recipe_decay256_md64": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 64}, evals={"": {}}),
     "recipe_decay256_md1024": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 1024}, evals={"": {}}),
     "recipe_md256": dict(cfg={**RECIPE, "memory_distance": 256}, evals={"": {}}),
@@ -219,6 +227,12 @@ def evaluate(model, tok, args, val, wiki, text: str, device) -> dict:
                              device=device, dtype="bfloat16")
     row["position_ppl"] = {f"{b['lo']}-{b['hi']}": b["ppl"] for b in pp["buckets"]}
     row["position_seconds"] = time.perf_counter() - t
+    if lolcats.is_converted(model):  # the control's buckets: what the LoRA alone does to long inputs
+        lolcats.set_mode(model, "softmax")
+        pp = position_perplexity(model, tok, text, window=max(args.lengths), max_windows=args.ppl_windows,
+                                 device=device, dtype="bfloat16")
+        row["control_position_ppl"] = {f"{b['lo']}-{b['hi']}": b["ppl"] for b in pp["buckets"]}
+        lolcats.set_mode(model, "hybrid")
     res = evaluate_long(model, tok, tasks=args.tasks, lengths=args.lengths, depths=args.depths,
                         samples=args.samples, batch_size=args.batch, device=device, dtype="bfloat16")
     for name, r in res["tasks"].items():
