@@ -107,6 +107,12 @@ VARIANTS: dict[str, dict] = {
     "recipe_decay256_md256_kd05_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
                                              s2_loss=dict(ce_weight=1.0, kd_weight=0.5), s2_block=4096,
                                              evals={"": {}}),
+    # run 16's delta with the cache's selection discounted by age (global_cache_horizon, switched on after
+    # training), alone and with selections every 128 tokens (the band grows to 191 between them)
+    "r16_horizon": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256}, s2_block=4096,
+                        s2_loss=dict(ce_weight=1.0, kd_weight=0.5), delta="recipe_decay256_md256_kd05_s2_4k",
+                        evals={"+h2048": {"global_cache_horizon": 2048},
+                               "+h2048+P128": {"global_cache_horizon": 2048, "global_cache_interval": 128}}),
     "recipe_decay256_md64": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 64}, evals={"": {}}),
     "recipe_decay256_md1024": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 1024}, evals={"": {}}),
     "recipe_md256": dict(cfg={**RECIPE, "memory_distance": 256}, evals={"": {}}),
