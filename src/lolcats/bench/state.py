@@ -36,6 +36,10 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     # run 14: the same with position-free memory and a 256-token decay (the same state size)
     "same + position-free memory": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
                                     "global_cache_dedup": 0.95, "linear_decay": 256, "memory_distance": 256},
+    # + the cache's selection discounted by age (run 16 + horizon): the same state, a different selection
+    "same + cache horizon 2048": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
+                                  "global_cache_dedup": 0.95, "linear_decay": 256, "memory_distance": 256,
+                                  "global_cache_horizon": 2048},
 }
 
 
