@@ -43,15 +43,15 @@ def test_round_trip_keeps_memory_mechanisms(tmp_path):
     """Sinks, the global cache and position-free maps are part of the delta: a reload behaves the same
     (and differs from the same weights without them)."""
     cfg = LolcatsConfig(window_size=3, sink_size=2, global_cache_size=2, global_cache_interval=4,
-                        feature_map_rope=False)
+                        global_cache_horizon=8, feature_map_rope=False)
     model = trained_like(lolcats.convert(tiny_model("llama"), cfg))
     ids, mask = random_batch(2, 30, pad=[0, 3])
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path / "delta")
     meta = json.loads((tmp_path / "delta" / "config.json").read_text())["lolcats"]
-    assert (meta["sink_size"], meta["global_cache_size"], meta["global_cache_interval"], meta["feature_map_rope"]) \
-        == (2, 2, 4, False)
+    assert (meta["sink_size"], meta["global_cache_size"], meta["global_cache_interval"], meta["global_cache_horizon"],
+            meta["feature_map_rope"]) == (2, 2, 4, 8, False)
     loaded = lolcats.from_pretrained(tmp_path / "delta", base_model=tiny_model("llama"))
     assert loaded.lolcats_config == cfg
     with torch.no_grad():
