@@ -31,7 +31,8 @@ Memory beyond the window (`Memory`; fixed size per sequence, so decoding stays c
   the linear state recalls them (LoLA-style). Selection runs at every position t with t % P == 0:
   the tokens that left the band since the last selection join the cached ones; each candidate
   is scored by its self-recall error mean_g ||v_j - S_g^T phi_g(k_j) / z_g^T phi_g(k_j)||^2 against
-  the current state; the M worst-recalled stay exact, the others are added to (S, z). Between
+  the current state (with a horizon H: log(error) - age_j / H, `selection_score`, so stale keys
+  make way unless recalled far worse); the M worst-recalled stay exact, the others are added to (S, z). Between
   selections the band is [floor(i / P) * P - w + 1, i]: w to w + P - 1 tokens, so no token is
   ever lost. Without a global cache P is 1 and this is the plain sliding window.
 
