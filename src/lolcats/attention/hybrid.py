@@ -490,11 +490,12 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
         vv = _take(v_g[:, :, 0], idx)[:, :, None]  # [B, Hk, 1, n, Dv]
         if dec is not None:  # the state, held relative to the previous selection, now to this one
             kv, k_sum = kv * torch.exp(dec * P)[..., None], k_sum * torch.exp(dec * P)
-        score = selection_score(recall_error(f, vv, kv, k_sum), c * P - idx, memory.horizon)
+        age = c * P - idx  # [B, Hk, n]: each candidate's age at this selection
+        score = selection_score(recall_error(f, vv, kv, k_sum), age, memory.horizon)
         keep = keep_worst_recalled(score, ok, M, vv[:, :, 0], memory.dedup)
         fold = (ok & ~keep).to(f.dtype)[:, :, None, :, None]
         if dec is not None:  # each folded key weighed by its age at this selection
-            fold = fold * _age_weight(dec[..., None], (c * P - idx)[:, :, None, :, None])
+            fold = fold * _age_weight(dec[..., None], age[:, :, None, :, None])
         kv = kv + torch.matmul((f * fold).transpose(-1, -2), vv)
         k_sum = k_sum + (f * fold).sum(-2)
         order = torch.where(keep, idx, T).argsort(dim=2, stable=True)[:, :, :M]  # kept, in position order
@@ -913,12 +914,13 @@ def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory:
         ckf = torch.cat([gk if gkf is None else gkf, ckf], 2)
         cand = torch.cat([gok, cand], 2)  # [B, Hk, M + P]
         cpos = torch.cat([gpos, cpos], 2)
+    age = p0 - cpos  # [B, Hk, M + P]: each candidate's age now (the selection's and the fold's)
     f = key_map(ckf.transpose(1, 2))  # slots as tokens [B, M + P, Hk, Dk] -> [B, M + P, Hk*kg, F]
     fg = _grouped(f.to(acc), Hk)  # [B, Hk, kg, M + P, F]
     vg = cv.to(acc)[:, :, None]  # [B, Hk, 1, M + P, Dv]
     if memory.global_size:
         with torch.no_grad():
-            score = selection_score(recall_error(fg, vg, kv, k_sum), p0 - cpos, memory.horizon)
+            score = selection_score(recall_error(fg, vg, kv, k_sum), age, memory.horizon)
         keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
         idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
         glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
@@ -928,7 +930,7 @@ def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory:
         fold = cand
     fg = fg * fold[:, :, None, :, None].to(acc)
     if dec is not None:  # a folded key weighed by its age now
-        fg = fg * _age_weight(dec, (p0 - cpos)[:, :, None, :, None])
+        fg = fg * _age_weight(dec, age[:, :, None, :, None])
     kv = kv + torch.matmul(fg.transpose(-1, -2), vg)
     k_sum = k_sum + fg.sum(-2)
     return kv, k_sum, glob
