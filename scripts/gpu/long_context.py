@@ -52,6 +52,7 @@ TRAIN_RESERVE, EVAL_RESERVE = 150.0, 100.0  # seconds a variant / an evaluation 
 SINKS, GC = {"sink_size": 4}, {"global_cache_size": 64}
 GC128DD = {"global_cache_size": 128, "global_cache_dedup": 0.95}
 RECIPE = {**SINKS, **GC128DD, "feature_map_rope": False, "linear_decay": 1024}  # README's long-input recipe
+RUN14 = {**RECIPE, "linear_decay": 256, "memory_distance": 256}  # + decay 256 and position-free memory
 # name: conversion config for training, stage-2 block length, inference settings (memory changes)
 VARIANTS: dict[str, dict] = {
     "default": dict(cfg={}, evals={"": {}, "+sinks4+gc64": {**SINKS, **GC}}),
@@ -97,27 +98,25 @@ VARIANTS: dict[str, dict] = {
     "recipe_decay512": dict(cfg={**RECIPE, "linear_decay": 512}, evals={"": {}}),
     "recipe_decay256_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256}, s2_block=4096, evals={"": {}}),
     # position-free memory: sinks and cache scored as if 256 tokens before every query, trained so
-    "recipe_decay256_md256": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256}, evals={"": {}}),
-    "recipe_decay256_md256_kd": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
-                                     s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
+    "recipe_decay256_md256": dict(cfg=RUN14, evals={"": {}}),
+    "recipe_decay256_md256_kd": dict(cfg=RUN14, s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
     # run 14 with stage-2 blocks of 4K (run 12 cut the 4K-8K bucket 1.66x -> 1.46x on run 11's recipe),
     # alone and with a lighter distillation (run 15's weight 1 bought recall for +2-3% perplexity)
-    "recipe_decay256_md256_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
-                                        s2_block=4096, evals={"": {}}),
-    "recipe_decay256_md256_kd05_s2_4k": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256},
-                                             s2_loss=dict(ce_weight=1.0, kd_weight=0.5), s2_block=4096,
+    "recipe_decay256_md256_s2_4k": dict(cfg=RUN14, s2_block=4096, evals={"": {}}),
+    "recipe_decay256_md256_kd05_s2_4k": dict(cfg=RUN14, s2_loss=dict(ce_weight=1.0, kd_weight=0.5), s2_block=4096,
                                              evals={"": {}}),
-    # run 16's delta with the cache's selection discounted by age (global_cache_horizon, switched on after
-    # training), alone and with selections every 128 tokens (the band grows to 191 between them)
-    "r16_horizon": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 256}, s2_block=4096,
-                        s2_loss=dict(ce_weight=1.0, kd_weight=0.5), delta="recipe_decay256_md256_kd05_s2_4k",
-                        evals={"+h2048": {"global_cache_horizon": 2048},
-                               "+h2048+P128": {"global_cache_horizon": 2048, "global_cache_interval": 128}}),
     "recipe_decay256_md64": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 64}, evals={"": {}}),
     "recipe_decay256_md1024": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 1024}, evals={"": {}}),
     "recipe_md256": dict(cfg={**RECIPE, "memory_distance": 256}, evals={"": {}}),
     # the recipe with a 256-token window (and half the cache, so the state stays near 2x the default)
     "recipe_w256_gc64": dict(cfg={**RECIPE, "window_size": 256, "global_cache_size": 64}, evals={"": {}}),
+}
+# run 16's delta with the cache's selection discounted by age (global_cache_horizon, switched on after
+# training), alone and with selections every 128 tokens (the band grows to 191 between them)
+VARIANTS["r16_horizon"] = {
+    **VARIANTS["recipe_decay256_md256_kd05_s2_4k"], "delta": "recipe_decay256_md256_kd05_s2_4k",
+    "evals": {"+h2048": {"global_cache_horizon": 2048},
+              "+h2048+P128": {"global_cache_horizon": 2048, "global_cache_interval": 128}},
 }
 
 
@@ -229,15 +228,17 @@ def evaluate(model, tok, args, val, wiki, text: str, device) -> dict:
         lolcats.set_mode(model, "hybrid")
     row["short_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    pp = position_perplexity(model, tok, text, window=max(args.lengths), max_windows=args.ppl_windows,
-                             device=device, dtype="bfloat16")
-    row["position_ppl"] = {f"{b['lo']}-{b['hi']}": b["ppl"] for b in pp["buckets"]}
+
+    def buckets() -> dict:
+        pp = position_perplexity(model, tok, text, window=max(args.lengths), max_windows=args.ppl_windows,
+                                 device=device, dtype="bfloat16")
+        return {f"{b['lo']}-{b['hi']}": b["ppl"] for b in pp["buckets"]}
+
+    row["position_ppl"] = buckets()
     row["position_seconds"] = time.perf_counter() - t
     if lolcats.is_converted(model):  # the control's buckets: what the LoRA alone does to long inputs
         lolcats.set_mode(model, "softmax")
-        pp = position_perplexity(model, tok, text, window=max(args.lengths), max_windows=args.ppl_windows,
-                                 device=device, dtype="bfloat16")
-        row["control_position_ppl"] = {f"{b['lo']}-{b['hi']}": b["ppl"] for b in pp["buckets"]}
+        row["control_position_ppl"] = buckets()
         lolcats.set_mode(model, "hybrid")
     res = evaluate_long(model, tok, tasks=args.tasks, lengths=args.lengths, depths=args.depths,
                         samples=args.samples, batch_size=args.batch, device=device, dtype="bfloat16")
