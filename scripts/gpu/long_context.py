@@ -53,6 +53,7 @@ SINKS, GC = {"sink_size": 4}, {"global_cache_size": 64}
 GC128DD = {"global_cache_size": 128, "global_cache_dedup": 0.95}
 RECIPE = {**SINKS, **GC128DD, "feature_map_rope": False, "linear_decay": 1024}  # README's long-input recipe
 RUN14 = {**RECIPE, "linear_decay": 256, "memory_distance": 256}  # + decay 256 and position-free memory
+RUN14_H = {**RUN14, "global_cache_horizon": 2048, "global_cache_interval": 128}  # + the cache horizon, P128
 # name: conversion config for training, stage-2 block length, inference settings (memory changes)
 VARIANTS: dict[str, dict] = {
     "default": dict(cfg={}, evals={"": {}, "+sinks4+gc64": {**SINKS, **GC}}),
@@ -105,6 +106,10 @@ VARIANTS: dict[str, dict] = {
     "recipe_decay256_md256_s2_4k": dict(cfg=RUN14, s2_block=4096, evals={"": {}}),
     "recipe_decay256_md256_kd05_s2_4k": dict(cfg=RUN14, s2_loss=dict(ce_weight=1.0, kd_weight=0.5), s2_block=4096,
                                              evals={"": {}}),
+    # run 14 trained with the cache horizon (2048) and selections every 128 tokens in place, with and
+    # without run 15's distillation (which bought passkey >= 90% for +2-3% perplexity)
+    "recipe_h2048_p128": dict(cfg=RUN14_H, evals={"": {}}),
+    "recipe_h2048_p128_kd": dict(cfg=RUN14_H, s2_loss=dict(ce_weight=1.0, kd_weight=1.0), evals={"": {}}),
     "recipe_decay256_md64": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 64}, evals={"": {}}),
     "recipe_decay256_md1024": dict(cfg={**RECIPE, "linear_decay": 256, "memory_distance": 1024}, evals={"": {}}),
     "recipe_md256": dict(cfg={**RECIPE, "memory_distance": 256}, evals={"": {}}),
