@@ -124,6 +124,10 @@ VARIANTS["r16_horizon"] = {
               "+h2048+P128": {"global_cache_horizon": 2048, "global_cache_interval": 128}},
 }
 
+# the same for run 14's recipe (Gemma's G3 delta)
+VARIANTS["r14_horizon"] = {**VARIANTS["recipe_decay256_md256"], "delta": "recipe_decay256_md256",
+                           "evals": VARIANTS["r16_horizon"]["evals"]}
+
 
 def decay_horizons(model) -> dict | None:
     """The learned decays as horizons 1 / (1 - lambda) in tokens: quantiles over every layer's heads."""
