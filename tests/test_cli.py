@@ -52,9 +52,32 @@ def test_conversion_flags_come_from_lolcats_config():
     assert (cfg.sink_size, cfg.global_cache_size, cfg.global_cache_interval, cfg.global_cache_dedup) == (4, 128, 32, 0.9)
     assert cfg.linear_decay == 1024
     assert cfg.feature_map_rope is False and cfg.feature_dim == 16 and cfg.window_size == 64
-    assert linearize_kwargs(build_parser().parse_args(["linearize"]))["config"] == lolcats.LolcatsConfig()
+    assert linearize_kwargs(build_parser().parse_args(["linearize"]))["config"] == lolcats.LolcatsConfig.preset("long")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["linearize", "--key-maps", "both"])
+
+
+def test_memory_preset_is_long_unless_it_is_none(tmp_path):
+    """`lolcats linearize` converts with the long-context memory unless --memory none (or YAML memory: none);
+    conversion flags and keys go on top of the preset, and the recipe records the preset's name."""
+    kw = linearize_kwargs(build_parser().parse_args(["linearize", "--sinks", "8"]))
+    cfg = kw["config"]
+    assert (cfg.sink_size, cfg.global_cache_size, cfg.global_cache_horizon, cfg.linear_decay) == (8, 128, 2048, 256)
+    assert cfg.feature_map_rope is False and cfg.memory_distance == 256 and "memory" not in kw
+    kw = linearize_kwargs(build_parser().parse_args(["linearize", "--memory", "none"]))
+    assert kw["config"] == lolcats.LolcatsConfig() and kw["memory"] == "none"
+    f = tmp_path / "c.yaml"
+    f.write_text("memory: none\nwindow_size: 16\n")
+    kw = linearize_kwargs(build_parser().parse_args(["linearize", "--config", str(f)]))
+    assert kw["config"] == lolcats.LolcatsConfig(window_size=16) and kw["memory"] == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["linearize", "--memory", "short"])
+
+
+def test_window_zero_under_the_memory_preset_names_the_way_out(capsys, tmp_path):
+    """A pure linear model has no window for the preset's cache: one line saying --memory none."""
+    _one_line_error(capsys, ["linearize", "--window", "0", "--out", str(tmp_path / "o")], "--memory none")
+    assert not (tmp_path / "o").exists()
 
 
 def _one_line_error(capsys, argv, match):

@@ -2,6 +2,7 @@
 kill-and-resume, and the bad inputs (one-line LinearizeError, nothing written)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -55,6 +56,27 @@ def test_end_to_end_tiny(base_dir, data_file, tmp_path):
     model = lolcats.from_pretrained(out)
     assert lolcats.is_converted(model)
     assert json.loads((out / "config.json").read_text())["lora"] is True
+
+
+def test_config_keys_go_on_top_of_the_memory_preset(tokenizer, tmp_path):
+    """config= a dict (or None) is the long-context preset with those keys on top, saved in the delta;
+    memory="none" is the paper's conversion; a LolcatsConfig is used as given."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 49152, (6, 160), generator=g)
+    splits = DataSplits(TokenBlocks(ids[:4], ids[:4].clone()), TokenBlocks(ids[4:], ids[4:].clone()), "npy:test", (4, 2))
+    opts = dict(tokenizer=tokenizer, stage1_tokens=320, eval_tokens=160, micro_batch_size=2, max_new_tokens=2,
+                skip_stage2=True, device="cpu")
+    base = tiny_model("llama", vocab_size=49152)
+    linearize(copy.deepcopy(base), splits, out=tmp_path / "long", config=CFG, **opts)
+    saved = json.loads((tmp_path / "long" / "config.json").read_text())["lolcats"]
+    assert saved == LolcatsConfig.preset("long", **CFG).to_dict() and saved["global_cache_size"] == 128
+    assert json.loads((tmp_path / "long" / "metrics.json").read_text())["options"]["memory"] == "long"
+    model = lolcats.from_pretrained(tmp_path / "long", base_model=base)
+    assert model.lolcats_config.sink_size == 4 and model.lolcats_config.linear_decay == 256
+    linearize(tiny_model("llama", vocab_size=49152), splits, out=tmp_path / "none", config=CFG, memory="none", **opts)
+    assert json.loads((tmp_path / "none" / "config.json").read_text())["lolcats"] == LolcatsConfig(**CFG).to_dict()
+    with pytest.raises(LinearizeError, match="--memory none"):
+        linearize(tiny_model("llama", vocab_size=49152), splits, out=tmp_path / "w0", config={"window_size": 0}, **opts)
 
 
 def test_predefined_splits_and_skip_stage2(tokenizer, tmp_path):

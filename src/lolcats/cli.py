@@ -21,7 +21,7 @@ from lolcats.config import LolcatsConfig
 from lolcats.console import EXIT_USAGE, _error_line, announce_threads, make_console, report_error  # noqa: F401
 from lolcats.errors import LinearizeError, LolcatsError
 from lolcats.linearize import default_out_dir, linearize
-from lolcats.recipe import Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
+from lolcats.recipe import PRESETS, Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
 from lolcats.train import distributed
 
 
@@ -83,9 +83,10 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file of conversion keys (window_size, feature_dim, ...) and linearize options")
     # one flag per LolcatsConfig field that declares one (metadata "flag"), named by its field
-    add_conversion_arguments(p.add_argument_group("conversion"))
-    # one flag per recipe field (lolcats.recipe): --stage1-tokens, --lr1, ..., and --data
-    Recipe.add_arguments({"input": p, "training": p.add_argument_group("training")})
+    conversion = p.add_argument_group("conversion")
+    add_conversion_arguments(conversion)
+    # one flag per recipe field (lolcats.recipe): --stage1-tokens, --lr1, ..., --memory and --data
+    Recipe.add_arguments({"input": p, "training": p.add_argument_group("training"), "conversion": conversion})
     o = p.add_argument_group("output")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output delta folder")
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
@@ -98,16 +99,20 @@ def add_linearize_parser(subparsers: Any) -> argparse.ArgumentParser:
 def add_conversion_arguments(group) -> None:
     """The conversion flags, from LolcatsConfig's field metadata (the option's one declaration):
     "flag" names it, the help is the field's; every default is None ("not given": YAML, then the
-    config's default, which the help shows)."""
+    memory preset's value, which the help shows)."""
+    memory = PRESETS["cpu"]["memory"]
+    preset, off = LolcatsConfig.preset(memory).to_dict(), LolcatsConfig().to_dict()
     for f in dataclasses.fields(LolcatsConfig):
         meta = f.metadata
         if "flag" not in meta:
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": f"{meta['help']} (default {default})"}
-        if isinstance(default, bool):  # the flag switches the default over
+        shown = (f"default {preset[f.name]}" if preset[f.name] == off[f.name]
+                 else f"default {preset[f.name]} under --memory {memory}, {off[f.name]} under --memory none")
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": f"{meta['help']} ({shown})"}
+        if isinstance(default, bool):  # the flag sets the value the field's default is not
             kwargs["action"] = "store_false" if default else "store_true"
-            kwargs["help"] = f"{meta['help']} (default {default}; the flag sets {not default})"
+            kwargs["help"] = f"{meta['help']} ({shown}; the flag sets {not default})"
         elif "choices" in meta:
             kwargs["choices"] = list(meta["choices"])
         else:
@@ -123,8 +128,8 @@ def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     cfg_keys.update({f.name: getattr(args, f.name) for f in dataclasses.fields(LolcatsConfig)
                      if getattr(args, f.name, None) is not None})
     options.update(Recipe.given(args))
-    try:
-        config = LolcatsConfig.from_dict(cfg_keys)
+    try:  # the memory preset (YAML `memory` or --memory; default long), the conversion keys on top
+        config = LolcatsConfig.preset(options.get("memory", PRESETS["cpu"]["memory"]), **cfg_keys)
     except (ValueError, TypeError) as e:
         raise LinearizeError(" ".join(str(e).split())) from None
     data = options.pop("data", None)

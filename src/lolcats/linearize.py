@@ -595,7 +595,8 @@ def _setup(model: Any, data: Any, *, out: Any, config: Any, tokenizer: Any, reci
     if recipe.fsdp and distributed.world_size() < 2:
         raise LinearizeError("fsdp shards the model over the processes of a torchrun launch; "
                              "run with torchrun --nproc_per_node N (N >= 2) or drop --fsdp")
-    lcfg = LolcatsConfig.from_dict(config) if isinstance(config, dict) else (config or LolcatsConfig())
+    # a LolcatsConfig is used as given; None or a dict of keys goes on top of the recipe's memory preset
+    lcfg = config if isinstance(config, LolcatsConfig) else LolcatsConfig.preset(recipe.memory, **(config or {}))
     out_path = Path(out).expanduser().resolve()
     _check_out(out_path, overwrite=overwrite)
     run = Run(model_arg=model, out=out_path, config=lcfg, device=dev, tokenizer=tokenizer,
@@ -628,8 +629,10 @@ def linearize(*args: Any, **kwargs: Any) -> dict[str, Any]:
     `recipe` (default: `Recipe.for_device(device)`) with the keyword arguments of the same names
     on top (None: the recipe's value); see `lolcats.recipe.Recipe` for each one. `blockwise=K`
     trains stage 1 block by block (K decoder layers each) from stored teacher hidden states
-    (`lolcats.train.blockwise`). Bad input raises `LinearizeError` (one line) before anything is
-    written.
+    (`lolcats.train.blockwise`). `config` is the conversion: a `LolcatsConfig` is used as given;
+    None or a dict of its keys goes on top of the memory preset `memory` ("long" by default, "none":
+    the paper's; `LolcatsConfig.preset`). Bad input raises `LinearizeError` (one line) before
+    anything is written.
 
     The output location is checked and locked before any work: a bad --out fails in a second, not
     after the model is loaded, and two runs never train into the same folders (`lolcats.lock`)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lolcats import validate
-from lolcats.config import LolcatsConfig
+from lolcats.config import MEMORY_PRESETS, LolcatsConfig
 from lolcats.errors import LinearizeError
 from lolcats.train.loop import DTYPES, SCHEDULES, TrainConfig
 
@@ -149,6 +149,11 @@ class Recipe:
                                  "position) to the next-token loss; the teacher is the same model with LoRA "
                                  "off and softmax attention, one extra forward. Keeps the teacher's recall "
                                  "(QUALITY.md); 0 = off")
+    memory: str = option("long", choices=tuple(MEMORY_PRESETS), group="conversion",
+                         help="memory beyond the window (conversion keys and flags change it): long = 4 sinks, "
+                              "a 128-pair global cache, a learned decay, position-free memory, feature maps "
+                              "before RoPE (constant memory; about 2x the paper's decode state; QUALITY.md); "
+                              "none = the paper's LoLCATs (window + linear state)")
     lora_r: int = option(8, check=_integer(1), type=int, metavar="R", help="LoRA rank (default 8)")
     lora_alpha: float = option(16.0, check=_number(above=0.0), type=float, metavar="A",
                                help="LoRA alpha (default 16)")

@@ -16,13 +16,13 @@ import torch
 
 from lolcats.attention.hybrid import empty_state
 from lolcats.bench.common import OnRow, dtype_name, resolve_device
-from lolcats.config import LolcatsConfig
+from lolcats.config import MEMORY_PRESETS, LolcatsConfig
 
 __all__ = ["run_state", "state_table"]
 
 # memory mechanisms compared by `lolcats bench state --mechanisms` (LolcatsConfig changes)
 MECHANISMS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {},  # the paper's (memory none)
     "window 256": {"window_size": 256},
     "pre-RoPE maps": {"feature_map_rope": False},
     "sinks 4": {"sink_size": 4},
@@ -40,6 +40,8 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     "same + cache horizon 2048": {"sink_size": 4, "feature_map_rope": False, "global_cache_size": 128,
                                   "global_cache_dedup": 0.95, "linear_decay": 256, "memory_distance": 256,
                                   "global_cache_horizon": 2048},
+    # + selections every 128 tokens (the band between them grows to 191 tokens): `lolcats linearize`'s default
+    "memory long (linearize's default)": MEMORY_PRESETS["long"],
 }
 
 
