@@ -127,6 +127,9 @@ VARIANTS["r16_horizon"] = {
 # the same for run 14's recipe (Gemma's G3 delta)
 VARIANTS["r14_horizon"] = {**VARIANTS["recipe_decay256_md256"], "delta": "recipe_decay256_md256",
                            "evals": VARIANTS["r16_horizon"]["evals"]}
+# the horizon recipe's trained delta with larger cache budgets switched on after training (run G5)
+VARIANTS["h2048_p128_budgets"] = {**VARIANTS["recipe_h2048_p128"], "delta": "recipe_h2048_p128",
+                                  "evals": {"+gc256": {"global_cache_size": 256}, "+gc512": {"global_cache_size": 512}}}
 
 
 def decay_horizons(model) -> dict | None:
