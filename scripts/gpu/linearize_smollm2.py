@@ -62,13 +62,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def calibrate(base, splits, mbs: int, device: str = "cuda", steps: int = 8, warmup: int = 3) -> dict[str, float]:
-    """tokens/s of stage 1 and stage 2 steps (bf16 autocast) on a throwaway copy of the model."""
+def calibrate(base, splits, mbs: int, device: str = "cuda", steps: int = 8, warmup: int = 3,
+              memory: str = "long") -> dict[str, float]:
+    """tokens/s of stage 1 and stage 2 steps (bf16 autocast) on a throwaway copy of the model, converted
+    as the run will be (the memory preset)."""
     import lolcats
     from lolcats.train import TransferLoss, add_lora, causal_lm_loss, lora_parameters, transfer_parameters
 
     model = copy.deepcopy(base)
-    lolcats.convert(model, lolcats.LolcatsConfig())
+    lolcats.convert(model, lolcats.LolcatsConfig.preset(memory))
     L = splits.train.block_size
     batch = {"input_ids": splits.train.input_ids[:mbs].to(device), "labels": splits.train.labels[:mbs].to(device)}
     kind = torch.device(device).type
@@ -108,6 +110,8 @@ def calibrate(base, splits, mbs: int, device: str = "cuda", steps: int = 8, warm
 
 
 def main() -> int:
+    from lolcats.config import MEMORY_PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct GGUF file")
     ap.add_argument("--data-npy", required=True, help="folder from scripts/gpu/prepare_data.py")
@@ -122,6 +126,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of this script)")
     ap.add_argument("--calib-steps", type=int, default=8)
+    ap.add_argument("--memory", default="long", choices=tuple(MEMORY_PRESETS),
+                    help="memory preset of the conversion (lolcats linearize --memory; default long)")
     args = ap.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -148,7 +154,7 @@ def main() -> int:
     calib = None
     s1, s2 = args.stage1_tokens, args.stage2_tokens
     if s1 is None or s2 is None:
-        calib = calibrate(base, splits, mbs, args.device, steps=args.calib_steps)
+        calib = calibrate(base, splits, mbs, args.device, steps=args.calib_steps, memory=args.memory)
         log(f"calibration: {json.dumps({k: round(v) for k, v in calib.items()})}")
         eval_tokens = min(args.eval_tokens, len(splits.val) * L)
         reserve = 4 * eval_tokens / calib["eval_tok_s"] + 45  # perplexities, sample, save, checkpoints, slack
@@ -186,7 +192,7 @@ def main() -> int:
         base, splits, tokenizer=tok, out=root / "lolcats-smollm2", overwrite=True, device=args.device,
         dtype="bfloat16" if gpu else "float32",
         stage1_tokens=s1, stage2_tokens=s2, micro_batch_size=mbs, grad_accum=1, lr1=args.lr1,
-        lr2=args.lr2 or cuda["lr2"], eval_tokens=args.eval_tokens, seed=args.seed, progress=progress,
+        lr2=args.lr2 or cuda["lr2"], eval_tokens=args.eval_tokens, memory=args.memory, seed=args.seed, progress=progress,
         eval_every=max(1, min(steps1, steps2) // 4), checkpoint_every=10**9, warmup_steps=min(20, steps1 // 10),
     )
     metrics["calibration"] = calib
