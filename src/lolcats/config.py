@@ -174,8 +174,10 @@ class LolcatsConfig:
         try:
             return cls.from_dict({**MEMORY_PRESETS[memory], **changes})
         except ConfigError as e:
-            if not MEMORY_PRESETS[memory]:
-                raise
+            try:  # bad on their own: the preset is not the cause, and the message stays the keys' own
+                cls.from_dict(changes)
+            except ConfigError:
+                raise e from None
             raise ConfigError(f"{e} (under the {memory!r} memory preset; --memory none, or memory: none, "
                               "converts without its memory)") from None
 
