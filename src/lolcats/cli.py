@@ -101,14 +101,14 @@ def add_conversion_arguments(group) -> None:
     "flag" names it, the help is the field's; every default is None ("not given": YAML, then the
     memory preset's value, which the help shows)."""
     memory = PRESETS["cpu"]["memory"]
-    preset, off = LolcatsConfig.preset(memory).to_dict(), LolcatsConfig().to_dict()
+    preset, paper = LolcatsConfig.preset(memory).to_dict(), LolcatsConfig().to_dict()
     for f in dataclasses.fields(LolcatsConfig):
         meta = f.metadata
         if "flag" not in meta:
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = (f"default {preset[f.name]}" if preset[f.name] == off[f.name]
-                 else f"default {preset[f.name]} under --memory {memory}, {off[f.name]} under --memory none")
+        shown = (f"default {preset[f.name]}" if preset[f.name] == paper[f.name]
+                 else f"default {preset[f.name]} under --memory {memory}, {paper[f.name]} under --memory none")
         kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": f"{meta['help']} ({shown})"}
         if isinstance(default, bool):  # the flag sets the value the field's default is not
             kwargs["action"] = "store_false" if default else "store_true"

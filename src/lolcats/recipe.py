@@ -12,7 +12,8 @@ device presets (`Recipe.for_device`), the keys a ``--config`` YAML file may hold
 ``stage1_tokens``). The recipe is saved in metrics.json (``options``).
 
 To add an option: add a field here (and read it where it is used, e.g. `train_config`).
-The model's conversion settings (window, feature maps, ...) are `lolcats.LolcatsConfig`, not here.
+The model's conversion settings (window, feature maps, ...) are `lolcats.LolcatsConfig`, not here;
+`memory` only names the `LolcatsConfig.preset` that the conversion keys go on top of.
 """
 from __future__ import annotations
 
