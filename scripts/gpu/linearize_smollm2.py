@@ -63,9 +63,9 @@ def _sync(device: str) -> None:
 
 
 def calibrate(base, splits, mbs: int, device: str = "cuda", steps: int = 8, warmup: int = 3,
-              memory: str = "long") -> dict[str, float]:
+              memory: str | None = None) -> dict[str, float]:
     """tokens/s of stage 1 and stage 2 steps (bf16 autocast) on a throwaway copy of the model, converted
-    as the run will be (the memory preset)."""
+    as the run will be (the memory preset; None: the default one)."""
     import lolcats
     from lolcats.train import TransferLoss, add_lora, causal_lm_loss, lora_parameters, transfer_parameters
 
@@ -110,7 +110,7 @@ def calibrate(base, splits, mbs: int, device: str = "cuda", steps: int = 8, warm
 
 
 def main() -> int:
-    from lolcats.config import MEMORY_PRESETS
+    from lolcats.config import DEFAULT_MEMORY, MEMORY_PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct GGUF file")
@@ -126,8 +126,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of this script)")
     ap.add_argument("--calib-steps", type=int, default=8)
-    ap.add_argument("--memory", default="long", choices=tuple(MEMORY_PRESETS),
-                    help="memory preset of the conversion (lolcats linearize --memory; default long)")
+    ap.add_argument("--memory", default=DEFAULT_MEMORY, choices=tuple(MEMORY_PRESETS),
+                    help=f"memory preset of the conversion (lolcats linearize --memory; default {DEFAULT_MEMORY})")
     args = ap.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 from lolcats import __version__
-from lolcats.config import LolcatsConfig
+from lolcats.config import DEFAULT_MEMORY, LolcatsConfig
 from lolcats.console import EXIT_USAGE, _error_line, announce_threads, make_console, report_error  # noqa: F401
 from lolcats.errors import LinearizeError, LolcatsError
 from lolcats.linearize import default_out_dir, linearize
-from lolcats.recipe import PRESETS, Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
+from lolcats.recipe import Recipe, load_config_file, parse_count  # noqa: F401 (parse_count: re-exported)
 from lolcats.train import distributed
 
 
@@ -100,7 +100,7 @@ def add_conversion_arguments(group) -> None:
     """The conversion flags, from LolcatsConfig's field metadata (the option's one declaration):
     "flag" names it, the help is the field's; every default is None ("not given": YAML, then the
     memory preset's value, which the help shows)."""
-    memory = PRESETS["cpu"]["memory"]
+    memory = DEFAULT_MEMORY
     preset, paper = LolcatsConfig.preset(memory).to_dict(), LolcatsConfig().to_dict()
     for f in dataclasses.fields(LolcatsConfig):
         meta = f.metadata
@@ -129,7 +129,7 @@ def linearize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                      if getattr(args, f.name, None) is not None})
     options.update(Recipe.given(args))
     try:  # the memory preset (YAML `memory` or --memory; default long), the conversion keys on top
-        config = LolcatsConfig.preset(options.get("memory", PRESETS["cpu"]["memory"]), **cfg_keys)
+        config = LolcatsConfig.preset(options.get("memory"), **cfg_keys)
     except (ValueError, TypeError) as e:
         raise LinearizeError(" ".join(str(e).split())) from None
     data = options.pop("data", None)

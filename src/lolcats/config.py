@@ -166,9 +166,11 @@ class LolcatsConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def preset(cls, memory: str = "long", **changes: Any) -> "LolcatsConfig":
+    def preset(cls, memory: str | None = None, **changes: Any) -> "LolcatsConfig":
         """A memory preset of `MEMORY_PRESETS` ("long": what `lolcats linearize` converts with by
-        default; "none": the paper's window + linear state, as `LolcatsConfig()`), `changes` on top."""
+        default; "none": the paper's window + linear state, as `LolcatsConfig()`; None: `DEFAULT_MEMORY`),
+        `changes` on top."""
+        memory = DEFAULT_MEMORY if memory is None else memory
         if memory not in MEMORY_PRESETS:
             raise ConfigError(f"unknown memory preset {memory!r}; choose one of {', '.join(MEMORY_PRESETS)}")
         try:
@@ -206,3 +208,4 @@ MEMORY_PRESETS: dict[str, dict[str, Any]] = {
              "global_cache_dedup": 0.95, "global_cache_horizon": 2048, "linear_decay": 256, "memory_distance": 256},
     "none": {},
 }
+DEFAULT_MEMORY = "long"  # the preset `lolcats linearize` and `LolcatsConfig.preset()` use unless told otherwise

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lolcats import validate
-from lolcats.config import MEMORY_PRESETS, LolcatsConfig
+from lolcats.config import DEFAULT_MEMORY, MEMORY_PRESETS, LolcatsConfig
 from lolcats.errors import LinearizeError
 from lolcats.train.loop import DTYPES, SCHEDULES, TrainConfig
 
@@ -150,7 +150,7 @@ class Recipe:
                                  "position) to the next-token loss; the teacher is the same model with LoRA "
                                  "off and softmax attention, one extra forward. Keeps the teacher's recall "
                                  "(QUALITY.md); 0 = off")
-    memory: str = option("long", choices=tuple(MEMORY_PRESETS), group="conversion",
+    memory: str = option(DEFAULT_MEMORY, choices=tuple(MEMORY_PRESETS), group="conversion",
                          help="memory beyond the window (conversion keys and flags change it): long = 4 sinks, "
                               "a 128-pair global cache, a learned decay, position-free memory, feature maps "
                               "before RoPE (constant memory; about 2x the paper's decode state; QUALITY.md); "
