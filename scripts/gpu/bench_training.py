@@ -7,6 +7,11 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
         --out $OUT/stage1_8b_ngpu2.json
     # stage 2 (LoRA r 8 on q/k/v/o) with and without activation checkpointing
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --stage 2 --micro-batch 4 --activation-checkpointing
+    # SmolLM2's shape, stage 2: the default memory (--memory long), the paper's conversion, and the
+    # control (the same LoRA on the softmax model); LOLCATS_BACKEND=torch: the memory's form uncompiled
+    PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2
+    PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --memory none
+    PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --control
     # a base that does not fit one GPU: Llama-3-70B shapes sharded over 4 GPUs (FSDP2)
     PYTHONPATH=src torchrun --standalone --nproc_per_node 4 scripts/gpu/bench_training.py \
         --preset llama3-70b --fsdp --micro-batch 1 --out $OUT/stage1_70b_fsdp4.json
@@ -16,9 +21,10 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
 
 Each process builds the same random-weight Llama of the preset's shape (`random_causal_lm`; with
 --fsdp built on the meta device, sharded per decoder layer, then materialised shard by shard),
-`lolcats.convert`s it and runs `lolcats.train.train` on random token blocks: stage 1 with
+`lolcats.convert`s it (the --memory preset, default as `lolcats linearize`) and runs `lolcats.train.train` on random token blocks: stage 1 with
 `TransferLoss` (AdamW on phi/gamma), stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma
-frozen), gradient clipping, bf16 autocast on CUDA; --activation-checkpointing as in
+frozen; --control: the same LoRA on the softmax model, the converted layers in softmax mode),
+gradient clipping, bf16 autocast on CUDA; --activation-checkpointing as in
 `lolcats linearize` (stage 1 not under --fsdp). A step takes world_size x micro-batch x
 grad-accum blocks (each rank its own micro-batch); gradients are averaged across ranks.
 Throughput = tokens of all ranks over the steps after --warmup, divided by their wall time (each
@@ -44,6 +50,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # run from a checkout without installing
 
 from lolcats import LolcatsConfig, convert  # noqa: E402
+from lolcats.attention.layer import set_mode  # noqa: E402
+from lolcats.config import DEFAULT_MEMORY, MEMORY_PRESETS  # noqa: E402
 from lolcats.bench.common import dtype_name, environment, peak_memory, reset_peak_memory, resolve_dtype, sync  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
@@ -52,8 +60,8 @@ from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, l
 from lolcats.train import transfer_parameters  # noqa: E402
 from lolcats.train import distributed  # noqa: E402
 
-HEADER = ("| stage | preset | layers | GPUs | FSDP | act. ckpt | block x micro-batch x accum | tokens/s (all) | tokens/s per GPU "
-          "| s/step | peak GiB per rank (max) | model GiB per rank |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| stage | model | preset | layers | GPUs | FSDP | act. ckpt | block x micro-batch x accum | tokens/s (all) | tokens/s per GPU "
+          "| s/step | peak GiB per rank (max) | model GiB per rank |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,12 +81,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps not measured (Triton compilation, allocator)")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base over the ranks (FSDP2)")
     p.add_argument("--key-maps", choices=["query", "kv"], default="query", help="key feature map per query or KV head")
+    p.add_argument("--memory", choices=sorted(MEMORY_PRESETS), default=DEFAULT_MEMORY,
+                   help=f"memory preset of the conversion (default {DEFAULT_MEMORY!r}, as lolcats linearize)")
+    p.add_argument("--control", action="store_true",
+                   help="stage 2 on the softmax model (LoRA alone): what stage 2's throughput is compared with")
     p.add_argument("--lr", type=float, default=None, help="default 1e-2 (stage 1), 1e-4 (stage 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="torch.profiler over N steps after --warmup: the top ops by device time printed and "
+                        "saved beside --out (the profiled steps' throughput is not comparable)")
     p.add_argument("--out", default=None, help="JSON file (default $OUT/stage1_<preset>_ngpu<N>[_fsdp].json if $OUT is set)")
     args = p.parse_args(argv)
+    if args.profile > args.steps or args.profile < 0:
+        p.error("--profile N takes N of the measured --steps (0 <= N <= --steps)")
     if args.steps < 1 or args.warmup < 0 or args.micro_batch < 1 or args.grad_accum < 1 or args.block_size < 2:
         p.error("--steps, --micro-batch, --grad-accum must be >= 1, --warmup >= 0, --block-size >= 2")
+    if args.control and args.stage != 2:
+        p.error("--control is stage 2's comparison (LoRA on the softmax model): use it with --stage 2")
     return args
 
 
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(args, device, dtype)
-    convert(model, LolcatsConfig(key_map_sharing=args.key_maps))
+    convert(model, LolcatsConfig.preset(args.memory, key_map_sharing=args.key_maps))
     model_bytes = torch.cuda.memory_allocated(device) if cuda else None
     reset_peak_memory(device)
     checkpointing = args.activation_checkpointing and not (args.fsdp and args.stage == 1)
@@ -140,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn, params = TransferLoss(model), transfer_parameters(model)
     else:
         model = add_lora(model)  # r 8, alpha 16 on q/k/v/o; phi/gamma frozen
+        if args.control:
+            set_mode(model, "softmax")
         loss_fn, params = causal_lm_loss, lora_parameters(model)
     total_steps = args.warmup + args.steps
     n_blocks = world * args.micro_batch * args.grad_accum * total_steps  # every block seen once
@@ -148,18 +169,34 @@ def main(argv: list[str] | None = None) -> int:
     blocks = TokenBlocks(input_ids=ids, labels=ids.clone())
 
     times: list[tuple[int, float]] = []  # (tokens of all ranks, seconds since start) at each step's end
+    prof = None
+    if args.profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        prof = torch.profiler.profile(activities=acts)
+        if args.warmup == 0:
+            prof.start()
     t0 = time.perf_counter()
 
     def callback(event: dict[str, Any]) -> None:
         if event.get("event") == "step":
             sync(device)  # the step's update is done
             times.append((int(event["tokens"]), time.perf_counter() - t0))
+            if prof is not None and len(times) == args.warmup:
+                prof.start()
+            if prof is not None and len(times) == args.warmup + args.profile:
+                prof.stop()
 
     lr = args.lr if args.lr is not None else (1e-2 if args.stage == 1 else 1e-4)
     tc = TrainConfig(lr=lr, max_steps=total_steps, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
                      dtype=autocast, eval_every=0, checkpoint_every=0, log_every=total_steps, seed=args.seed)
     res = train(model, params, loss_fn, blocks, None, config=tc, callback=callback, name=f"stage{args.stage}",
                 device=device)
+    profile_table = None
+    if prof is not None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        profile_table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        if rank == 0:
+            print(profile_table)
     tok0, s0 = times[args.warmup - 1] if args.warmup > 0 else (0, 0.0)
     tok1, s1 = times[-1]
     tokens_per_s = (tok1 - tok0) / max(s1 - s0, 1e-9)
@@ -173,27 +210,29 @@ def main(argv: list[str] | None = None) -> int:
                        "device": device.type, "weights_dtype": dtype_name(dtype), "autocast": autocast,
                        "block_size": args.block_size, "micro_batch_size": args.micro_batch,
                        "grad_accum": args.grad_accum, "warmup_steps": args.warmup, "measured_steps": args.steps,
-                       "key_maps": args.key_maps, "fsdp": args.fsdp, "world_size": world,
+                       "key_maps": args.key_maps, "memory": args.memory, "control": args.control,
+                       "backend": os.environ.get("LOLCATS_BACKEND", "auto"), "fsdp": args.fsdp, "world_size": world,
                        "tokens_per_step": world * args.micro_batch * args.grad_accum * args.block_size},
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
             "seconds_per_step": (s1 - s0) / args.steps, "warmup_seconds": s0,
             "peak_memory_bytes_per_rank": peaks, "model_memory_bytes_per_rank": models,
             "trainable_parameters": sum(p.numel() for p in params.values()),
             "final_loss": res.final_train_loss, "nonfinite_steps": res.nonfinite_steps,
-            "env": environment(device),
+            "env": environment(device), "profile": profile_table, "profiled_steps": args.profile,
         }
         gib = 2**30
         peak = f"{max(peaks) / gib:.1f}" if cuda else "-"
         mod = f"{max(models) / gib:.1f}" if cuda else "-"
         print(HEADER)
-        print(f"| {args.stage} | {args.preset} | {result['config']['layers']} | {world} | {'yes' if args.fsdp else 'no'} "
+        what = "softmax + LoRA (control)" if args.control else f"memory {args.memory}, backend {result['config']['backend']}"
+        print(f"| {args.stage} | {what} | {args.preset} | {result['config']['layers']} | {world} | {'yes' if args.fsdp else 'no'} "
               f"| {'yes' if checkpointing else 'no'} "
               f"| {args.block_size} x {args.micro_batch} x {args.grad_accum} | {tokens_per_s:,.0f} "
               f"| {tokens_per_s / world:,.0f} | {result['seconds_per_step']:.3f} | {peak} | {mod} |", flush=True)
         out = args.out
         if out is None and os.environ.get("OUT"):
             out = str(Path(os.environ["OUT"]) / (f"stage{args.stage}_{args.preset}_ngpu{world}{'_fsdp' if args.fsdp else ''}"
-                                                 f"{'_ac' if checkpointing else ''}.json"))
+                                                 f"{'_ac' if checkpointing else ''}_{'control' if args.control else args.memory}.json"))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out, result)

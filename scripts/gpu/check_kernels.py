@@ -11,7 +11,9 @@ the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head 
 1 / 4, both key-map modes, with and without left padding, bfloat16 and float32; a few with softcap
 and continuing from a state. Decode (hybrid_decode, out of place and in place: the ring wrapping
 around; with and without memory beyond the window: sinks, global cache; position-free memory) against
-`hybrid_attention_recurrent`, and the fused Hedgehog feature map against
+`hybrid_attention_recurrent`; training with memory beyond the window (hybrid_attention with
+gradients flowing: the compiled form) against `hybrid_attention_quadratic`, gradients of log lambda,
+the key-map inputs and the memory queries included; and the fused Hedgehog feature map against
 `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
 reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
 bfloat16 1e-2, float32 1e-4. Prints a table and writes JSON (and the per-case table) to --out or
@@ -227,6 +229,43 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
     return err
 
 
+def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_query=False, softcap=None, seed=4):
+    """The training form with memory beyond the window (compiled by Inductor: ops/hybrid/compiled.py),
+    through `hybrid_attention(backend="triton")` with gradients flowing, against the quadratic
+    reference in float64: outputs and the gradients of q, k, v, fq, fk, gamma (and log lambda, the
+    key-map inputs and the memory queries where given)."""
+    B, H = 2, 8
+    Hk = H // G
+    xs, gamma, key_map, mask = make(B, T, H, Hk, D, mode, True, dtype, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    extra = {}
+    if memory_query:  # position-free memory: pre-RoPE keys (what the key maps read) and memory queries
+        extra["key_map_input"] = torch.randn(xs[1].shape, generator=g, device=DEVICE).to(dtype)
+        extra["memory_query"] = torch.randn(xs[0].shape, generator=g, device=DEVICE).to(dtype)
+        xs[4] = key_map(extra["key_map_input"])
+    if decay:
+        extra["log_decay"] = -torch.linspace(0.001, 0.05, xs[4].shape[2], device=DEVICE)
+    ins = [x.detach().clone().requires_grad_() for x in xs] + [gamma.clone().requires_grad_()]
+    extra = {n: x.detach().clone().requires_grad_() for n, x in extra.items()}
+    poison()
+    o, _ = hybrid_attention(*ins, window=W, key_mask=mask, softcap=softcap, memory=memory, key_map=key_map,
+                            backend="triton", **extra)
+    do = torch.randn_like(o)
+    poison()
+    (o.float() * do.float()).sum().backward()
+    refs = [x.detach().double().requires_grad_() for x in ins]
+    rextra = {n: x.detach().double().requires_grad_() for n, x in extra.items()}
+    ro, _ = hybrid_attention_quadratic(*refs, window=W, key_mask=mask, softcap=softcap, memory=memory, **rextra)
+    (ro * do.double()).sum().backward()
+    err = {"o": rel_error(o, ro)}
+    for name, a, r in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), ins, refs):
+        err[name] = rel_error(a.grad, r.grad)
+    for name in extra:
+        err[{"key_map_input": "dkf", "memory_query": "dmq", "log_decay": "dlam"}[name]] = rel_error(
+            extra[name].grad, rextra[name].grad)
+    return err
+
+
 def check_hedgehog(hx, hw, dtype, seed=3, fwd_mode=None, D=128, backend="triton"):
     from lolcats.ops.hedgehog.fused import CONFIG
 
@@ -249,7 +288,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dtype", choices=("bf16", "fp32", "all"), default="all",
                     help="check one dtype (two processes in parallel halve the compile time)")
-    ap.add_argument("--kinds", default="prefill,continue,decode,hedgehog",
+    ap.add_argument("--kinds", default="prefill,continue,decode,training,hedgehog",
                     help="comma-separated kinds of check to run (default: all); each one compiles its own kernels")
     ap.add_argument("--only", default="",
                     help="run only the checks whose 'kind case' contains this text (e.g. 'global', 'sinks'); "
@@ -335,6 +374,16 @@ def main():
             record("decode", f"T0=300 +100 D=64 G=4 query w=50 {tag} memory-query decay softcap=5 in place", dtype,
                    check_decode, 64, 4, "query", dtype, steps=100, window=50, memory=mem, inplace=True, decay=True,
                    separate_inputs=True, softcap=5.0, pad_rows={2: 298}, memory_query=True)
+        # training with memory beyond the window: the compiled form; the default preset's mechanisms
+        # (sinks, global cache with dedup and horizon, decay, position-free memory) at small budgets
+        gc = Memory(sinks=4, global_size=32, interval=64, dedup=0.95, horizon=256)
+        for T, D, G, mode in ((500, 64, 2, "kv"), (1030, 128, 4, "query")):
+            record("training", f"T={T} D={D} G={G} {mode} sinks=4 global=32 P=64 dedup horizon decay memory-query",
+                   dtype, check_training_memory, T, D, G, mode, dtype, gc, decay=True, memory_query=True)
+        record("training", "T=500 D=64 G=1 kv global=16 P=32 softcap=5", dtype, check_training_memory, 500, 64, 1,
+               "kv", dtype, Memory(global_size=16, interval=32), softcap=5.0)
+        record("training", "T=777 D=128 G=4 kv sinks=4 decay", dtype, check_training_memory, 777, 128, 4, "kv",
+               dtype, Memory(sinks=4), decay=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)
@@ -343,10 +392,11 @@ def main():
                backend="auto")
 
     # summary: max error per (kind, dtype, quantity)
-    fields = ["o", "dq", "dk", "dv", "dfq", "dfk", "dgamma", "dgamma0", "S", "z", "win", "mem", "y", "dx", "dW"]
+    fields = ["o", "dq", "dk", "dv", "dfq", "dfk", "dgamma", "dgamma0", "dkf", "dmq", "dlam", "S", "z", "win", "mem",
+              "y", "dx", "dW"]
     lines = ["| check | dtype | cases | failed | " + " | ".join(fields) + " |",
              "|---|---|---|---|" + "---|" * len(fields)]
-    for kind in ("prefill", "continue", "decode", "hedgehog"):
+    for kind in ("prefill", "continue", "decode", "training", "hedgehog"):
         for dt in ("bf16", "fp32"):
             sel = [r for r in rows if r["kind"] == kind and r["dtype"] == dt]
             if not sel:

@@ -1,0 +1,83 @@
+"""The compiled training form (ops/hybrid/compiled.py: memory beyond the window under torch.compile)
+against the chunked reference, outputs and gradients in float64, and when `hybrid_attention` runs it.
+
+Inductor compiles on the CPU too (C++), so the same check runs here and on the GPU
+(scripts/gpu/check_kernels.py). Small shapes: the compile time grows with the selection intervals.
+"""
+import pytest
+import torch
+from kernel_helpers import hybrid_inputs, rel_error
+
+from lolcats.attention.hybrid import Memory, hybrid_attention_chunked
+from lolcats.ops import hybrid_attention
+from lolcats.ops.hybrid import compiled
+from lolcats.ops.hybrid.compiled import compiled_training_form
+
+W, CAP = 6, 2.0
+
+
+def _inputs(memory, sharing, *, decay, kf, T=37, H=4, Hk=2, seed=3):
+    x = hybrid_inputs(2, T, H, Hk, 8, 4, sharing, Dv=10, pad=[0, 5], seed=seed)
+    leaves = [t.clone().requires_grad_() for t in (x.q, x.k, x.v, x.fq, x.fk, x.gamma)]
+    extra = {}
+    g = torch.Generator().manual_seed(seed + 1)
+    if decay:
+        extra["log_decay"] = (-torch.rand(x.fk.shape[2], generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    if kf:
+        extra["key_map_input"] = torch.randn(x.k.shape, generator=g, dtype=torch.float64).requires_grad_()
+        extra["memory_query"] = torch.randn(x.q.shape, generator=g, dtype=torch.float64).requires_grad_()
+    kw = dict(window=W, softcap=CAP, key_mask=x.mask, memory=memory, key_map=x.key_map, **extra)
+    return leaves, kw
+
+
+def _run(form, leaves, kw):
+    o = form(*leaves, **kw)
+    o = o[0] if isinstance(o, tuple) else o
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(9), dtype=o.dtype)
+    grads = torch.autograd.grad(o, [t for t in [*leaves, *kw.values()] if torch.is_tensor(t) and t.requires_grad],
+                                do)
+    return o, grads
+
+
+@pytest.mark.parametrize("memory,sharing,decay,kf", [
+    pytest.param(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", True, True,
+                 id="global-sinks-decay-position-free-kv"),
+    pytest.param(Memory(global_size=5, interval=7), "query", False, False, id="global-query"),
+    pytest.param(Memory(sinks=2), "query", True, True, id="sinks-decay-position-free-query"),
+])
+def test_compiled_form_equals_the_reference(memory, sharing, decay, kf):
+    leaves, kw = _inputs(memory, sharing, decay=decay, kf=kf)
+    o, grads = _run(compiled_training_form, leaves, kw)
+    ref_o, ref_grads = _run(hybrid_attention_chunked, leaves, kw)
+    assert rel_error(o, ref_o) <= 1e-10
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert rel_error(a, b) <= 1e-10
+
+
+def test_compiled_form_checks_its_inputs_as_the_reference():
+    leaves, kw = _inputs(Memory(global_size=4, interval=8), "kv", decay=False, kf=False)
+    with pytest.raises(ValueError, match="needs key_map"):
+        compiled_training_form(*leaves, **{**kw, "key_map": None})
+    with pytest.raises(ValueError, match="key_map_input too"):
+        compiled_training_form(*leaves, **{**kw, "memory_query": leaves[0]})
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        compiled_training_form(*leaves, **{**kw, "log_decay": torch.zeros(7, dtype=torch.float64)})
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_triton_backend_compiles_training_only(monkeypatch):
+    """backend='triton' (the GPU's auto): with gradients and no state the compiled form runs; without
+    gradients, or with a state asked for, the eager reference; backend='torch' is always eager."""
+    calls = []
+    monkeypatch.setattr(compiled, "_compiled", lambda: (lambda *a, **k: calls.append(1) or compiled._fresh_sequence(*a, **k)))
+    leaves, kw = _inputs(Memory(sinks=2, global_size=4, interval=8), "kv", decay=True, kf=False)
+    leaves, kw["log_decay"] = [t.float() for t in leaves], kw["log_decay"].float()
+    key_map = kw["key_map"]
+    kw["key_map"] = lambda x: key_map(x.double()).float()
+    hybrid_attention(*leaves, **kw, backend="triton")
+    assert len(calls) == 1
+    with torch.no_grad():
+        hybrid_attention(*leaves, **kw, backend="triton")
+    hybrid_attention(*leaves, **kw, backend="triton", output_final_state=True)
+    hybrid_attention(*leaves, **kw, backend="torch")
+    assert len(calls) == 1
