@@ -799,13 +799,14 @@ def hybrid_attention_chunked(
 
 
 def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask,
-                            log_decay=None, memory_query=None, key_map_input=None):
+                            log_decay=None, memory_query=None, key_map_input=None, schedule=None):
     """A fresh sequence with a global cache, every interval at once (training, plain forwards).
 
     The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
     queries is one chunk: its band [cP - w + 1, i] (P + w - 1 candidate keys), the sinks and the
     cached keys it attends exactly, and the linear state of the keys folded by its selection. No
-    T x T tensor; the state is not returned (prefill runs the interval loop).
+    T x T tensor; the state is not returned (prefill runs the interval loop). schedule: what replays
+    the selections (`_selection_schedule`'s signature; the GPU path replays it as a CUDA graph).
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -825,7 +826,7 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
     qc, fqc = chunks(qg), chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, .]
     gam = _gamma_grouped(gamma, Hk, 3, acc)
-    kept = _selection_schedule(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, T]
+    kept = (schedule or _selection_schedule)(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, T]
 
     # band: interval n sees keys [nP - w + 1, nP + P); local query a, local key b: b <= a + w - 1
     kpad, vpad = (F.pad(x, (0, 0, w - 1, pad)) for x in (kk, vg))

@@ -2,21 +2,22 @@
 
   reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
   chunk.py            Triton kernels for prefill / training, forward and backward
-  compiled.py         the training form with memory beyond the window, compiled (torch.compile)
+  training.py         the training form with memory beyond the window on the GPU
+  graphed.py          its global-cache selection replay as a CUDA graph
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache), position-free memory (`memory_query`) and the
 decaying linear state have the decode kernels (with a global cache, the selection at an interval
 start, one step in P, runs the reference's PyTorch code before the launch), not yet hand-written
 prefill / training ones: training (a fresh sequence, gradients flowing) runs the reference's
-training form compiled by Inductor (compiled.py), prefill the reference forms.
+training form with the selection replay as a CUDA graph (training.py), prefill the reference forms.
 """
 from __future__ import annotations
 
 import torch
 
 from lolcats.ops.backend import resolve_backend
-from lolcats.ops.hybrid.compiled import compiled_training_form, trains
+from lolcats.ops.hybrid.training import trains, training_form
 from lolcats.ops.hybrid.reference import (
     HybridState,
     KeyMap,
@@ -60,8 +61,8 @@ def hybrid_attention(
     chunk_size applies to the torch backend; the kernels use their own chunk (64). Memory beyond
     the window (sinks, global cache), position-free memory (memory_query) and decay have no
     hand-written kernel yet: on the triton backend their training form (a fresh sequence, no state
-    returned, a backward to come) runs compiled (`compiled_training_form`), everything else the
-    pure-PyTorch form.
+    returned, a backward to come) replays the global cache's selections from a CUDA graph
+    (`training_form`); everything else runs the pure-PyTorch form.
     """
     plain = not _needs_reference(memory, initial_state, log_decay) and memory_query is None
     if plain and resolve_backend(backend, q) == "triton":
@@ -74,7 +75,7 @@ def hybrid_attention(
         )
     if (initial_state is None and not output_final_state and trains(q, k, v, fq, fk, gamma, log_decay, memory_query, key_map_input)
             and resolve_backend(backend, q) == "triton"):
-        return compiled_training_form(
+        return training_form(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
             chunk_size=chunk_size, memory=memory, key_map_input=key_map_input, log_decay=log_decay,
             memory_query=memory_query, key_map=key_map,

@@ -1,8 +1,7 @@
-"""The compiled training form (ops/hybrid/compiled.py: memory beyond the window under torch.compile)
-against the chunked reference, outputs and gradients in float64, and when `hybrid_attention` runs it.
-
-Inductor compiles on the CPU too (C++), so the same check runs here and on the GPU
-(scripts/gpu/check_kernels.py). Small shapes: the compile time grows with the selection intervals.
+"""The GPU's training form with memory beyond the window (ops/hybrid/training.py) against the chunked
+reference, outputs and gradients in float64, and when `hybrid_attention` runs it. On the CPU its
+selection replay runs eagerly (graphed.py captures CUDA graphs only); scripts/gpu/check_kernels.py
+checks the graphed replay on the GPU.
 """
 import pytest
 import torch
@@ -10,8 +9,8 @@ from kernel_helpers import hybrid_inputs, rel_error
 
 from lolcats.attention.hybrid import Memory, hybrid_attention_chunked
 from lolcats.ops import hybrid_attention
-from lolcats.ops.hybrid import compiled
-from lolcats.ops.hybrid.compiled import compiled_training_form
+from lolcats.ops.hybrid import training
+from lolcats.ops.hybrid.training import training_form
 
 W, CAP = 6, 2.0
 
@@ -45,31 +44,32 @@ def _run(form, leaves, kw):
     pytest.param(Memory(global_size=5, interval=7), "query", False, False, id="global-query"),
     pytest.param(Memory(sinks=2), "query", True, True, id="sinks-decay-position-free-query"),
 ])
-def test_compiled_form_equals_the_reference(memory, sharing, decay, kf):
+def test_training_form_equals_the_reference(memory, sharing, decay, kf):
     leaves, kw = _inputs(memory, sharing, decay=decay, kf=kf)
-    o, grads = _run(compiled_training_form, leaves, kw)
+    o, grads = _run(training_form, leaves, kw)
     ref_o, ref_grads = _run(hybrid_attention_chunked, leaves, kw)
     assert rel_error(o, ref_o) <= 1e-10
     for a, b in zip(grads, ref_grads, strict=True):
         assert rel_error(a, b) <= 1e-10
 
 
-def test_compiled_form_checks_its_inputs_as_the_reference():
+def test_training_form_checks_its_inputs_as_the_reference():
     leaves, kw = _inputs(Memory(global_size=4, interval=8), "kv", decay=False, kf=False)
     with pytest.raises(ValueError, match="needs key_map"):
-        compiled_training_form(*leaves, **{**kw, "key_map": None})
+        training_form(*leaves, **{**kw, "key_map": None})
     with pytest.raises(ValueError, match="key_map_input too"):
-        compiled_training_form(*leaves, **{**kw, "memory_query": leaves[0]})
+        training_form(*leaves, **{**kw, "memory_query": leaves[0]})
     with pytest.raises(ValueError, match="log_decay must have shape"):
-        compiled_training_form(*leaves, **{**kw, "log_decay": torch.zeros(7, dtype=torch.float64)})
+        training_form(*leaves, **{**kw, "log_decay": torch.zeros(7, dtype=torch.float64)})
 
 
 @pytest.mark.usefixtures("interpreter")
-def test_triton_backend_compiles_training_only(monkeypatch):
-    """backend='triton' (the GPU's auto): with gradients and no state the compiled form runs; without
-    gradients, or with a state asked for, the eager reference; backend='torch' is always eager."""
+def test_triton_backend_runs_it_for_training_only(monkeypatch):
+    """backend='triton' (the GPU's auto): with gradients and no state the training form runs; without
+    gradients, or with a state asked for, the reference; backend='torch' is always the reference."""
     calls = []
-    monkeypatch.setattr(compiled, "_compiled", lambda: (lambda *a, **k: calls.append(1) or compiled._fresh_sequence(*a, **k)))
+    schedule = training.graphed_selection_schedule
+    monkeypatch.setattr(training, "graphed_selection_schedule", lambda *a, **k: calls.append(1) or schedule(*a, **k))
     leaves, kw = _inputs(Memory(sinks=2, global_size=4, interval=8), "kv", decay=True, kf=False)
     leaves, kw["log_decay"] = [t.float() for t in leaves], kw["log_decay"].float()
     key_map = kw["key_map"]

@@ -1,0 +1,130 @@
+"""Step time of the training form with memory beyond the window, one layer, by how it runs (needs CUDA).
+
+    PYTHONPATH=src python3 scripts/gpu/profile_memory_form.py [--batch 8] [--length 1024] [--compile] [--out DIR]
+
+SmolLM2-135M's attention shape by default (9 query / 3 KV heads, head dim 64, feature dim 64 per
+sign, key maps per query head), the default memory preset's mechanisms (`lolcats.config.MEMORY_PRESETS`
+["long"]), random bf16 inputs with gradients flowing (stage 1 / stage 2): forward + backward of
+`hybrid_attention` eager (backend "torch") against the GPU's training form (backend "triton": the
+selection replay as a CUDA graph, ops/hybrid/training.py), with --compile also the whole form under
+torch.compile (Inductor, pointwise autotuning off; the way not taken: minutes of compilation), and
+the paper's conversion (no memory: the Triton kernels) beside them. Prints the first call's time
+(capture, compilation), the steady time per call, the largest error of each form's output and
+gradients against the eager one; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from lolcats.attention.feature_map import hedgehog  # noqa: E402
+from lolcats.attention.hybrid import Memory  # noqa: E402
+from lolcats.config import LolcatsConfig  # noqa: E402
+from lolcats.fileio import atomic_write_json  # noqa: E402
+from lolcats.ops import hybrid_attention  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the whole form")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = LolcatsConfig.preset("long")
+    memory = Memory(sinks=cfg.sink_size, global_size=cfg.global_cache_size, interval=cfg.global_cache_interval,
+                    dedup=cfg.global_cache_dedup, horizon=cfg.global_cache_horizon)
+    B, T, H, Hk, D, f = args.batch, args.length, args.heads, args.kv_heads, args.head_dim, cfg.feature_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rn(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, device=dev) * scale).to(torch.bfloat16)
+
+    q, k, v, mq, kf = rn(B, T, H, D), rn(B, T, Hk, D), rn(B, T, Hk, D), rn(B, T, H, D), rn(B, T, Hk, D)
+    wq = torch.randn(H, D, f, generator=g, device=dev).mul(D**-0.5).requires_grad_()
+    wk = torch.randn(H, D, f, generator=g, device=dev).mul(D**-0.5).requires_grad_()
+    gamma = torch.full((H,), 0.5, device=dev, requires_grad=True)
+    log_decay = torch.full((H,), -1.0 / 256, device=dev, requires_grad=True)
+
+    def key_map(x):
+        return hedgehog(x.float().repeat_interleave(H // Hk, dim=2), wk).to(x.dtype)
+
+    leaves = [wq, wk, gamma, log_decay]
+    compiled = None
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        from lolcats.attention.hybrid import _global_cache_intervals
+
+        inductor_config.triton.autotune_pointwise = False
+        compiled = torch.compile(_global_cache_intervals, fullgraph=True, dynamic=False)
+
+    def step(backend: str, with_memory: bool):
+        for p in leaves:
+            p.grad = None
+        fq = hedgehog(q.float(), wq).to(q.dtype)
+        extra = {}
+        if with_memory:
+            extra = dict(memory=memory, log_decay=log_decay, memory_query=mq, key_map_input=kf)
+        fk = key_map(kf if with_memory else k)
+        if backend == "compile":
+            o = compiled(q, k, v, fq, fk, gamma, window=cfg.window_size, scale=None, softcap=None, key_mask=None,
+                         **extra)
+        else:
+            o, _ = hybrid_attention(q, k, v, fq, fk, gamma, window=cfg.window_size, key_map=key_map,
+                                    backend=backend, **extra)
+        o.float().square().mean().backward()
+        return [o.detach().float()] + [p.grad.clone() for p in leaves if p.grad is not None]
+
+    forms = [("paper (no memory), kernels", "triton", False), ("memory, eager", "torch", True),
+             ("memory, selection as a CUDA graph", "triton", True)]
+    if args.compile:
+        forms.append(("memory, torch.compile", "compile", True))
+    rows, eager_out = [], None
+    for name, backend, mem in forms:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = step(backend, mem)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        err = None
+        if backend == "torch":
+            eager_out = out
+        elif mem:
+            err = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, eager_out, strict=True))
+        print(f"{name}: first call {first:.1f} s, error vs eager {err}", flush=True)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step(backend, mem)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / args.iters * 1e3
+        rows.append(dict(name=name, first_call_s=first, ms_per_fwd_bwd=ms, error_vs_eager=err))
+        print(f"{name}: {ms:.2f} ms per forward + backward", flush=True)
+    print("| form | first call (s) | ms per fwd+bwd | speed vs eager | error vs eager |\n|---|---|---|---|---|")
+    eager = rows[1]["ms_per_fwd_bwd"]
+    for r in rows:
+        e = "" if r["error_vs_eager"] is None else f"{r['error_vs_eager']:.1e}"
+        print(f"| {r['name']} | {r['first_call_s']:.1f} | {r['ms_per_fwd_bwd']:.2f} | "
+              f"{eager / r['ms_per_fwd_bwd']:.2f}x | {e} |")
+    times = torch._dynamo.utils.compile_times(repr="str") if args.compile else None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(str(Path(args.out) / "profile_memory_form.json"),
+                      dict(shape=dict(B=B, T=T, H=H, Hk=Hk, D=D, F=2 * f), memory=memory.__dict__, rows=rows,
+                           compile_times=times, torch=torch.__version__, device=torch.cuda.get_device_name()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The training form with memory beyond the window on the GPU (no hand-written kernel yet).
+
+Sinks, the global cache, position-free memory and decay train through the reference's training
+form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
+a few thousand small ops per layer: on the GPU a step is bound by launches, not arithmetic
+(issue 14). The largest share, the replay of the global cache's selections (no gradient, static
+shapes), runs from a CUDA graph (graphed.py); the differentiable rest runs eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+from lolcats.attention.hybrid import (
+    Memory,
+    _global_cache_intervals,
+    check_memory,
+    check_memory_query,
+    check_shapes,
+    hybrid_attention_chunked,
+)
+from lolcats.ops.hybrid.graphed import graphed_selection_schedule
+
+__all__ = ["training_form", "trains"]
+
+
+def trains(*tensors: torch.Tensor | None) -> bool:
+    """Whether a backward will run through these inputs (what this form is for)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def training_form(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
+    *, window: int, scale: float | None = None, softcap: float | None = None,
+    key_mask: torch.Tensor | None = None, chunk_size: int = 64, memory: Memory | None = None,
+    key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
+    memory_query: torch.Tensor | None = None, key_map=None,
+) -> torch.Tensor:
+    """`hybrid_attention_chunked(...)[0]` for a fresh sequence (no initial state, no final state),
+    the selections replayed from a CUDA graph. Inputs are checked with the reference's messages;
+    key_map is only checked (the form reads the features fk it made)."""
+    if not memory or not memory.global_size:
+        return hybrid_attention_chunked(
+            q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
+            chunk_size=chunk_size, memory=memory, key_map=key_map, key_map_input=key_map_input,
+            log_decay=log_decay, memory_query=memory_query)[0]
+    check_shapes(q, k, v, fq, fk, gamma, log_decay)
+    memory = check_memory(memory, window)
+    check_memory_query(memory_query, q, key_map_input)
+    if key_map is None:
+        raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+    with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the chunked form
+        return _global_cache_intervals(
+            q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
+            key_mask=key_mask, log_decay=log_decay, memory_query=memory_query, key_map_input=key_map_input,
+            schedule=graphed_selection_schedule)
