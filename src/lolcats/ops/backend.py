@@ -8,7 +8,8 @@ Backends (argument ``backend`` of every op):
   only under ``TRITON_INTERPRET=1``, Triton's interpreter, which tests use).
 * ``"torch"``  the reference.
 
-The environment (LOLCATS_BACKEND, TRITON_INTERPRET) is read at each call, never at import.
+The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, TRITON_INTERPRET) is read at each call, never
+at import. LOLCATS_COMPILE=0 keeps the triton backend's compiled forms (torch.compile) eager.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "compile_enabled", "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,3 +63,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' supports {KERNEL_DTYPES}, got {x.dtype}")
     return "triton"
+
+
+def compile_enabled() -> bool:
+    """Whether the triton backend may run a form through torch.compile (LOLCATS_COMPILE=0: never)."""
+    return os.environ.get("LOLCATS_COMPILE", "1") not in ("0", "")

@@ -3,10 +3,15 @@
 Sinks, the global cache, position-free memory and decay train through the reference's training
 form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on the GPU a step is bound by launches, not arithmetic
-(issue 14). The largest share, the replay of the global cache's selections (no gradient, static
-shapes), runs from a CUDA graph (graphed.py); the differentiable rest runs eagerly.
+(issue 14). With a global cache the replay of its selections (no gradient, static shapes, half
+of the launches) runs from a CUDA graph (graphed.py), and the differentiable rest through
+torch.compile (Inductor fuses its casts, masks and small products; about 25 s of compilation at
+the first step of a shape, once per stage; LOLCATS_COMPILE=0 keeps it eager). The selection stays
+out of the compiled graph: unrolled over the intervals it took Inductor minutes to compile.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -18,6 +23,7 @@ from lolcats.attention.hybrid import (
     check_shapes,
     hybrid_attention_chunked,
 )
+from lolcats.ops.backend import compile_enabled
 from lolcats.ops.hybrid.graphed import graphed_selection_schedule
 
 __all__ = ["training_form", "trains"]
@@ -28,6 +34,15 @@ def trains(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@functools.cache
+def _compiled_intervals():
+    # the selection is a graph break (it replays its own CUDA graph); shapes are fixed by the block;
+    # pointwise autotuning benchmarks several configs of every fused kernel: seconds for a few percent
+    schedule = torch.compiler.disable(graphed_selection_schedule)
+    return torch.compile(functools.partial(_global_cache_intervals, schedule=schedule), dynamic=False,
+                         options={"triton.autotune_pointwise": False})
+
+
 def training_form(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
@@ -36,7 +51,7 @@ def training_form(
     memory_query: torch.Tensor | None = None, key_map=None,
 ) -> torch.Tensor:
     """`hybrid_attention_chunked(...)[0]` for a fresh sequence (no initial state, no final state),
-    the selections replayed from a CUDA graph. Inputs are checked with the reference's messages;
+    the selections replayed from a CUDA graph, the rest compiled on CUDA. Inputs are checked with the reference's messages;
     key_map is only checked (the form reads the features fk it made)."""
     if not memory or not memory.global_size:
         return hybrid_attention_chunked(
@@ -48,8 +63,11 @@ def training_form(
     check_memory_query(memory_query, q, key_map_input)
     if key_map is None:
         raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+    if q.is_cuda and compile_enabled():
+        form = _compiled_intervals()
+    else:
+        form = functools.partial(_global_cache_intervals, schedule=graphed_selection_schedule)
     with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the chunked form
-        return _global_cache_intervals(
-            q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
-            key_mask=key_mask, log_decay=log_decay, memory_query=memory_query, key_map_input=key_map_input,
-            schedule=graphed_selection_schedule)
+        return form(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
+                    key_mask=key_mask, log_decay=log_decay, memory_query=memory_query,
+                    key_map_input=key_map_input)
