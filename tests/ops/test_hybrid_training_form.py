@@ -81,3 +81,17 @@ def test_triton_backend_runs_it_for_training_only(monkeypatch):
     hybrid_attention(*leaves, **kw, backend="triton", output_final_state=True)
     hybrid_attention(*leaves, **kw, backend="torch")
     assert len(calls) == 1
+
+
+def test_compiled_differentiable_part_equals_the_reference(monkeypatch):
+    """LOLCATS_COMPILE=1: the differentiable part through torch.compile (Inductor's C++ on the CPU),
+    the selection replay left out of the graph; float64 outputs and gradients as the reference's."""
+    monkeypatch.setenv("LOLCATS_COMPILE", "1")
+    leaves, kw = _inputs(Memory(sinks=2, global_size=4, interval=8, dedup=0.9, horizon=16), "query", decay=True,
+                         kf=True)
+    o, grads = _run(training_form, leaves, kw)
+    assert training._compiled_intervals.cache_info().currsize == 1
+    ref_o, ref_grads = _run(hybrid_attention_chunked, leaves, kw)
+    assert rel_error(o, ref_o) <= 1e-10
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert rel_error(a, b) <= 1e-10

@@ -9,7 +9,8 @@ Backends (argument ``backend`` of every op):
 * ``"torch"``  the reference.
 
 The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, TRITON_INTERPRET) is read at each call, never
-at import. LOLCATS_COMPILE=0 keeps the triton backend's compiled forms (torch.compile) eager.
+at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms through torch.compile
+(opt-in until measured end to end; ops/hybrid/training.py).
 """
 from __future__ import annotations
 
@@ -66,5 +67,5 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def compile_enabled() -> bool:
-    """Whether the triton backend may run a form through torch.compile (LOLCATS_COMPILE=0: never)."""
-    return os.environ.get("LOLCATS_COMPILE", "1") not in ("0", "")
+    """Whether the triton backend may run a form through torch.compile (LOLCATS_COMPILE=1; off by default)."""
+    return os.environ.get("LOLCATS_COMPILE", "0") not in ("0", "")
