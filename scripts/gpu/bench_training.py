@@ -8,7 +8,8 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
     # stage 2 (LoRA r 8 on q/k/v/o) with and without activation checkpointing
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --stage 2 --micro-batch 4 --activation-checkpointing
     # SmolLM2's shape, stage 2: the default memory (--memory long), the paper's conversion, and the
-    # control (the same LoRA on the softmax model); LOLCATS_BACKEND=torch: the memory's form uncompiled
+    # control (the same LoRA on the softmax model); LOLCATS_BACKEND=torch: the memory's form all eager
+    # (no CUDA graph), LOLCATS_COMPILE=1: its differentiable part through torch.compile
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --memory none
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --control
@@ -21,8 +22,8 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
 
 Each process builds the same random-weight Llama of the preset's shape (`random_causal_lm`; with
 --fsdp built on the meta device, sharded per decoder layer, then materialised shard by shard),
-`lolcats.convert`s it (the --memory preset, default as `lolcats linearize`) and runs `lolcats.train.train` on random token blocks: stage 1 with
-`TransferLoss` (AdamW on phi/gamma), stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma
+`lolcats.convert`s it (the --memory preset, default as `lolcats linearize`) and runs
+`lolcats.train.train` on random token blocks: stage 1 with `TransferLoss` (AdamW on phi/gamma), stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma
 frozen; --control: the same LoRA on the softmax model, the converted layers in softmax mode),
 gradient clipping, bf16 autocast on CUDA; --activation-checkpointing as in
 `lolcats linearize` (stage 1 not under --fsdp). A step takes world_size x micro-batch x
@@ -55,6 +56,7 @@ from lolcats.config import DEFAULT_MEMORY, MEMORY_PRESETS  # noqa: E402
 from lolcats.bench.common import dtype_name, environment, peak_memory, reset_peak_memory, resolve_dtype, sync  # noqa: E402
 from lolcats.data import TokenBlocks  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
+from lolcats.ops.backend import compile_enabled  # noqa: E402
 from lolcats.compat import enable_activation_checkpointing  # noqa: E402
 from lolcats.train import TrainConfig, TransferLoss, add_lora, causal_lm_loss, lora_parameters, train  # noqa: E402
 from lolcats.train import transfer_parameters  # noqa: E402
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="torch.profiler over N steps after --warmup: the top ops by device time printed and "
-                        "saved beside --out (the profiled steps' throughput is not comparable)")
+                        "saved in the JSON (the profiled steps count in the throughput: not comparable)")
     p.add_argument("--out", default=None, help="JSON file (default $OUT/stage1_<preset>_ngpu<N>[_fsdp].json if $OUT is set)")
     args = p.parse_args(argv)
     if args.profile > args.steps or args.profile < 0:
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                        "grad_accum": args.grad_accum, "warmup_steps": args.warmup, "measured_steps": args.steps,
                        "key_maps": args.key_maps, "memory": args.memory, "control": args.control,
                        "backend": os.environ.get("LOLCATS_BACKEND", "auto"),
-                       "compile": os.environ.get("LOLCATS_COMPILE", "1"), "fsdp": args.fsdp, "world_size": world,
+                       "compile": compile_enabled(), "fsdp": args.fsdp, "world_size": world,
                        "tokens_per_step": world * args.micro_batch * args.grad_accum * args.block_size},
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
             "seconds_per_step": (s1 - s0) / args.steps, "warmup_seconds": s0,

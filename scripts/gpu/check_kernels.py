@@ -12,7 +12,8 @@ the state) on the same inputs upcast to float64, for T in (63, 500, 2049), head 
 and continuing from a state. Decode (hybrid_decode, out of place and in place: the ring wrapping
 around; with and without memory beyond the window: sinks, global cache; position-free memory) against
 `hybrid_attention_recurrent`; training with memory beyond the window (hybrid_attention with
-gradients flowing: the compiled form) against `hybrid_attention_quadratic`, gradients of log lambda,
+gradients flowing: the graphed selection, and with LOLCATS_COMPILE=1 the compiled form) against
+`hybrid_attention_quadratic`, gradients of log lambda,
 the key-map inputs and the memory queries included; and the fused Hedgehog feature map against
 `hedgehog`. Error = ||x - ref|| / ||ref|| (absolute where the
 reference is exactly 0, e.g. d gamma when the whole sequence fits in the window). Limits:
@@ -229,11 +230,25 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
     return err
 
 
-def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_query=False, softcap=None, seed=4):
-    """The training form with memory beyond the window (compiled by Inductor: ops/hybrid/compiled.py),
-    through `hybrid_attention(backend="triton")` with gradients flowing, against the quadratic
-    reference in float64: outputs and the gradients of q, k, v, fq, fk, gamma (and log lambda, the
-    key-map inputs and the memory queries where given)."""
+def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_query=False, softcap=None, seed=4,
+                          compiled=False):
+    """The GPU's training form with memory beyond the window (ops/hybrid/training.py: the global
+    cache's selection replayed from a CUDA graph; compiled: LOLCATS_COMPILE=1, the rest through
+    torch.compile), through `hybrid_attention(backend="triton")` with gradients flowing, against the
+    quadratic reference in float64: outputs and the gradients of q, k, v, fq, fk, gamma (and log
+    lambda, the key-map inputs and the memory queries where given)."""
+    before = os.environ.get("LOLCATS_COMPILE")
+    os.environ["LOLCATS_COMPILE"] = "1" if compiled else "0"
+    try:
+        return _check_training_memory(T, D, G, mode, dtype, memory, decay, memory_query, softcap, seed)
+    finally:
+        if before is None:
+            del os.environ["LOLCATS_COMPILE"]
+        else:
+            os.environ["LOLCATS_COMPILE"] = before
+
+
+def _check_training_memory(T, D, G, mode, dtype, memory, decay, memory_query, softcap, seed):
     B, H = 2, 8
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T, H, Hk, D, mode, True, dtype, seed)
@@ -378,8 +393,10 @@ def main():
         # (sinks, global cache with dedup and horizon, decay, position-free memory) at small budgets
         gc = Memory(sinks=4, global_size=32, interval=64, dedup=0.95, horizon=256)
         for T, D, G, mode in ((500, 64, 2, "kv"), (1030, 128, 4, "query")):
-            record("training", f"T={T} D={D} G={G} {mode} sinks=4 global=32 P=64 dedup horizon decay memory-query",
-                   dtype, check_training_memory, T, D, G, mode, dtype, gc, decay=True, memory_query=True)
+            for compiled in (False, True):
+                record("training", f"T={T} D={D} G={G} {mode} sinks=4 global=32 P=64 dedup horizon decay "
+                       f"memory-query{' compiled' if compiled else ''}", dtype, check_training_memory, T, D, G, mode,
+                       dtype, gc, decay=True, memory_query=True, compiled=compiled)
         record("training", "T=500 D=64 G=1 kv global=16 P=32 softcap=5", dtype, check_training_memory, 500, 64, 1,
                "kv", dtype, Memory(global_size=16, interval=32), softcap=5.0)
         record("training", "T=777 D=128 G=4 kv sinks=4 decay", dtype, check_training_memory, 777, 128, 4, "kv",

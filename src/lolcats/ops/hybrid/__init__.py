@@ -64,8 +64,8 @@ def hybrid_attention(
     returned, a backward to come) replays the global cache's selections from a CUDA graph
     (`training_form`); everything else runs the pure-PyTorch form.
     """
-    plain = not _needs_reference(memory, initial_state, log_decay) and memory_query is None
-    if plain and resolve_backend(backend, q) == "triton":
+    if (not _needs_reference(memory, initial_state, log_decay) and memory_query is None
+            and resolve_backend(backend, q) == "triton"):
         from lolcats.ops.hybrid.chunk import hybrid_attention_triton
 
         return hybrid_attention_triton(
@@ -73,7 +73,8 @@ def hybrid_attention(
             initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
             key_map_input=key_map_input,
         )
-    if (initial_state is None and not output_final_state and trains(q, k, v, fq, fk, gamma, log_decay, memory_query, key_map_input)
+    fresh = initial_state is None and not output_final_state
+    if (fresh and trains(q, k, v, fq, fk, gamma, log_decay, memory_query, key_map_input)
             and resolve_backend(backend, q) == "triton"):
         return training_form(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,

@@ -2,8 +2,8 @@
 
 Sinks, the global cache, position-free memory and decay train through the reference's training
 form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
-a few thousand small ops per layer: on the GPU a step is bound by launches, not arithmetic
-(issue 14). With a global cache the replay of its selections (no gradient, static shapes, half
+a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
+not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no gradient, static shapes, half
 of the launches) runs from a CUDA graph (graphed.py); the differentiable rest runs eagerly, or
 with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks and small products:
 one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compilation at the first
@@ -52,8 +52,8 @@ def training_form(
     memory_query: torch.Tensor | None = None, key_map=None,
 ) -> torch.Tensor:
     """`hybrid_attention_chunked(...)[0]` for a fresh sequence (no initial state, no final state),
-    the selections replayed from a CUDA graph (the rest compiled with LOLCATS_COMPILE=1). Inputs are checked with the reference's messages;
-    key_map is only checked (the form reads the features fk it made)."""
+    the selections replayed from a CUDA graph (the rest compiled with LOLCATS_COMPILE=1). Inputs
+    are checked with the reference's messages; key_map is only checked (fk holds its features)."""
     if not memory or not memory.global_size:
         return hybrid_attention_chunked(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
