@@ -15,7 +15,7 @@ from lolcats import LolcatsConfig, convert
 from lolcats.attention.cache import hybrid_layer_cache
 from lolcats.bench import decode as decode_mod
 from lolcats.bench.decode import decode_table, run_decode
-from lolcats.bench.decode_step import DecodeRunner, LeanDecoder
+from lolcats.bench.decode_step import DecodeRunner, LeanDecoder, graph_unsupported
 from lolcats.bench.models import random_causal_lm
 from lolcats.bench.prefill import prefill_table, run_prefill
 from lolcats.bench.report import markdown, write_plots
@@ -125,12 +125,43 @@ def test_lean_decoder_refuses_what_it_cannot_run():
         LeanDecoder(model)
     with pytest.raises(RuntimeError, match="CUDA"):
         DecodeRunner(LeanDecoder(tiny_lm(None)), [], torch.ones(1, 1), 0).capture()
-    # it calls hybrid_decode without memory and with post-RoPE keys: it would drop sinks and cache
-    for changes, what in (({"sink_size": 2}, "memory beyond the window"), ({"global_cache_size": 4}, "memory"),
-                          ({"feature_map_rope": False}, "pre-RoPE feature maps")):
-        model = convert(tiny_lm(None), LolcatsConfig(**TINY_LCFG, **changes))
-        with pytest.raises(ValueError, match=what):
-            LeanDecoder(model)
+    # memory beyond the window: the step follows the host-side position, so no single graph replays it
+    for changes, reason in (({"sink_size": 2}, "memory beyond the window"), ({"global_cache_size": 4}, "memory"),
+                            ({"feature_map_rope": False}, None), ({"linear_decay": 16}, None)):
+        lean = LeanDecoder(convert(tiny_lm(None), LolcatsConfig(**TINY_LCFG, **changes)))
+        assert (graph_unsupported(lean.attentions) is None) == (reason is None)
+        if reason:
+            assert reason in graph_unsupported(lean.attentions)
+            assert not DecodeRunner(lean, [], torch.ones(1, 1), 0).capturable()
+
+
+@pytest.mark.parametrize("mode", ["query", "kv"])
+def test_lean_step_with_the_default_memory_equals_model_forward(mode):
+    """The default memory preset's mechanisms (sinks, a global cache re-chosen every 4 tokens, its age
+    horizon and dedup, decay, pre-RoPE feature maps, position-free memory) through the lean step:
+    logits and the states as model.forward's, over steps that cross several selections."""
+    model = convert(tiny_lm(None), LolcatsConfig.preset(
+        "long", **TINY_LCFG, key_map_sharing=mode, sink_size=2, global_cache_size=4, global_cache_interval=4,
+        global_cache_horizon=16, linear_decay=16, memory_distance=6))
+    B, L = 2, 21  # L past window + interval: sinks out of the band, cache in use
+    cache = prefilled(model, B, L)
+    static = [hybrid_layer_cache(cache, i).hybrid_state.map(torch.clone) for i in range(2)]
+    runner = DecodeRunner(LeanDecoder(model), static, torch.randint(3, 101, (B, 1)), L)
+    ids = runner.input_ids.clone()
+    with torch.no_grad():
+        for _ in range(9):  # two selections (positions 24, 28)
+            ref = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(runner.step(), ref, atol=1e-5, rtol=1e-5)
+            ids = ref.argmax(-1, keepdim=True)
+    for i in range(2):
+        got, want = static[i].ordered(), hybrid_layer_cache(cache, i).hybrid_state.ordered()
+        assert got.position == want.position == L + 9
+        for name, a in got.parts().items():
+            b = want.parts()[name]
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+            else:
+                assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -235,21 +266,20 @@ def test_decode_bench_rows_and_table():
 
 
 def test_decode_bench_mechanism_rows():
-    """One linearized model per mechanism: hf rows decode with its memory (cache bytes as prefilled), the
-    graph runner says it cannot run memory or pre-RoPE maps; the rows carry the mechanism's name."""
+    """One linearized model per mechanism: both runners decode with its memory (cache bytes as
+    prefilled), the graph runner's memory rows eagerly and saying why; the rows carry the mechanism's name."""
     mechs = {"sinks 2 + global 4": {"sink_size": 2, "global_cache_size": 4, "global_cache_interval": 4},
              "decay": {"linear_decay": 16}}
     res = run_decode(preset=tiny_config(), device="cpu", contexts=(24,), batches=[1, 2], key_maps=("kv",),
                      softmax=False, lolcats_config=TINY_LCFG, steps=2, hf_steps=2, warmup=1, mechanisms=mechs)
     rows = {(r["label"], r["batch"]): r for r in res["rows"]}
     mem, dec = "lolcats-kv [sinks 2 + global 4]", "lolcats-kv [decay]"
-    assert list(rows) == [(f"{mem}/graph", 1), (f"{mem}/hf", 1), (f"{mem}/hf", 2),
+    assert list(rows) == [(f"{mem}/graph", 1), (f"{mem}/graph", 2), (f"{mem}/hf", 1), (f"{mem}/hf", 2),
                           (f"{dec}/graph", 1), (f"{dec}/graph", 2), (f"{dec}/hf", 1), (f"{dec}/hf", 2)]
-    assert rows[(f"{mem}/graph", 1)]["status"] == "unsupported" and "memory" in rows[(f"{mem}/graph", 1)]["reason"]
+    assert "memory" in rows[(f"{mem}/graph", 2)]["eager_because"] and "eager_because" not in rows[(f"{dec}/graph", 1)]
     for key, r in rows.items():
         assert r["mechanism"] == key[0].split("[")[1].split("]")[0]
-        if r["status"] != "unsupported":
-            assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
     measured = res["state_bytes_per_sequence_measured"]
     assert set(measured) == {"kv [sinks 2 + global 4]", "kv [decay]"}
     assert measured["kv [sinks 2 + global 4]"] > measured["kv [decay]"]  # sinks and cache slots

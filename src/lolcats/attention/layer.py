@@ -100,15 +100,7 @@ class LolcatsAttention(nn.Module):
         # transformers >= 5.2x names the cache `cache`; 5.17 `past_key_values`
         cache = kwargs.pop("cache", None)
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
-        adapter = self.lolcats_adapter
-        q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
-        # position-free feature maps read q/k before RoPE; the window always sees them rotated
-        unrotated = None if self.lolcats_feature_rope else (q, k)
-        memory_query = None  # position-free memory: q rotated to one distance from every memory key
-        if self.lolcats_memory_distance and self.lolcats_memory.active and unrotated is not None:
-            cos, sin = self.lolcats_memory_cos, self.lolcats_memory_sin
-            memory_query = adapter.apply_rope(self, q, q, (cos.to(q.dtype), sin.to(q.dtype)))[0].transpose(1, 2)
-        q, k = adapter.apply_rope(self, q, k, position_embeddings)
+        q, k, v, unrotated, memory_query = self.lolcats_inputs(hidden_states, position_embeddings)
         B, _, T, _ = q.shape
         key_mask = key_padding_mask(attention_mask, T)
 
@@ -119,12 +111,28 @@ class LolcatsAttention(nn.Module):
         out = out.reshape(B, T, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
 
+    def lolcats_inputs(self, hidden_states: torch.Tensor, position_embeddings):
+        """What the hybrid reads of a layer input: q, k, v [B, H, T, D] (q, k rotated), the unrotated
+        (q, k) that position-free feature maps read (None with post-RoPE maps), and the memory query
+        [B, T, H, D] of position-free memory (None without). Shared by forward and the lean decode step."""
+        adapter = self.lolcats_adapter
+        q, k, v = adapter.project(self, hidden_states)  # [B, H, T, D]
+        # position-free feature maps read q/k before RoPE; the window always sees them rotated
+        unrotated = None if self.lolcats_feature_rope else (q, k)
+        memory_query = None  # position-free memory: q rotated to one distance from every memory key
+        if self.lolcats_memory_distance and self.lolcats_memory.active and unrotated is not None:
+            cos, sin = self.lolcats_memory_cos, self.lolcats_memory_sin
+            memory_query = adapter.apply_rope(self, q, q, (cos.to(q.dtype), sin.to(q.dtype)))[0].transpose(1, 2)
+        q, k = adapter.apply_rope(self, q, k, position_embeddings)
+        return q, k, v, unrotated, memory_query
+
     # ------------------------------------------------------------------------------------
-    def _features(self, q_bthd, k_bthd, unrotated):
-        """(phi_q, phi_k, key-map inputs or None when they are the rotated keys)."""
+    def lolcats_features(self, q_bthd, k_bthd, unrotated, *, keys: bool = True):
+        """(phi_q, phi_k or None when keys=False (a decode step folds the evicted key, not the new
+        one), key-map inputs [B, T, Hk, D] or None when they are the rotated keys)."""
         if unrotated is not None:
             q_bthd, k_bthd = (x.transpose(1, 2) for x in unrotated)
-        return self.lolcats.query_features(q_bthd), self.lolcats.key_features(k_bthd), \
+        return self.lolcats.query_features(q_bthd), self.lolcats.key_features(k_bthd) if keys else None, \
             None if unrotated is None else k_bthd
 
     def _common(self, key_mask) -> dict[str, Any]:
@@ -136,7 +144,7 @@ class LolcatsAttention(nn.Module):
     def _hybrid(self, q, k, v, key_mask, cache, unrotated=None, memory_query=None) -> torch.Tensor:
         """Student path: [B, H, T, D] inputs -> [B, T, H, Dv] output; uses/updates the cache's state."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fq, fk, kf = self._features(q, k, unrotated)
+        fq, fk, kf = self.lolcats_features(q, k, unrotated)
         common = self._common(key_mask)
         key_map = self.lolcats.key_features
         if cache is None:
@@ -176,7 +184,7 @@ class LolcatsAttention(nn.Module):
                 softcap=self.lolcats_adapter.logit_softcap(self),
             )  # [B, T, H, D]
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fq, fk, kf = self._features(qt, kt, unrotated)
+        fq, fk, kf = self.lolcats_features(qt, kt, unrotated)
         common = self._common(key_mask)
         losses: dict[str, torch.Tensor] = {}
         if self.lolcats_ce:

@@ -13,8 +13,9 @@ Runners (`runner` in each row):
   "graph"  `LeanDecoder` step captured in a CUDA graph and replayed (`lolcats.bench.decode_step`).
            Softmax: a static KV buffer of context + steps slots per layer, masked SDPA (the
            "StaticCache + CUDA graph" baseline, written without transformers' cache classes).
-           Linearized: static per-layer HybridState tensors, updated in place. On CPU the same step
-           runs eagerly (no graph).
+           Linearized: static per-layer HybridState tensors, updated in place. On CPU, and with
+           memory beyond the window (its steps follow the host-side position: `eager_because`),
+           the same step runs eagerly (no graph).
 
 Context state (decode speed does not depend on cache contents):
   softmax     random K/V of shape [B, Hk, context, D] per layer (no prefill);
@@ -56,7 +57,7 @@ from lolcats.bench.common import (
     resolve_dtype,
     timed_loop,
 )
-from lolcats.bench.decode_step import DecodeRunner, LeanDecoder
+from lolcats.bench.decode_step import DecodeRunner, LeanDecoder, graph_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def _measure(row: dict, step: Callable[[], Any], steps: int, device: torch.devic
 
 
 def _graph_or_eager(runner: DecodeRunner, device: torch.device, warmup: int) -> bool:
-    if device.type == "cuda":
+    if device.type == "cuda" and runner.capturable():
         runner.capture(warmup=warmup)
         return True
     for _ in range(warmup):
@@ -227,6 +228,9 @@ def _lolcats_graph(model, batch, context, state1, *, key_maps, steps, warmup, de
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device, generator=gen)
     runner = DecodeRunner(lean, states, ids, context)
     row["cuda_graph"] = _graph_or_eager(runner, device, warmup)
+    no_graph = graph_unsupported(lean.attentions)
+    if no_graph:  # the lean step runs eagerly: say why
+        row["eager_because"] = no_graph
     state_bytes = sum(s.nbytes for s in states)
     return _measure(row, runner.step, steps, device, cache_bytes=state_bytes,
                     weights=weight_bytes_per_step(model, batch), bandwidth=bandwidth, state_writes=state_bytes)
@@ -280,21 +284,15 @@ def _sweep(measure: Callable[[int], dict], base: Callable[[int], dict], batches:
 def _lolcats_sweeps(model, mode, ctx, result, *, runners, batches, steps, hf_steps, common, deadline, emit,
                     mechanism: str | None = None) -> None:
     """Prefill once at batch 1, then a batch sweep per runner, for one linearized model."""
-    from lolcats.attention.layer import converted_layers
-    from lolcats.bench.decode_step import lean_unsupported
 
     result["config"].setdefault("weights_bytes", sum(p.numel() * p.element_size() for p in model.parameters()))
     state1, nbytes = prefill_hybrid_state(model, ctx, seed=common["seed"])
     key = mode if mechanism is None else f"{mode} [{mechanism}]"
     result["state_bytes_per_sequence_measured"][key] = nbytes
-    unsupported = lean_unsupported(converted_layers(model))
     for runner in runners:
         def base(b, r=runner):
             return {**_row_base("lolcats", mode, r, ctx, b, mechanism), "context_independent": True}
 
-        if runner == "graph" and unsupported:  # one row says why the sweep is not there
-            emit({**base(batches[0]), "status": "unsupported", "reason": f"the graph runner has no {unsupported}"})
-            continue
         fn = _lolcats_graph if runner == "graph" else _lolcats_hf
         n = steps if runner == "graph" else hf_steps
 
@@ -322,7 +320,7 @@ def run_decode(
     lolcats_config: LolcatsConfig keys (window_size, feature_dim, ...) besides key_map_sharing.
     mechanisms: name -> LolcatsConfig changes (`lolcats.bench.state.MECHANISMS`): one linearized model
     per mechanism and key-map mode, its rows labelled with the name (None: the config as given). The
-    graph runner has no memory beyond the window nor pre-RoPE maps: those rows say "unsupported".
+    graph runner's step with memory beyond the window runs eagerly (`cuda_graph` False, `eager_because`).
     deadline: a time.monotonic() value after which remaining rows are recorded as skipped.
     """
     from lolcats.bench.models import random_causal_lm

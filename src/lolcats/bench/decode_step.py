@@ -9,8 +9,10 @@ runs the same computation as `model(input_ids, cache=...)` for one token per row
 
 with each layer's own modules (norms, MLP, q/k/v/o projections via the adapter, RoPE). Attention:
 
-* linearized layers (`LolcatsAttention`): feature map phi_q, then `lolcats.ops.hybrid_decode` from the
-  layer's `HybridState` (the Triton step kernel on CUDA), exactly as `LolcatsAttention._hybrid`;
+* linearized layers (`LolcatsAttention`): the layer's own inputs (`lolcats_inputs`: pre-RoPE keys for
+  position-free maps, the memory query of position-free memory), feature map phi_q, then
+  `lolcats.ops.hybrid_decode` from the layer's `HybridState` with the layer's memory (the Triton step
+  kernel on CUDA), exactly as `LolcatsAttention._hybrid`;
 * plain softmax layers: the new key/value is written into a preallocated buffer [B, Hk, L_max, D]
   at the position, then SDPA over the whole buffer with a mask of the positions <= the current one
   (the GQA group folded into the query length: no repeated K/V).
@@ -23,7 +25,9 @@ kernel writes S and the new window slot into the state's own tensors, its window
 buffer, so a step is shape-static and can be captured; the ring head is allocated by the first
 (eager, warm-up) step, before capture.
 `DecodeRunner` adds greedy token selection (argmax written back into the input ids, position + 1)
-and optionally captures the whole step in a `torch.cuda.CUDAGraph`.
+and optionally captures the whole step in a `torch.cuda.CUDAGraph`. A step with memory beyond the
+window (sinks, global cache) depends on the state's host-side position (its band; with a global
+cache, whether it runs the selection): it runs eagerly (`graph_unsupported` says why).
 
 Supported families: those whose decoder layer is exactly the Llama layer (llama, mistral without
 sliding window, qwen2, qwen3). All attention layers must be converted, or none.
@@ -45,7 +49,7 @@ from lolcats.train.transfer import decoder_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder", "lean_unsupported"]
+__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder", "graph_unsupported"]
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -62,13 +66,12 @@ class KVBuffers:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
-def lean_unsupported(attentions) -> str | None:
-    """What of the converted layers' configuration the lean step cannot run (None: it can): it calls
-    `hybrid_decode` without memory beyond the window and with post-RoPE key maps only."""
-    if any(a.lolcats_memory.active for a in attentions):
-        return "memory beyond the window (sinks, global cache)"
-    if any(not a.lolcats_feature_rope for a in attentions):
-        return "pre-RoPE feature maps"
+def graph_unsupported(attentions) -> str | None:
+    """Why the converted layers' decode step cannot be captured in one CUDA graph (None: it can).
+    With memory beyond the window the decode kernel's band (and, with a global cache, the selection
+    every P steps) follows the state's position, a host-side int: one replayed graph would freeze it."""
+    if any(getattr(a, "lolcats_memory", None) is not None and a.lolcats_memory.active for a in attentions):
+        return "memory beyond the window (sinks, global cache): its steps follow the host-side position"
     return None
 
 
@@ -91,9 +94,6 @@ class LeanDecoder:
             bad = [i for i, a in enumerate(self.attentions) if a.lolcats_mode != "hybrid"]
             if bad:
                 raise ValueError(f"layers {bad} are not in 'hybrid' mode; call set_mode(model, 'hybrid') first")
-            unsupported = lean_unsupported(self.attentions)
-            if unsupported:
-                raise ValueError(f"the lean decode step has no {unsupported}; decode with model.forward (runner hf)")
             self.kind = "hybrid"
         elif not any(converted):
             if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
@@ -147,16 +147,16 @@ class LeanDecoder:
 
     def _hybrid(self, attn, x: torch.Tensor, cos_sin, state: HybridState) -> torch.Tensor:
         B = x.shape[0]
-        q, k, v = self.adapter.project(attn, x)  # [B, H, 1, D], [B, Hk, 1, D]
-        q, k = self.adapter.apply_rope(attn, q, k, cos_sin)
+        q, k, v, unrotated, memory_query = attn.lolcats_inputs(x, cos_sin)  # [B, H, 1, D], [B, Hk, 1, D]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, 1, H, D]
+        fq, _, kf = attn.lolcats_features(q, k, unrotated, keys=False)
         params = attn.lolcats
-        fq = params.query_features(q)
         # the layer's state is read only by this layer: the step updates its tensors in place (the
         # kernel writes S and one window slot where they are; nothing is copied back)
         o, _ = hybrid_decode(
             q, k, v, fq, params.gamma(), state=state, key_map=params.key_features, scale=attn.scaling,
             softcap=self.adapter.logit_softcap(attn), log_decay=params.log_decay(), backend=self.backend, inplace=True,
+            key_map_input=kf, memory=attn.lolcats_memory, memory_query=memory_query,
         )
         return attn.o_proj(o.reshape(B, 1, -1).to(x.dtype))
 
@@ -232,6 +232,11 @@ class DecodeRunner:
         self.position.add_(1)
         return logits
 
+    def capturable(self) -> bool:
+        """Whether `capture()` can record this runner's step (CUDA, and `graph_unsupported` has no reason)."""
+        hybrid = self.lean.kind == "hybrid"
+        return self.input_ids.is_cuda and not (hybrid and graph_unsupported(self.lean.attentions))
+
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then record one step.
@@ -241,6 +246,10 @@ class DecodeRunner:
         """
         if self.input_ids.device.type != "cuda":
             raise RuntimeError("CUDA graphs need CUDA tensors")
+        unsupported = graph_unsupported(self.lean.attentions) if self.lean.kind == "hybrid" else None
+        if unsupported:
+            raise RuntimeError(f"this decode step cannot be captured in a CUDA graph: {unsupported}; "
+                               "call step() without capture() (eager steps)")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
