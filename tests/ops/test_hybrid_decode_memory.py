@@ -308,3 +308,39 @@ def test_model_cache_decodes_position_free_memory_in_place(monkeypatch):
     for st, rst in zip(states, ref_states):
         assert st.win_head is not None and rst.win_head is None and st.win_kf is not None
         check_errors(memory_state_errors(st, rst), 1e-5)
+
+
+@pytest.mark.parametrize("c", [p for p in CASES if p.values[0]["inplace"]])
+def test_in_place_decode_reads_the_position_from_the_device(c, monkeypatch):
+    """position= (a device tensor, as the CUDA-graph decode runner passes): the kernel takes the band
+    from it. The host-side band's numbers are replaced by junk here, so only the tensor can give the
+    reference's outputs and state (whether a step selects or folds stays the host's decision)."""
+    from lolcats.ops.hybrid import fused_recurrent
+
+    band = fused_recurrent._band
+    monkeypatch.setattr(fused_recurrent, "_band", lambda s, m: band(s, m)._replace(p0=-7, lo=10**6, nband=0))
+    x, kf, lam, st = setup(c)
+    r = slice(T0, T0 + STEPS)
+    common = dict(key_map=x.key_map, softcap=c["softcap"], memory=c["memory"], log_decay=lam)
+    ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
+                                         key_mask=cut(x.mask, r), key_map_input=cut(kf, r), **common)
+    position = torch.tensor([T0])
+    outs = []
+    with torch.no_grad():
+        for t in range(T0, T0 + STEPS):
+            s_ = slice(t, t + 1)
+            o, _ = hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=st,
+                                 key_mask=cut(x.mask, s_), key_map_input=cut(kf, s_), backend="triton", inplace=True,
+                                 position=position, **common)
+            outs.append(o)
+            position += 1
+    check_errors({"o": rel_error(torch.cat(outs, 1), ro), **memory_state_errors(st, rst)}, 1e-5)
+
+
+def test_device_position_is_for_one_token_in_place():
+    c = CASES[1].values[0]
+    x, kf, lam, st = setup(c)
+    s_ = slice(T0, T0 + 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="one token a call"):
+        hybrid_decode(x.q[:, s_], x.k[:, s_], x.v[:, s_], x.fq[:, s_], x.gamma, state=st, key_map=x.key_map,
+                      memory=c["memory"], log_decay=lam, backend="triton", inplace=True, position=torch.tensor([T0]))

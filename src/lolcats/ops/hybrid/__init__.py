@@ -103,13 +103,13 @@ def hybrid_decode(
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, memory: Memory | None = None, key_map_input: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None, backend: str = "auto", inplace: bool = False,
-    memory_query: torch.Tensor | None = None,
+    memory_query: torch.Tensor | None = None, position: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode form (see `hybrid_attention_recurrent`); the kernel runs without autograd, with or
     without memory beyond the window (sinks, global cache; the state must have been built for
     `memory`), position-free memory (memory_query) and decay. With memory a step's band and, with a
     global cache, whether it runs the selection (in PyTorch, before the launch) follow the state's
-    position, a host-side int: such a step is not one a CUDA graph can replay.
+    position: a host-side int, or the device tensor `position` (below) for the band.
 
     inplace=False: `state` is left as it was, a new state is returned. inplace=True (no autograd):
     `state` itself is updated and returned, its tensors kept (same storage: what a CUDA graph or a
@@ -117,6 +117,13 @@ def hybrid_decode(
     The kernel does it without writing a second state (its window buffers become a ring,
     `HybridState.win_head`), the reference forms by copying their result in (`decodes_in_place`
     says which runs).
+
+    position (in place, one token): the state's position as an int64 tensor [1] on the device,
+    equal to `state.position`. The in-place kernel then takes the step's band from it instead of
+    baking the host-side int into its launch, so a CUDA graph of the step replays correctly at later
+    positions (with a global cache, except at the steps that open a selection interval, which run
+    the selection on the host's schedule: `bench.decode_step.DecodeRunner` runs those eagerly). The
+    reference forms read `state.position`.
     """
     if _decode_kernel_takes(state, memory) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
@@ -124,7 +131,7 @@ def hybrid_decode(
         return hybrid_decode_triton(
             q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,
             key_map_input=key_map_input, inplace=inplace, log_decay=log_decay, memory=memory,
-            memory_query=memory_query,
+            memory_query=memory_query, position=position,
         )
     o, new = hybrid_attention_recurrent(
         q, k, v, fq, gamma, state=state, key_map=key_map, scale=scale, softcap=softcap, key_mask=key_mask,

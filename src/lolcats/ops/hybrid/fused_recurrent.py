@@ -209,13 +209,17 @@ def _decode_step(
 @triton.jit(do_not_specialize=["H", "Hk", "KG", "nband", "lo", "p0"])
 def _decode_step_inplace(
     q, mq, k, v, fq, fk_old, vold, kv, ksum, wk, wv, wvalid, head, slot, newvalid, kmi, wkf, gamma, lam,
-    sk, svv, spos, sfill, snew, gk, gv, gvalid, o,
-    scale, cap, H, Hk, KG, W, nband, lo, p0, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    sk, svv, spos, sfill, snew, gk, gv, gvalid, o, pos,
+    scale, cap, H, Hk, KG, W, nband, lo, p0, P, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     DK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, HAS_MQ: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, HAS_MQ: tl.constexpr, DEVICE_POS: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    if DEVICE_POS:  # the step's position from device memory (a CUDA graph replays it): the band as `_band`
+        p0 = tl.load(pos)
+        lo = (p0 // P) * P - W + P
+        nband = p0 - lo + 1
     b = i_bh // Hk
     hk = i_bh % Hk
     Hs = Hk * KG
@@ -463,7 +467,8 @@ def inplace_ready(state: HybridState) -> HybridState:
 def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: float,
                         softcap: float | None, key_mask: torch.Tensor | None,
                         key_map_input: torch.Tensor | None = None, log_decay: torch.Tensor | None = None,
-                        memory: Memory = NO_MEMORY, memory_query: torch.Tensor | None = None) -> torch.Tensor:
+                        memory: Memory = NO_MEMORY, memory_query: torch.Tensor | None = None,
+                        position: torch.Tensor | None = None) -> torch.Tensor:
     """One token, updating `state` (made `inplace_ready`) in place; returns o [B, 1, H, Dv].
 
     Launches (no host sync, no shape depending on data): the oldest slot, the gathers of its key
@@ -471,7 +476,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     and appends a new sink). With a global cache, the step opening an interval instead runs the
     selection over the P oldest ring slots first (the reference's code, in PyTorch; whether a step
     opens one follows from the host-side position) and copies its result into the state.
-    memory_query: as in `decode_step`.
+    memory_query: as in `decode_step`. position: the state's position as an int64 tensor [1] on the
+    device (it must equal state.position): the kernel then reads the band from it rather than from
+    the host-side int, so a CUDA graph of a step that runs no selection replays at any position.
     """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
@@ -501,7 +508,8 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         k_old = ki.gather(2, slot.view(B, 1, 1, 1).expand(B, Hk, 1, ki.shape[-1]))  # [B, Hk, 1, Dk]
         valid_old = state.win_valid.gather(1, slot.view(B, 1))  # [B, 1]
         if state.sink_pos is not None:  # a sink is never folded
-            valid_old = valid_old & ~(state.sink_pos == band.p0 - W).any(1, keepdim=True)
+            evicted = band.p0 - W if position is None else position - W  # the evicted slot's position
+            valid_old = valid_old & ~(state.sink_pos == evicted).any(1, keepdim=True)
         fk_old, lam = _evicted_features(key_map, k_old, acc, B, Hs, F, log_decay, W)
         # z += phi(k_old) where the evicted slot was valid, here: the kernel's programs only read z
         state.k_sum.view(B, Hs, F).addcmul_(fk_old, valid_old.view(B, 1, 1))
@@ -529,8 +537,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         state.win_head, slot, newvalid, kmi,
         state.win_kf if has_kf else wvalid, gamma.contiguous(), fk_old if lam is None else lam,
         mem[0], mem[1], mem[2], sfill, kmi if mq else k_in, mem[3], mem[4], mem[5], o,
-        scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, mem[6], mem[7], D, DV, F, DK,
-        key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq,
+        wvalid if position is None else position,
+        scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, memory.period, mem[6], mem[7], D, DV, F,
+        DK, key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq, position is not None,
         BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10], num_warps=4,
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
@@ -544,6 +553,7 @@ def hybrid_decode_triton(
     *, state: HybridState, key_map: KeyMap, scale: float | None = None, softcap: float | None = None,
     key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None, inplace: bool = False,
     log_decay: torch.Tensor | None = None, memory: Memory | None = None, memory_query: torch.Tensor | None = None,
+    position: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """Decode with the Triton step kernel, token by token; contract of `hybrid_attention_recurrent`.
 
@@ -551,9 +561,12 @@ def hybrid_decode_triton(
     as it was and a new state is returned. The reference fallbacks honour it by copying in.
     memory: the memory beyond the window the state was built for (sinks, global cache), as the
     reference takes it. memory_query: position-free memory, as the reference takes it (the kernels
-    score the sinks and the cache with it; a new sink stores its key-map input).
+    score the sinks and the cache with it; a new sink stores its key-map input). position (in place,
+    one token): the state's position as a device tensor, see `decode_step_inplace`.
     """
     B, T, H, D = q.shape
+    if position is not None and (not inplace or T != 1):
+        raise ValueError("position (a device tensor) is for in-place decode of one token a call")
     inputs = (q, k, v, fq, gamma, *state.tensors(), *(() if log_decay is None else (log_decay,)))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if inplace and grad:
@@ -583,7 +596,7 @@ def hybrid_decode_triton(
             None if memory_query is None else memory_query[:, t : t + 1],
         )
         if inplace:
-            outs.append(decode_step_inplace(*args))
+            outs.append(decode_step_inplace(*args, position=position))
         else:
             o, state = decode_step(*args)
             outs.append(o)
