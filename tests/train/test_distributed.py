@@ -443,7 +443,7 @@ def test_stage1_benchmark_script_runs_on_cpu(tmp_path):
            "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("| 1 | smollm2-135m | 2 | 2 | yes | no |") == 1, proc.stdout
+    assert proc.stdout.count("| 1 | memory long, backend auto | smollm2-135m | 2 | 2 | yes | no |") == 1, proc.stdout
     r = json.loads(out.read_text())
     assert r["config"]["world_size"] == 2 and r["config"]["tokens_per_step"] == 2 * 64 and r["tokens_per_s"] > 0
     assert r["nonfinite_steps"] == 0 and len(r["peak_memory_bytes_per_rank"]) == 2
