@@ -15,7 +15,7 @@ from lolcats import LolcatsConfig, convert
 from lolcats.attention.cache import hybrid_layer_cache
 from lolcats.bench import decode as decode_mod
 from lolcats.bench.decode import decode_table, run_decode
-from lolcats.bench.decode_step import DecodeRunner, LeanDecoder, graph_unsupported
+from lolcats.bench.decode_step import DecodeRunner, LeanDecoder, selection_period
 from lolcats.bench.models import random_causal_lm
 from lolcats.bench.prefill import prefill_table, run_prefill
 from lolcats.bench.report import markdown, write_plots
@@ -27,6 +27,8 @@ from lolcats.plan import PRESETS, ModelShape, decode_state_bytes
 from repo_paths import ROOT
 
 TINY_LCFG = {"window_size": 8, "feature_dim": 8}
+MEMORY_LCFG = dict(sink_size=2, global_cache_size=4, global_cache_interval=4, global_cache_horizon=16,
+                   linear_decay=16, memory_distance=6)  # the default preset's mechanisms at the tiny model's scale
 DECODE_KEYS = {"label", "attention", "key_maps", "runner", "context", "batch", "status", "steps", "seconds",
                "ms_per_step", "tokens_per_s", "peak_memory_bytes", "cache_bytes", "weight_bytes", "roofline_ms",
                "roofline_rw_ms", "roofline_fraction", "cuda_graph"}
@@ -125,14 +127,13 @@ def test_lean_decoder_refuses_what_it_cannot_run():
         LeanDecoder(model)
     with pytest.raises(RuntimeError, match="CUDA"):
         DecodeRunner(LeanDecoder(tiny_lm(None)), [], torch.ones(1, 1), 0).capture()
-    # memory beyond the window: the step follows the host-side position, so no single graph replays it
-    for changes, reason in (({"sink_size": 2}, "memory beyond the window"), ({"global_cache_size": 4}, "memory"),
-                            ({"feature_map_rope": False}, None), ({"linear_decay": 16}, None)):
+    # a global cache: the runner runs its selection steps (t % P == 0) eagerly; other memory replays
+    for changes, period in (({"sink_size": 2}, None), ({"global_cache_size": 4, "global_cache_interval": 8}, 8),
+                            ({"feature_map_rope": False}, None)):
         lean = LeanDecoder(convert(tiny_lm(None), LolcatsConfig(**TINY_LCFG, **changes)))
-        assert (graph_unsupported(lean.attentions) is None) == (reason is None)
-        if reason:
-            assert reason in graph_unsupported(lean.attentions)
-            assert not DecodeRunner(lean, [], torch.ones(1, 1), 0).capturable()
+        assert selection_period(lean.attentions) == period
+        runner = DecodeRunner(lean, [], torch.ones(1, 1), 16)
+        assert runner.selects() == (period is not None) and not DecodeRunner(lean, [], torch.ones(1, 1), 17).selects()
 
 
 @pytest.mark.parametrize("mode", ["query", "kv"])
@@ -140,9 +141,7 @@ def test_lean_step_with_the_default_memory_equals_model_forward(mode):
     """The default memory preset's mechanisms (sinks, a global cache re-chosen every 4 tokens, its age
     horizon and dedup, decay, pre-RoPE feature maps, position-free memory) through the lean step:
     logits and the states as model.forward's, over steps that cross several selections."""
-    model = convert(tiny_lm(None), LolcatsConfig.preset(
-        "long", **TINY_LCFG, key_map_sharing=mode, sink_size=2, global_cache_size=4, global_cache_interval=4,
-        global_cache_horizon=16, linear_decay=16, memory_distance=6))
+    model = convert(tiny_lm(None), LolcatsConfig.preset("long", **TINY_LCFG, key_map_sharing=mode, **MEMORY_LCFG))
     B, L = 2, 21  # L past window + interval: sinks out of the band, cache in use
     cache = prefilled(model, B, L)
     static = [hybrid_layer_cache(cache, i).hybrid_state.map(torch.clone) for i in range(2)]
@@ -165,9 +164,14 @@ def test_lean_step_with_the_default_memory_equals_model_forward(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("mode", ["query", None])
+@pytest.mark.parametrize("mode", ["query", None, "memory"])
 def test_cuda_graph_replay_equals_eager(mode):
-    model = tiny_lm(mode, device="cuda")
+    """The replayed step equals the eager one; with memory (sinks, a global cache every 4 steps: the
+    runner's eager selection steps between replays) over steps that cross several selections."""
+    if mode == "memory":
+        model = convert(tiny_lm(None, device="cuda"), LolcatsConfig.preset("long", **TINY_LCFG, **MEMORY_LCFG))
+    else:
+        model = tiny_lm(mode, device="cuda")
     B, L = 2, 20
     cache = prefilled(model, B, L)
     lean = LeanDecoder(model)
@@ -186,9 +190,12 @@ def test_cuda_graph_replay_equals_eager(mode):
     graph.capture(warmup=2)
     for _ in range(2):  # the graph runner's warm-up steps already advanced it
         eager.step()
-    for _ in range(4):
+    for _ in range(4 if mode != "memory" else 13):
         torch.testing.assert_close(graph.step(), eager.step(), atol=1e-4, rtol=1e-4)
         assert torch.equal(graph.input_ids, eager.input_ids) and torch.equal(graph.position, eager.position)
+    if mode is not None:
+        for a, b in zip(graph.cache, eager.cache):
+            assert a.position == b.position == graph.host_position
 
 
 def test_lean_step_with_triton_decode_kernel_under_interpreter():
@@ -267,7 +274,7 @@ def test_decode_bench_rows_and_table():
 
 def test_decode_bench_mechanism_rows():
     """One linearized model per mechanism: both runners decode with its memory (cache bytes as
-    prefilled), the graph runner's memory rows eagerly and saying why; the rows carry the mechanism's name."""
+    prefilled); the rows carry the mechanism's name."""
     mechs = {"sinks 2 + global 4": {"sink_size": 2, "global_cache_size": 4, "global_cache_interval": 4},
              "decay": {"linear_decay": 16}}
     res = run_decode(preset=tiny_config(), device="cpu", contexts=(24,), batches=[1, 2], key_maps=("kv",),
@@ -276,7 +283,6 @@ def test_decode_bench_mechanism_rows():
     mem, dec = "lolcats-kv [sinks 2 + global 4]", "lolcats-kv [decay]"
     assert list(rows) == [(f"{mem}/graph", 1), (f"{mem}/graph", 2), (f"{mem}/hf", 1), (f"{mem}/hf", 2),
                           (f"{dec}/graph", 1), (f"{dec}/graph", 2), (f"{dec}/hf", 1), (f"{dec}/hf", 2)]
-    assert "memory" in rows[(f"{mem}/graph", 2)]["eager_because"] and "eager_because" not in rows[(f"{dec}/graph", 1)]
     for key, r in rows.items():
         assert r["mechanism"] == key[0].split("[")[1].split("]")[0]
         assert r["status"] == "ok" and r["tokens_per_s"] > 0, r

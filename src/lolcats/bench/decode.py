@@ -13,9 +13,9 @@ Runners (`runner` in each row):
   "graph"  `LeanDecoder` step captured in a CUDA graph and replayed (`lolcats.bench.decode_step`).
            Softmax: a static KV buffer of context + steps slots per layer, masked SDPA (the
            "StaticCache + CUDA graph" baseline, written without transformers' cache classes).
-           Linearized: static per-layer HybridState tensors, updated in place. On CPU, and with
-           memory beyond the window (its steps follow the host-side position: `eager_because`),
-           the same step runs eagerly (no graph).
+           Linearized: static per-layer HybridState tensors, updated in place (with a global
+           cache, the one step in P that runs the selection eagerly between replays). On CPU the
+           same step runs eagerly (no graph).
 
 Context state (decode speed does not depend on cache contents):
   softmax     random K/V of shape [B, Hk, context, D] per layer (no prefill);
@@ -57,7 +57,7 @@ from lolcats.bench.common import (
     resolve_dtype,
     timed_loop,
 )
-from lolcats.bench.decode_step import DecodeRunner, LeanDecoder, graph_unsupported
+from lolcats.bench.decode_step import DecodeRunner, LeanDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _measure(row: dict, step: Callable[[], Any], steps: int, device: torch.devic
 
 
 def _graph_or_eager(runner: DecodeRunner, device: torch.device, warmup: int) -> bool:
-    if device.type == "cuda" and runner.capturable():
+    if device.type == "cuda":
         runner.capture(warmup=warmup)
         return True
     for _ in range(warmup):
@@ -228,9 +228,6 @@ def _lolcats_graph(model, batch, context, state1, *, key_maps, steps, warmup, de
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device, generator=gen)
     runner = DecodeRunner(lean, states, ids, context)
     row["cuda_graph"] = _graph_or_eager(runner, device, warmup)
-    no_graph = graph_unsupported(lean.attentions)
-    if no_graph:  # the lean step runs eagerly: say why
-        row["eager_because"] = no_graph
     state_bytes = sum(s.nbytes for s in states)
     return _measure(row, runner.step, steps, device, cache_bytes=state_bytes,
                     weights=weight_bytes_per_step(model, batch), bandwidth=bandwidth, state_writes=state_bytes)
@@ -319,8 +316,7 @@ def run_decode(
     batches: explicit batch sizes (ascending) instead of 1, 2, 4, ... <= max_batch.
     lolcats_config: LolcatsConfig keys (window_size, feature_dim, ...) besides key_map_sharing.
     mechanisms: name -> LolcatsConfig changes (`lolcats.bench.state.MECHANISMS`): one linearized model
-    per mechanism and key-map mode, its rows labelled with the name (None: the config as given). The
-    graph runner's step with memory beyond the window runs eagerly (`cuda_graph` False, `eager_because`).
+    per mechanism and key-map mode, its rows labelled with the name (None: the config as given).
     deadline: a time.monotonic() value after which remaining rows are recorded as skipped.
     """
     from lolcats.bench.models import random_causal_lm

@@ -25,9 +25,10 @@ kernel writes S and the new window slot into the state's own tensors, its window
 buffer, so a step is shape-static and can be captured; the ring head is allocated by the first
 (eager, warm-up) step, before capture.
 `DecodeRunner` adds greedy token selection (argmax written back into the input ids, position + 1)
-and optionally captures the whole step in a `torch.cuda.CUDAGraph`. A step with memory beyond the
-window (sinks, global cache) depends on the state's host-side position (its band; with a global
-cache, whether it runs the selection): it runs eagerly (`graph_unsupported` says why).
+and optionally captures the whole step in a `torch.cuda.CUDAGraph`. With memory beyond the window
+the kernel takes the step's band from the position tensor (`hybrid_decode(position=...)`), so one
+graph replays at every position, except with a global cache at the steps that open a selection
+interval (one in P: the selection runs on the host's schedule): the runner runs those eagerly.
 
 Supported families: those whose decoder layer is exactly the Llama layer (llama, mistral without
 sliding window, qwen2, qwen3). All attention layers must be converted, or none.
@@ -49,7 +50,7 @@ from lolcats.train.transfer import decoder_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder", "graph_unsupported"]
+__all__ = ["LEAN_MODEL_TYPES", "DecodeRunner", "KVBuffers", "LeanDecoder", "selection_period"]
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -66,13 +67,14 @@ class KVBuffers:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
-def graph_unsupported(attentions) -> str | None:
-    """Why the converted layers' decode step cannot be captured in one CUDA graph (None: it can).
-    With memory beyond the window the decode kernel's band (and, with a global cache, the selection
-    every P steps) follows the state's position, a host-side int: one replayed graph would freeze it."""
-    if any(getattr(a, "lolcats_memory", None) is not None and a.lolcats_memory.active for a in attentions):
-        return "memory beyond the window (sinks, global cache): its steps follow the host-side position"
-    return None
+def selection_period(attentions) -> int | None:
+    """P when some converted layer has a global cache (its steps at positions t % P == 0 run the
+    selection, on the host's schedule: no replayed graph does them), else None."""
+    periods = {a.lolcats_memory.period for a in attentions
+               if getattr(a, "lolcats_memory", None) is not None and a.lolcats_memory.global_size}
+    if len(periods) > 1:
+        raise ValueError(f"the converted layers select their global caches at different intervals {sorted(periods)}")
+    return periods.pop() if periods else None
 
 
 class LeanDecoder:
@@ -145,7 +147,7 @@ class LeanDecoder:
     # ------------------------------------------------------------------------------------------
     # attention of one layer for one token: x [B, 1, hidden] -> [B, 1, hidden]
 
-    def _hybrid(self, attn, x: torch.Tensor, cos_sin, state: HybridState) -> torch.Tensor:
+    def _hybrid(self, attn, x: torch.Tensor, cos_sin, state: HybridState, position: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         q, k, v, unrotated, memory_query = attn.lolcats_inputs(x, cos_sin)  # [B, H, 1, D], [B, Hk, 1, D]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, 1, H, D]
@@ -156,7 +158,7 @@ class LeanDecoder:
         o, _ = hybrid_decode(
             q, k, v, fq, params.gamma(), state=state, key_map=params.key_features, scale=attn.scaling,
             softcap=self.adapter.logit_softcap(attn), log_decay=params.log_decay(), backend=self.backend, inplace=True,
-            key_map_input=kf, memory=attn.lolcats_memory, memory_query=memory_query,
+            key_map_input=kf, memory=attn.lolcats_memory, memory_query=memory_query, position=position,
         )
         return attn.o_proj(o.reshape(B, 1, -1).to(x.dtype))
 
@@ -184,8 +186,9 @@ class LeanDecoder:
     def forward(self, input_ids: torch.Tensor, position: torch.Tensor, cache: list) -> torch.Tensor:
         """Logits [B, vocab] of the next token after input_ids [B, 1] at `position` (a [1] long tensor).
 
-        `cache`: one HybridState per layer (linearized) or one KVBuffers per layer (softmax); updated
-        in place. Every row of the batch is at the same position (no padding).
+        `cache`: one HybridState per layer (linearized; `state.position` equal to `position`) or one
+        KVBuffers per layer (softmax); updated in place. Every row of the batch is at the same
+        position (no padding).
         """
         if len(cache) != self.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the model {self.num_layers}")
@@ -199,7 +202,7 @@ class LeanDecoder:
             residual = h
             x = layer.input_layernorm(h)
             if self.kind == "hybrid":
-                a = self._hybrid(attn, x, cos_sin, c)
+                a = self._hybrid(attn, x, cos_sin, c, position)
             else:
                 a = self._softmax(attn, x, cos_sin, c, position, mask)
             h = residual + a
@@ -215,6 +218,9 @@ class DecodeRunner:
 
     A step: logits = lean(input_ids, position, cache); input_ids <- argmax(logits); position += 1.
     The runner owns copies of input_ids [B, 1] and position [1]; `cache` is updated in place.
+    With a global cache (a selection every P steps, on the host's schedule) the steps at positions
+    t % P == 0 run eagerly between the replays. `host_position` counts on the host what the position
+    tensor holds; the states' `position` ints follow it (a replay advances tensors, not Python ints).
     """
 
     def __init__(self, lean: LeanDecoder, cache: list, input_ids: torch.Tensor, position: int | torch.Tensor):
@@ -223,37 +229,44 @@ class DecodeRunner:
         self.input_ids = input_ids.detach().clone().to(torch.long)
         device = self.input_ids.device
         self.position = torch.as_tensor(position, dtype=torch.long, device=device).reshape(1).clone()
+        self.host_position = int(self.position)
+        self.period = selection_period(lean.attentions) if lean.kind == "hybrid" else None
         self.graph = None
         self.logits: torch.Tensor | None = None
 
+    def _sync_states(self) -> None:
+        if self.lean.kind == "hybrid":
+            for state in self.cache:
+                state.position = self.host_position
+
+    def selects(self) -> bool:
+        """Whether the next step opens a selection interval (it then runs eagerly)."""
+        return self.period is not None and self.host_position % self.period == 0
+
     def eager_step(self) -> torch.Tensor:
+        self._sync_states()
         logits = self.lean(self.input_ids, self.position, self.cache)
         self.input_ids.copy_(logits.argmax(-1, keepdim=True))
         self.position.add_(1)
+        self.host_position += 1
         return logits
-
-    def capturable(self) -> bool:
-        """Whether `capture()` can record this runner's step (CUDA, and `graph_unsupported` has no reason)."""
-        hybrid = self.lean.kind == "hybrid"
-        return self.input_ids.is_cuda and not (hybrid and graph_unsupported(self.lean.attentions))
 
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then record one step.
 
-        Warm-up steps advance the decoding (contents do not matter for timing). Capturing itself
-        runs nothing. CUDA only.
+        Warm-up steps advance the decoding (contents do not matter for timing), past a selection
+        step if the next one would be (the recorded step must run none). Capturing itself runs
+        nothing. CUDA only.
         """
         if self.input_ids.device.type != "cuda":
             raise RuntimeError("CUDA graphs need CUDA tensors")
-        unsupported = graph_unsupported(self.lean.attentions) if self.lean.kind == "hybrid" else None
-        if unsupported:
-            raise RuntimeError(f"this decode step cannot be captured in a CUDA graph: {unsupported}; "
-                               "call step() without capture() (eager steps)")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(max(1, warmup)):
+                self.eager_step()
+            while self.selects():
                 self.eager_step()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -261,13 +274,19 @@ class DecodeRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self.eager_step()
+        self.host_position -= 1  # the recording ran nothing: that step is still to come
+        self._sync_states()
         self.graph = graph
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One decode step; returns the logits [B, vocab] (the graph's output buffer when captured)."""
-        if self.graph is None:
-            self.logits = self.eager_step()
-        else:
-            self.graph.replay()
+        """One decode step; returns the logits [B, vocab] (the graph's output buffer after a replay)."""
+        if self.graph is None or self.selects():
+            logits = self.eager_step()
+            if self.graph is None:
+                self.logits = logits
+            return logits
+        self.graph.replay()
+        self.host_position += 1
+        self._sync_states()
         return self.logits  # type: ignore[return-value]
