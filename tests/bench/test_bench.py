@@ -416,6 +416,12 @@ def test_cli_bench_state(tmp_path, capsys):
     assert main(["bench", "state", "--device", "cpu", "--preset", "smollm2-135m", "--out", str(tmp_path),
                  "--no-plots"]) == 0
     assert "query: 11.4 MiB per sequence" in capsys.readouterr().out
+    # --mechanisms NAME,...: those rows only (alone: all of MECHANISMS)
+    assert main(["bench", "state", "--device", "cpu", "--key-maps", "kv", "--mechanisms",
+                 "default,memory long (linearize's default)", "--out", str(tmp_path), "--no-plots"]) == 0
+    rows = json.loads((tmp_path / "bench-state.json").read_text())["state"]["rows"]
+    assert [r.get("mechanism") for r in rows] == ["default", "memory long (linearize's default)"]
+    capsys.readouterr()
     assert main(["plan", "smollm2-135m"]) == 0
     assert "10.0 MiB in bfloat16 (GPU), 11.4 MiB in float32 (CPU)" in capsys.readouterr().out
 
@@ -426,6 +432,7 @@ def test_cli_bench_state(tmp_path, capsys):
     (["bench", "state", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "state", "--steps", "0"],
      "CUDA is not available" if not torch.cuda.is_available() else "--steps must be >= 1"),
     (["bench", "transfer", "--transfer-steps", "2", "--transfer-warmup", "2"], "must exceed"),
+    (["bench", "state", "--mechanisms", "default,sinks 5"], "unknown name(s) ['sinks 5']"),
 ])
 def test_cli_bench_errors_are_one_line(tmp_path, capsys, argv, match):
     rc = main(argv + ["--out", str(tmp_path / "o")])

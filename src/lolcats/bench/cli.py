@@ -106,15 +106,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("state")
     s.add_argument("--measure", action="store_true",
                    help="also build, convert and prefill the model and read cache_nbytes (needs memory for it)")
-    s.add_argument("--mechanisms", action="store_true",
+    s.add_argument("--mechanisms", nargs="?", const="all", default=None, metavar="NAME,...",
                    help="state and decode: one row per memory mechanism (window 256, sinks, pre-RoPE maps, global "
-                        "cache budgets, the long-input recipe); decode runs them with --runners hf")
+                        "cache budgets, linearize's default); alone: all of lolcats.bench.state.MECHANISMS, or "
+                        "the comma-separated names given (e.g. \"default,memory long (linearize's default)\")")
 
 
-def _mechanisms() -> dict[str, dict[str, Any]]:
+def _mechanisms(names: str | None) -> dict[str, dict[str, Any]] | None:
+    """The MECHANISMS rows --mechanisms asks for (None: the flag was not given)."""
     from lolcats.bench.state import MECHANISMS
 
-    return MECHANISMS
+    if names is None:
+        return None
+    if names == "all":
+        return MECHANISMS
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in MECHANISMS]
+    if unknown or not wanted:
+        raise ValueError(f"--mechanisms: unknown name(s) {unknown or [names]}; choose among {list(MECHANISMS)}")
+    return {n: MECHANISMS[n] for n in wanted}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -146,13 +156,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "state": dict(preset=args.preset, num_layers=args.layers, key_maps=tuple(args.key_maps),
                       lolcats_config=lcfg, dtype=state_dtype, measure=args.measure,
-                      mechanisms=_mechanisms() if getattr(args, "mechanisms", False) else None),
+                      mechanisms=_mechanisms(getattr(args, "mechanisms", None))),
         "decode": dict(preset=args.preset, num_layers=args.layers, dtype=args.dtype, contexts=tuple(args.contexts),
                        batches=args.batches, max_batch=args.max_batch, key_maps=tuple(args.key_maps),
                        runners=tuple(args.runners), softmax=not args.no_softmax, lolcats_config=lcfg,
                        steps=args.steps, hf_steps=args.hf_steps, warmup=args.warmup,
                        bandwidth=args.bandwidth_tbs * 1e12,
-                       mechanisms=_mechanisms() if getattr(args, "mechanisms", False) else None),
+                       mechanisms=_mechanisms(getattr(args, "mechanisms", None))),
         "prefill": dict(lengths=tuple(args.lengths), tokens=args.tokens, heads=heads, kv_heads=kv_heads,
                         head_dim=head_dim, feature_dim=lcfg.get("feature_dim", 64), window=lcfg.get("window_size", 64),
                         dtype=args.dtype, key_maps=tuple(args.key_maps), backward=not args.no_backward,
@@ -182,6 +192,7 @@ def _check(args: argparse.Namespace) -> None:
     from lolcats.config import LolcatsConfig
 
     resolve_device(args.device)  # CUDA requested but absent: a ValueError
+    _mechanisms(getattr(args, "mechanisms", None))  # an unknown name: a ValueError before anything runs
     given = (("window_size", args.window), ("feature_dim", args.feature_dim))
     LolcatsConfig(**{k: v for k, v in given if v is not None})
 
