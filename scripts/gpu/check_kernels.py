@@ -144,7 +144,7 @@ def check_continue(T1, T2, D, G, mode, dtype, softcap=None, seed=1):
 
 
 def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inputs=False, inplace=False,
-                 window=W, decay=False, memory=None, pad_rows=None, memory_query=False):
+                 window=W, decay=False, memory=None, pad_rows=None, memory_query=False, device_position=False):
     """Reference state after T0 tokens -> `steps` kernel decode steps vs the recurrent reference.
 
     separate_inputs: key maps read other inputs than the keys (position-free maps: pre-RoPE keys),
@@ -156,7 +156,9 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
     prefill; the sinks (positions; keys and values of the filled slots) and the cache are compared too.
     pad_rows: {row: left padding} on top of make()'s (a row whose sinks are still filling during decode).
     memory_query: position-free memory (random memory queries, q's shape; needs separate_inputs): the
-    sinks and the cache scored by them against the key-map inputs, in the prefill, the kernel and the reference."""
+    sinks and the cache scored by them against the key-map inputs, in the prefill, the kernel and the reference.
+    device_position (in place): each step's position from a device tensor (`position=`, what the
+    CUDA-graph decode runner passes), the kernel taking the band from it."""
     B, H, T0 = 3, 8, 300
     Hk = H // G
     xs, gamma, key_map, mask = make(B, T0 + steps, H, Hk, D, mode, True, dtype, seed)
@@ -195,7 +197,8 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
                                           state=st_k, key_map=key_map, key_mask=mask[:, T0 + t:T0 + t + 1],
                                           softcap=softcap, backend="triton", inplace=True, log_decay=lam,
                                           key_map_input=None if kf is None else kf[:, T0 + t:T0 + t + 1],
-                                          memory=memory, memory_query=None if mq is None else mq[:, T0 + t:T0 + t + 1])
+                                          memory=memory, memory_query=None if mq is None else mq[:, T0 + t:T0 + t + 1],
+                                          position=torch.tensor([T0 + t], device=DEVICE) if device_position else None)
                 if t == 0:
                     ptrs = [x.data_ptr() for x in st_k.tensors()]
                 ptrs_moved |= same is not st_k or [x.data_ptr() for x in st_k.tensors()] != ptrs
@@ -401,6 +404,13 @@ def main():
                "kv", dtype, Memory(global_size=16, interval=32), softcap=5.0)
         record("training", "T=777 D=128 G=4 kv sinks=4 decay", dtype, check_training_memory, 777, 128, 4, "kv",
                dtype, Memory(sinks=4), decay=True)
+        # the graph runner's path: the position from a device tensor, memory beyond the window
+        for tag, mem in (("sinks=4", Memory(sinks=4)),
+                         ("sinks=4 global=32 P=16", Memory(sinks=4, global_size=32, interval=16))):
+            record("decode", f"T0=300 +70 D=128 G=4 query w=32 {tag} pre-RoPE decay memory-query in place "
+                   "device position", dtype, check_decode, 128, 4, "query", dtype, steps=70, window=32, memory=mem,
+                   inplace=True, decay=True, separate_inputs=True, memory_query=True, pad_rows={2: 298},
+                   device_position=True)
         record("hedgehog", "Hx=8 Hw=8", dtype, check_hedgehog, 8, 8, dtype)
         record("hedgehog", "Hx=2 Hw=8", dtype, check_hedgehog, 2, 8, dtype)
         record("hedgehog", "Hx=8 Hw=8 tf32x3", dtype, check_hedgehog, 8, 8, dtype, fwd_mode=1)
