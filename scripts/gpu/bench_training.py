@@ -23,8 +23,9 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
 Each process builds the same random-weight Llama of the preset's shape (`random_causal_lm`; with
 --fsdp built on the meta device, sharded per decoder layer, then materialised shard by shard),
 `lolcats.convert`s it (the --memory preset, default as `lolcats linearize`) and runs
-`lolcats.train.train` on random token blocks: stage 1 with `TransferLoss` (AdamW on phi/gamma), stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma
-frozen; --control: the same LoRA on the softmax model, the converted layers in softmax mode),
+`lolcats.train.train` on random token blocks: stage 1 with `TransferLoss` (AdamW on phi/gamma),
+stage 2 with `add_lora` + `causal_lm_loss` (phi/gamma frozen; --control: the same LoRA on the
+softmax model, the converted layers in softmax mode),
 gradient clipping, bf16 autocast on CUDA; --activation-checkpointing as in
 `lolcats linearize` (stage 1 not under --fsdp). A step takes world_size x micro-batch x
 grad-accum blocks (each rank its own micro-batch); gradients are averaged across ranks.

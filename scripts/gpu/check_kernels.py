@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -240,15 +241,8 @@ def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_quer
     torch.compile), through `hybrid_attention(backend="triton")` with gradients flowing, against the
     quadratic reference in float64: outputs and the gradients of q, k, v, fq, fk, gamma (and log
     lambda, the key-map inputs and the memory queries where given)."""
-    before = os.environ.get("LOLCATS_COMPILE")
-    os.environ["LOLCATS_COMPILE"] = "1" if compiled else "0"
-    try:
+    with mock.patch.dict(os.environ, {"LOLCATS_COMPILE": "1" if compiled else "0"}):
         return _check_training_memory(T, D, G, mode, dtype, memory, decay, memory_query, softcap, seed)
-    finally:
-        if before is None:
-            del os.environ["LOLCATS_COMPILE"]
-        else:
-            os.environ["LOLCATS_COMPILE"] = before
 
 
 def _check_training_memory(T, D, G, mode, dtype, memory, decay, memory_query, softcap, seed):

@@ -19,13 +19,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from lolcats.attention.feature_map import hedgehog  # noqa: E402
-from lolcats.attention.hybrid import Memory  # noqa: E402
 from lolcats.config import LolcatsConfig  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
 from lolcats.ops import hybrid_attention  # noqa: E402
@@ -45,13 +45,12 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device("cuda")
     cfg = LolcatsConfig.preset("long")
-    memory = Memory(sinks=cfg.sink_size, global_size=cfg.global_cache_size, interval=cfg.global_cache_interval,
-                    dedup=cfg.global_cache_dedup, horizon=cfg.global_cache_horizon)
+    memory = cfg.memory
     B, T, H, Hk, D, f = args.batch, args.length, args.heads, args.kv_heads, args.head_dim, cfg.feature_dim
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def rn(*s, scale=1.0):
-        return (torch.randn(*s, generator=g, device=dev) * scale).to(torch.bfloat16)
+    def rn(*s):
+        return torch.randn(*s, generator=g, device=dev).to(torch.bfloat16)
 
     q, k, v, mq, kf = rn(B, T, H, D), rn(B, T, Hk, D), rn(B, T, Hk, D), rn(B, T, H, D), rn(B, T, Hk, D)
     wq = torch.randn(H, D, f, generator=g, device=dev).mul(D**-0.5).requires_grad_()
@@ -82,26 +81,27 @@ def main() -> int:
     if args.compile:  # what LOLCATS_COMPILE=1 runs in a model
         forms.append(("memory, graph + rest compiled", "triton", True, "1"))
     rows, eager_out = [], None
-    for name, backend, mem, compiled in forms:
-        os.environ["LOLCATS_COMPILE"] = compiled
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = step(backend, mem)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        err = None
-        if backend == "torch":
-            eager_out = out
-        elif mem:
-            err = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, eager_out, strict=True))
-        print(f"{name}: first call {first:.1f} s, error vs eager {err}", flush=True)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step(backend, mem)
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) / args.iters * 1e3
-        rows.append(dict(name=name, first_call_s=first, ms_per_fwd_bwd=ms, error_vs_eager=err))
-        print(f"{name}: {ms:.2f} ms per forward + backward", flush=True)
+    with mock.patch.dict(os.environ):  # LOLCATS_COMPILE per form; the caller's environment back after
+        for name, backend, mem, compiled in forms:
+            os.environ["LOLCATS_COMPILE"] = compiled
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step(backend, mem)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            err = None
+            if backend == "torch":
+                eager_out = out
+            elif mem:
+                err = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, eager_out, strict=True))
+            print(f"{name}: first call {first:.1f} s, error vs eager {err}", flush=True)
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                step(backend, mem)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / args.iters * 1e3
+            rows.append(dict(name=name, first_call_s=first, ms_per_fwd_bwd=ms, error_vs_eager=err))
+            print(f"{name}: {ms:.2f} ms per forward + backward", flush=True)
     print("| form | first call (s) | ms per fwd+bwd | speed vs eager | error vs eager |\n|---|---|---|---|---|")
     eager = rows[1]["ms_per_fwd_bwd"]
     for r in rows:
@@ -109,7 +109,6 @@ def main() -> int:
         print(f"| {r['name']} | {r['first_call_s']:.1f} | {r['ms_per_fwd_bwd']:.2f} | "
               f"{eager / r['ms_per_fwd_bwd']:.2f}x | {e} |")
     times = torch._dynamo.utils.compile_times(repr="str") if args.compile else None
-    os.environ.pop("LOLCATS_COMPILE")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(str(Path(args.out) / "profile_memory_form.json"),
                       dict(shape=dict(B=B, T=T, H=H, Hk=Hk, D=D, F=2 * f), memory=memory.__dict__, rows=rows,

@@ -144,16 +144,17 @@ class LolcatsAttention(nn.Module):
     def _hybrid(self, q, k, v, key_mask, cache, unrotated=None, memory_query=None) -> torch.Tensor:
         """Student path: [B, H, T, D] inputs -> [B, T, H, Dv] output; uses/updates the cache's state."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fq, fk, kf = self.lolcats_features(q, k, unrotated)
+        layer_cache = None if cache is None else hybrid_layer_cache(cache, self.layer_idx)
+        state: HybridState | None = None if layer_cache is None else layer_cache.hybrid_state
+        decoding = state is not None and q.shape[1] == 1  # a decode step folds the evicted key, not this one
+        fq, fk, kf = self.lolcats_features(q, k, unrotated, keys=not decoding)
         common = self._common(key_mask)
         key_map = self.lolcats.key_features
-        if cache is None:
+        if layer_cache is None:
             out, _ = hybrid_attention(q, k, v, fq, fk, self.lolcats.gamma(), chunk_size=self.lolcats_chunk_size,
                                       key_map=key_map, key_map_input=kf, memory_query=memory_query, **common)
             return out
-        layer_cache = hybrid_layer_cache(cache, self.layer_idx)
-        state: HybridState | None = layer_cache.hybrid_state
-        if state is not None and q.shape[1] == 1:
+        if decoding:
             # the cache owns its state (beam reordering etc. replace it with new tensors): the kernel
             # updates it in place; the first such step copies it, as a prefill's state can view its
             # inputs. The reference forms (CPU, autograd) still return a new state.

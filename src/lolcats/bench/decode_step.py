@@ -70,8 +70,7 @@ class KVBuffers:
 def selection_period(attentions) -> int | None:
     """P when some converted layer has a global cache (its steps at positions t % P == 0 run the
     selection, on the host's schedule: no replayed graph does them), else None."""
-    periods = {a.lolcats_memory.period for a in attentions
-               if getattr(a, "lolcats_memory", None) is not None and a.lolcats_memory.global_size}
+    periods = {a.lolcats_memory.period for a in attentions if a.lolcats_memory.global_size}
     if len(periods) > 1:
         raise ValueError(f"the converted layers select their global caches at different intervals {sorted(periods)}")
     return periods.pop() if periods else None
