@@ -610,10 +610,20 @@ def _setup(model: Any, data: Any, *, out: Any, config: Any, tokenizer: Any, reci
 def _linearize(model: Any = None, data: Any = None, *, out: str | os.PathLike, config: Any = None,
                tokenizer: Any = None, recipe: Recipe | None = None, overwrite: bool = False, resume: bool = False,
                progress: Progress | None = None, cache_dir: Any = None, **options: Any) -> dict[str, Any]:
-    with _errors_of(_SETUP, None):
-        recipe, run = _setup(model, data, out=out, config=config, tokenizer=tokenizer, recipe=recipe,
-                             overwrite=overwrite, resume=resume, progress=progress, cache_dir=cache_dir,
-                             options=options)
+    failure: LinearizeError | None = None
+    try:
+        with _errors_of(_SETUP, None):
+            recipe, run = _setup(model, data, out=out, config=config, tokenizer=tokenizer, recipe=recipe,
+                                 overwrite=overwrite, resume=resume, progress=progress, cache_dir=cache_dir,
+                                 options=options)
+    except LinearizeError as e:
+        failure = e
+    # the ranks stop together on bad input, each with its own reason or that of the first failed rank
+    failed = distributed.first_failure(None if failure is None else one_line(failure))
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        raise LinearizeError(f"rank {failed[0]}: {failed[1]}")
     for stage in STAGES:
         if stage.when(recipe):
             logger.debug("stage: %s", stage.name)

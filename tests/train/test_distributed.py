@@ -254,7 +254,32 @@ def task_load_sharded_fails(out: str) -> None:
     Path(out, f"fail-rank{distributed.rank()}.txt").write_text(got)
 
 
-TASKS = {"data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
+def task_setup_fails_on_one_rank(out: str, base: str, data: str) -> None:
+    """Rank 1's output check fails, rank 0's passes: both stop in setup with a LinearizeError (rank 0
+    says rank 1's reason) instead of rank 0 going on alone into a launch that can no longer finish."""
+    import importlib
+
+    lin = importlib.import_module("lolcats.linearize")  # (the package exports the function of that name)
+
+    check = lin._check_out
+
+    def check_out(path, **kwargs):
+        if distributed.rank() == 1:
+            raise lin.LinearizeError(f"{path} is not writable here")
+        return check(path, **kwargs)
+
+    lin._check_out = check_out
+    try:
+        task_linearize(out, base, data)
+        got = "no error"
+    except lin.LinearizeError as e:
+        got = f"{type(e).__name__}: {e}"
+    finally:
+        lin._check_out = check
+    Path(out, f"fail-rank{distributed.rank()}.txt").write_text(got)
+
+
+TASKS = {"setup_fails_on_one_rank": task_setup_fails_on_one_rank, "data_parallel": task_data_parallel, "resume": task_resume, "fsdp": task_fsdp, "linearize": task_linearize,
          "load_sharded": task_load_sharded, "load_sharded_fails": task_load_sharded_fails}
 
 
@@ -430,6 +455,15 @@ def test_load_sharded_failure_on_rank_zero_stops_every_rank(tmp_path):
     spawn("load_sharded_fails", tmp_path, timeout=120)
     assert (tmp_path / "fail-rank0.txt").read_text() == "OSError: model path '/nope' does not exist"
     assert (tmp_path / "fail-rank1.txt").read_text() == "RankZeroError: model path '/nope' does not exist"
+
+
+def test_linearize_setup_failure_on_one_rank_stops_every_rank(tiny_base, tmp_path):
+    base, data = tiny_base
+    spawn("setup_fails_on_one_rank", tmp_path, timeout=120, base=str(base), data=str(data))
+    reason = f"{(tmp_path / 'delta').resolve()} is not writable here"
+    assert (tmp_path / "fail-rank0.txt").read_text() == f"LinearizeError: rank 1: {reason}"
+    assert (tmp_path / "fail-rank1.txt").read_text() == f"LinearizeError: {reason}"
+    assert not (tmp_path / "delta").exists()
 
 
 def test_stage1_benchmark_script_runs_on_cpu(tmp_path):

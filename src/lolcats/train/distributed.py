@@ -198,6 +198,17 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def first_failure(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose `message` is not None, the same on every rank; None
+    when every rank passed None. A check that fails on some ranks stops all of them together: a rank
+    that exited alone would have the launcher kill the others, rank 0 among them, before it said why."""
+    if world_size() <= 1:
+        return None if message is None else (0, message)
+    gathered: list[str | None] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, message)
+    return next(((r, m) for r, m in enumerate(gathered) if m is not None), None)
+
+
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sums over ranks of a few floats (float64)."""
     if world_size() <= 1:
