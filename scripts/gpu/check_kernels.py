@@ -235,13 +235,15 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
 
 
 def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_query=False, softcap=None, seed=4,
-                          compiled=False):
+                          compiled=False, kernel=False):
     """The GPU's training form with memory beyond the window (ops/hybrid/training.py: the global
     cache's selection replayed from a CUDA graph; compiled: LOLCATS_COMPILE=1, the rest through
-    torch.compile), through `hybrid_attention(backend="triton")` with gradients flowing, against the
+    torch.compile; kernel: LOLCATS_MEMORY_KERNEL=1, the exact terms by ops/hybrid/interval.py),
+    through `hybrid_attention(backend="triton")` with gradients flowing, against the
     quadratic reference in float64: outputs and the gradients of q, k, v, fq, fk, gamma (and log
     lambda, the key-map inputs and the memory queries where given)."""
-    with mock.patch.dict(os.environ, {"LOLCATS_COMPILE": "1" if compiled else "0"}):
+    flags = {"LOLCATS_COMPILE": "1" if compiled else "0", "LOLCATS_MEMORY_KERNEL": "1" if kernel else "0"}
+    with mock.patch.dict(os.environ, flags):
         return _check_training_memory(T, D, G, mode, dtype, memory, decay, memory_query, softcap, seed)
 
 
@@ -390,12 +392,15 @@ def main():
         # (sinks, global cache with dedup and horizon, decay, position-free memory) at small budgets
         gc = Memory(sinks=4, global_size=32, interval=64, dedup=0.95, horizon=256)
         for T, D, G, mode in ((500, 64, 2, "kv"), (1030, 128, 4, "query")):
-            for compiled in (False, True):
+            for compiled, kernel in ((False, False), (True, False), (False, True), (True, True)):
+                how = "".join(tag for tag, on in ((" compiled", compiled), (" kernel", kernel)) if on)
                 record("training", f"T={T} D={D} G={G} {mode} sinks=4 global=32 P=64 dedup horizon decay "
-                       f"memory-query{' compiled' if compiled else ''}", dtype, check_training_memory, T, D, G, mode,
-                       dtype, gc, decay=True, memory_query=True, compiled=compiled)
-        record("training", "T=500 D=64 G=1 kv global=16 P=32 softcap=5", dtype, check_training_memory, 500, 64, 1,
-               "kv", dtype, Memory(global_size=16, interval=32), softcap=5.0)
+                       f"memory-query{how}", dtype, check_training_memory, T, D, G, mode,
+                       dtype, gc, decay=True, memory_query=True, compiled=compiled, kernel=kernel)
+        for kernel in (False, True):
+            record("training", f"T=500 D=64 G=1 kv global=16 P=32 softcap=5{' kernel' if kernel else ''}", dtype,
+                   check_training_memory, 500, 64, 1, "kv", dtype, Memory(global_size=16, interval=32), softcap=5.0,
+                   kernel=kernel)
         record("training", "T=777 D=128 G=4 kv sinks=4 decay", dtype, check_training_memory, 777, 128, 4, "kv",
                dtype, Memory(sinks=4), decay=True)
         # the graph runner's path: the position from a device tensor, memory beyond the window

@@ -798,15 +798,39 @@ def hybrid_attention_chunked(
     return o, state
 
 
+def interval_exact_terms(qc, mqc, kb, vb, kvalid, xk, xv, xmask, *, window: int, scale: float,
+                         softcap: float | None):
+    """The exact terms of each selection interval, gamma left out: (num, den) of the band and the
+    extra keys (sinks, cached keys) with the band's max m, as `_global_cache_intervals` sums them.
+
+    qc, mqc [B, Hk, g, N, P, D]: each interval's queries (mqc scores the extras: the memory queries,
+    or qc); kb/vb [B, Hk, N, KB, .] with KB = P + w - 1: interval n's band keys [nP - w + 1, nP + P)
+    (local query a sees local keys b <= a + w - 1), kvalid [B, N, KB]; xk/xv [B, Hk, N, X, .] the
+    extra keys of each interval, xmask [B, Hk, N, X]. Returns num [B, Hk, g, N, P, Dv] and den
+    [.., 1] in the accumulation dtype. `ops.hybrid.interval` has the same function as kernels.
+    """
+    acc = accumulation_dtype(qc.dtype)
+    P, KB = qc.shape[-2], kb.shape[-2]
+    a_idx = torch.arange(P, device=qc.device)[:, None]
+    b_idx = torch.arange(KB, device=qc.device)[None, :]
+    band = (b_idx <= a_idx + window - 1) & kvalid[:, None, None, :, None, :]  # [B, 1, 1, N, P, KB]
+    e, m = _window_terms(_scores(qc.to(acc), kb.to(acc)[:, :, None], scale, softcap), band, 1.0)
+    num = torch.matmul(e, vb.to(acc)[:, :, None])
+    den = e.sum(-1, keepdim=True)
+    e = _extra_terms(_scores(mqc.to(acc), xk.to(acc)[:, :, None], scale, softcap), xmask[:, :, None, :, None, :], m, 1.0)
+    return num + torch.matmul(e, xv.to(acc)[:, :, None]), den + e.sum(-1, keepdim=True)
+
+
 def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask,
-                            log_decay=None, memory_query=None, key_map_input=None, schedule=None):
+                            log_decay=None, memory_query=None, key_map_input=None, schedule=None, exact=None):
     """A fresh sequence with a global cache, every interval at once (training, plain forwards).
 
     The selections are replayed first (`_selection_schedule`, no gradient); then each interval of P
     queries is one chunk: its band [cP - w + 1, i] (P + w - 1 candidate keys), the sinks and the
     cached keys it attends exactly, and the linear state of the keys folded by its selection. No
     T x T tensor; the state is not returned (prefill runs the interval loop). schedule: what replays
-    the selections (`_selection_schedule`'s signature; the GPU path replays it as a CUDA graph).
+    the selections (`_selection_schedule`'s signature; the GPU path replays it as a CUDA graph);
+    exact: what sums the exact terms (`interval_exact_terms`'s signature; the GPU path's kernels).
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -822,45 +846,37 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
         x = F.pad(x, (0, 0, 0, pad))
         return x.view(*x.shape[:3], N, P, x.shape[-1])
 
-    qg, kk, vg = (_grouped(x.to(acc), Hk) for x in (q, k, v))  # kk, vg: [B, Hk, 1, T, .]
+    qx, kx, vx = (_grouped(x, Hk) for x in (q, k, v))  # the exact terms' inputs, in their own dtype
+    vg = vx.to(acc)  # [B, Hk, 1, T, Dv]
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
-    qc, fqc = chunks(qg), chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, .]
+    fqc = chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, F]
     gam = _gamma_grouped(gamma, Hk, 3, acc)
     kept = (schedule or _selection_schedule)(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, T]
 
     # band: interval n sees keys [nP - w + 1, nP + P); local query a, local key b: b <= a + w - 1
-    kpad, vpad = (F.pad(x, (0, 0, w - 1, pad)) for x in (kk, vg))
-    kblk = kpad.unfold(3, P + w - 1, P).transpose(-1, -2)  # [B, Hk, 1, N, P + w - 1, D]
-    vblk = vpad.unfold(3, P + w - 1, P).transpose(-1, -2)
-    mblk = F.pad(valid, (w - 1, pad), value=False).unfold(1, P + w - 1, P)  # [B, N, P + w - 1]
-    a_idx = torch.arange(P, device=q.device)[:, None]
-    b_idx = torch.arange(P + w - 1, device=q.device)[None, :]
-    band = (b_idx <= a_idx + w - 1) & mblk[:, None, None, :, None, :]  # [B, 1, 1, N, P, P + w - 1]
-    a_win, m = _window_terms(_scores(qc, kblk, scale, softcap), band, gam)
-    num = torch.matmul(a_win, vblk)
-    den = a_win.sum(-1, keepdim=True)
+    kblk, vblk = (F.pad(x[:, :, 0], (0, 0, w - 1, pad)).unfold(2, P + w - 1, P).transpose(-1, -2)
+                  for x in (kx, vx))  # [B, Hk, N, P + w - 1, .]
+    kvalid = F.pad(valid, (w - 1, pad), value=False).unfold(1, P + w - 1, P)  # [B, N, P + w - 1]
 
-    # exact keys outside the band: the sinks, and each interval's cached keys
-    mqc, mk = qc, kk  # position-free memory scores them with other queries and keys
+    # exact keys outside the band: the sinks (those the interval's band does not hold), and each
+    # interval's cached keys
+    mqx, mk = qx, kx  # position-free memory scores them with other queries and keys
     if memory_query is not None:
-        mqc, mk = chunks(_grouped(memory_query.to(acc), Hk)), _grouped(key_map_input.to(acc), Hk)
-    extras = []
-    if memory.sinks:
-        idx = _first_slots(torch.arange(T, device=q.device).expand(B, T), is_sink, memory.sinks)  # [B, s]
-        ok = is_sink.gather(1, idx)
-        lo = torch.arange(N, device=q.device) * P - w + 1  # band start per interval
-        outside = ok[:, None, :] & (idx[:, None, :] < lo[None, :, None])  # [B, N, s]
-        extras.append((_take(mk[:, :, 0], idx), _take(vg[:, :, 0], idx), outside[:, None, None, :, None, :]))
+        mqx, mk = _grouped(memory_query, Hk), _grouped(key_map_input, Hk)
     slot = torch.where(kept, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, N, M]: kept first
     ok = kept.gather(-1, slot)
-    ck, cv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (mk, vg))
-    extras.append((ck[:, :, None], cv[:, :, None], ok[:, :, None, :, None, :]))
-    for xk, xv, xmask in extras:
-        if xk.dim() == 4:  # the same keys for every interval: [B, Hk, s, .] -> [B, Hk, 1, 1, s, .]
-            xk, xv = xk[:, :, None, None], xv[:, :, None, None]
-        a_x = _extra_terms(_scores(mqc, xk, scale, softcap), xmask, m, gam)
-        num = num + torch.matmul(a_x, xv)
-        den = den + a_x.sum(-1, keepdim=True)
+    xk, xv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (mk, vx))
+    cv, xmask = xv.to(acc), ok  # (cv: the cached values, for the linear part)
+    if memory.sinks:
+        idx = _first_slots(torch.arange(T, device=q.device).expand(B, T), is_sink, memory.sinks)  # [B, s]
+        lo = torch.arange(N, device=q.device) * P - w + 1  # band start per interval
+        outside = is_sink.gather(1, idx)[:, None, :] & (idx[:, None, :] < lo[None, :, None])  # [B, N, s]
+        sk, sv = (_take(x[:, :, 0], idx)[:, :, None].expand(-1, -1, N, -1, -1) for x in (mk, vx))
+        xk, xv = torch.cat([sk, xk], 3), torch.cat([sv, xv], 3)
+        xmask = torch.cat([outside[:, None].expand(-1, Hk, -1, -1), ok], 3)
+    num, den = (exact or interval_exact_terms)(chunks(qx), chunks(mqx), kblk, vblk, kvalid, xk, xv, xmask,
+                                               window=w, scale=scale, softcap=softcap)
+    num, den = num * gam, den * gam
 
     # linear part: interval n reads every eligible key that left the band by its selection
     # (t <= nP - w: keys shifted right by w - 1, an exclusive prefix over intervals) but the ones
@@ -889,7 +905,7 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
         read = _age_weight(dec, p_idx[:, None])  # [1, Hk, kg, 1, P, 1]
         lin_num, lin_den = lin_num * read, lin_den * read
     num, den = num + lin_num, den + lin_den
-    o = _divide(num, den).reshape(B, Hk, qg.shape[2], N * P, -1)[..., :T, :]
+    o = _divide(num, den).reshape(B, Hk, H // Hk, N * P, -1)[..., :T, :]
     return _ungrouped(o).to(v.dtype)
 
 

@@ -8,9 +8,10 @@ Backends (argument ``backend`` of every op):
   only under ``TRITON_INTERPRET=1``, Triton's interpreter, which tests use).
 * ``"torch"``  the reference.
 
-The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, TRITON_INTERPRET) is read at each call, never
-at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms through torch.compile
-(opt-in until measured end to end; ops/hybrid/training.py).
+The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, LOLCATS_MEMORY_KERNEL, TRITON_INTERPRET) is read
+at each call, never at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms
+through torch.compile; LOLCATS_MEMORY_KERNEL=1 runs the exact terms of the memory training form by
+their kernels (ops/hybrid/interval.py). Both opt-in until measured end to end (ops/hybrid/training.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "compile_enabled", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "compile_enabled", "memory_kernel_enabled", "resolve_backend",
+           "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,3 +71,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def compile_enabled() -> bool:
     """Whether the triton backend may run a form through torch.compile (LOLCATS_COMPILE=1; off by default)."""
     return os.environ.get("LOLCATS_COMPILE", "0") not in ("0", "")
+
+
+def memory_kernel_enabled() -> bool:
+    """Whether the memory training form sums its exact terms by kernels (LOLCATS_MEMORY_KERNEL=1; off by default)."""
+    return os.environ.get("LOLCATS_MEMORY_KERNEL", "0") not in ("0", "")

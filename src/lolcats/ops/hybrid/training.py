@@ -1,10 +1,12 @@
-"""The training form with memory beyond the window on the GPU (no hand-written kernel yet).
+"""The training form with memory beyond the window on the GPU.
 
 Sinks, the global cache, position-free memory and decay train through the reference's training
 form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
 not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no gradient, static shapes, half
-of the launches) runs from a CUDA graph (graphed.py); the differentiable rest runs eagerly, or
+of the launches) runs from a CUDA graph (graphed.py); with LOLCATS_MEMORY_KERNEL=1 the exact terms
+(band, sinks, cached keys: the [N, P, P + w - 1] scores and their products) run as kernels
+(interval.py; opt-in until measured on the GPU); the differentiable rest runs eagerly, or
 with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks and small products:
 one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compilation at the first
 call of a shape; opt-in until measured through whole training runs). The selection stays out of
@@ -24,7 +26,7 @@ from lolcats.attention.hybrid import (
     check_shapes,
     hybrid_attention_chunked,
 )
-from lolcats.ops.backend import compile_enabled
+from lolcats.ops.backend import KERNEL_DTYPES, compile_enabled, memory_kernel_enabled
 from lolcats.ops.hybrid.graphed import graphed_selection_schedule
 
 __all__ = ["training_form", "trains"]
@@ -35,12 +37,23 @@ def trains(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _exact_terms(dtype: torch.dtype):
+    """What sums the exact terms: the kernels (LOLCATS_MEMORY_KERNEL=1, a kernel dtype), else the reference."""
+    if memory_kernel_enabled() and dtype in KERNEL_DTYPES:
+        from lolcats.ops.hybrid.interval import interval_exact_terms_triton
+
+        return interval_exact_terms_triton
+    return None
+
+
 @functools.cache
-def _compiled_intervals():
-    # the selection is a graph break (it replays its own CUDA graph); shapes are fixed by the block;
-    # pointwise autotuning benchmarks several configs of every fused kernel: seconds for a few percent
+def _compiled_intervals(exact=None):
+    # the selection is a graph break (it replays its own CUDA graph), as are the kernels of the exact
+    # terms; shapes are fixed by the block; pointwise autotuning benchmarks several configs of every
+    # fused kernel: seconds for a few percent
     schedule = torch.compiler.disable(graphed_selection_schedule)
-    return torch.compile(functools.partial(_global_cache_intervals, schedule=schedule), dynamic=False,
+    exact = None if exact is None else torch.compiler.disable(exact)
+    return torch.compile(functools.partial(_global_cache_intervals, schedule=schedule, exact=exact), dynamic=False,
                          options={"triton.autotune_pointwise": False})
 
 
@@ -64,10 +77,11 @@ def training_form(
     check_memory_query(memory_query, q, key_map_input)
     if key_map is None:
         raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+    exact = _exact_terms(q.dtype)
     if compile_enabled():  # Inductor also compiles for the CPU (C++): what the CPU tests check
-        form = _compiled_intervals()
+        form = _compiled_intervals(exact)
     else:
-        form = functools.partial(_global_cache_intervals, schedule=graphed_selection_schedule)
+        form = functools.partial(_global_cache_intervals, schedule=graphed_selection_schedule, exact=exact)
     with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the chunked form
         return form(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
                     key_mask=key_mask, log_decay=log_decay, memory_query=memory_query,
