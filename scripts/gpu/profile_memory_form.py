@@ -7,8 +7,8 @@ sign, key maps per query head), the default memory preset's mechanisms (`lolcats
 ["long"]), random bf16 inputs with gradients flowing (stage 1 / stage 2): forward + backward of
 `hybrid_attention` eager (backend "torch") against the GPU's training form (backend "triton": the
 selection replay as a CUDA graph, ops/hybrid/training.py), with --compile also as LOLCATS_COMPILE=1
-runs it (the differentiable part through torch.compile, the selection replay still graphed), and
-the paper's conversion (no memory: the Triton kernels) beside them. Prints the first call's time
+runs it (the differentiable part through torch.compile, the selection replay still graphed), with
+LOLCATS_MEMORY_KERNEL=1 (the exact terms by the kernels of ops/hybrid/interval.py), and the paper's conversion (no memory: the Triton kernels) beside them. Prints the first call's time
 (capture, compilation), the steady time per call, the largest error of each form's output and
 gradients against the eager one; writes JSON.
 """
@@ -76,14 +76,17 @@ def main() -> int:
         o.float().square().mean().backward()
         return [o.detach().float()] + [p.grad.clone() for p in leaves if p.grad is not None]
 
-    forms = [("paper (no memory), kernels", "triton", False, "0"), ("memory, eager", "torch", True, "0"),
-             ("memory, selection as a CUDA graph", "triton", True, "0")]
+    # (name, backend, memory, LOLCATS_COMPILE, LOLCATS_MEMORY_KERNEL)
+    forms = [("paper (no memory), kernels", "triton", False, "0", "0"), ("memory, eager", "torch", True, "0", "0"),
+             ("memory, selection as a CUDA graph", "triton", True, "0", "0"),
+             ("memory, graph + exact-term kernels", "triton", True, "0", "1")]
     if args.compile:  # what LOLCATS_COMPILE=1 runs in a model
-        forms.append(("memory, graph + rest compiled", "triton", True, "1"))
+        forms += [("memory, graph + rest compiled", "triton", True, "1", "0"),
+                  ("memory, graph + exact-term kernels + rest compiled", "triton", True, "1", "1")]
     rows, eager_out = [], None
-    with mock.patch.dict(os.environ):  # LOLCATS_COMPILE per form; the caller's environment back after
-        for name, backend, mem, compiled in forms:
-            os.environ["LOLCATS_COMPILE"] = compiled
+    with mock.patch.dict(os.environ):  # the flags per form; the caller's environment back after
+        for name, backend, mem, compiled, kernel in forms:
+            os.environ["LOLCATS_COMPILE"], os.environ["LOLCATS_MEMORY_KERNEL"] = compiled, kernel
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = step(backend, mem)
