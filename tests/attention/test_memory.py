@@ -307,8 +307,9 @@ def test_dedup_keeps_distinct_values():
                                     Memory(sinks=1, global_size=4, interval=5, horizon=6)])
 @pytest.mark.parametrize("sharing", ["query", "kv"])
 def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sharing):
-    """A fresh sequence without a returned state runs every interval at once (training); outputs and
-    gradients (through q, k via phi(k), v, phi(q), gamma) equal the interval loop's, padding included."""
+    """A fresh sequence without a returned state runs every interval at once (training); with one, all
+    but the last interval at once and the loop for the last (prefill): outputs and gradients (through
+    q, k via phi(k), v, phi(q), gamma) equal each other's and the reference's, padding included."""
     q, k, v, _, _, gamma, key_map, mask = make_inputs(3, 150, 6, 2, 8, 4, sharing, pad=[0, 7, 60], seed=3)
     g = torch.Generator().manual_seed(5)
     wq = torch.randn(6, 8, 4, generator=g, dtype=q.dtype) * 0.5
@@ -330,3 +331,54 @@ def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sha
     assert (valid_rows(o_all, mask) - valid_rows(o_loop, mask)).abs().max() <= 1e-10
     for a, b in zip(grads_all, grads_loop):
         assert (a - b).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("T", [9, 16, 17, 37, 40, 41])
+@pytest.mark.parametrize("memory,position_free,decay", [
+    (Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), True, True),
+    (Memory(global_size=5, interval=7), False, False),
+    (Memory(sinks=1, global_size=40, interval=4), False, True),  # a budget larger than the sequence
+])
+def test_fresh_prefill_state_equals_the_recurrent_forms(T, memory, position_free, decay):
+    """The chunked form's prefill with a global cache builds its state at the last interval's start
+    from the selection schedule (`_fresh_prefill`): the same output and state as the token-by-token
+    form, slot by slot (the cache's and the sinks' filled slots), and the same continuation."""
+    q, k, v, _, _, gamma, key_map, mask = make_inputs(2, T, 4, 2, 8, 4, "kv", pad=[0, 3], seed=6)
+    g = torch.Generator().manual_seed(7)
+    wq = torch.randn(4, 8, 4, generator=g, dtype=q.dtype) * 0.5
+    extra, kf, mq = {}, None, None
+    if decay:
+        extra["log_decay"] = -torch.rand(2, generator=g, dtype=q.dtype) * 0.3
+    if position_free:
+        kf, mq = torch.randn(k.shape, generator=g, dtype=q.dtype), torch.randn(q.shape, generator=g, dtype=q.dtype)
+        extra.update(key_map_input=kf, memory_query=mq)
+    o, state = hybrid_attention_chunked(q, k, v, hedgehog(q, wq), key_map(k if kf is None else kf), gamma, window=W,
+                                        key_mask=mask, memory=memory, key_map=key_map, output_final_state=True, **extra)
+    ref_o, ref = recurrent(q, k, v, hedgehog(q, wq), gamma, key_map, mask, W, memory, kf=kf, mq=mq,
+                           log_decay=extra.get("log_decay"))
+    assert (valid_rows(o, mask) - valid_rows(ref_o, mask)).abs().max() <= 1e-12
+    assert state.position == ref.position == T
+    for name in ("kv", "k_sum", "win_k", "win_v", "win_kf"):
+        a, b = getattr(state, name), getattr(ref, name)
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-12), name
+    assert torch.equal(state.win_valid, ref.win_valid) and torch.equal(state.glob_valid, ref.glob_valid)
+    filled = state.glob_valid
+    for name in ("glob_k", "glob_v", "glob_kf", "glob_pos"):
+        a, b = getattr(state, name), getattr(ref, name)
+        if a is not None:
+            m = filled[..., None] if a.dim() == 4 else filled
+            assert torch.equal(torch.where(m, a, 0), torch.where(m, b, 0)), name
+    if memory.sinks:
+        assert torch.equal(state.sink_pos, ref.sink_pos)
+        held = (state.sink_pos >= 0)[:, None, :, None]
+        assert torch.equal(torch.where(held, state.sink_k, 0), torch.where(held, ref.sink_k, 0))
+    q2, k2, v2, _, _, _, _, _ = make_inputs(2, 11, 4, 2, 8, 4, "kv", seed=8)
+    more = {"log_decay": extra["log_decay"]} if decay else {}
+    if position_free:
+        more.update(key_map_input=torch.randn(k2.shape, generator=g, dtype=q.dtype),
+                    memory_query=torch.randn(q2.shape, generator=g, dtype=q.dtype))
+    a, _ = hybrid_attention_recurrent(q2, k2, v2, hedgehog(q2, wq), gamma, state=state, key_map=key_map, memory=memory,
+                                      **more)
+    b, _ = hybrid_attention_recurrent(q2, k2, v2, hedgehog(q2, wq), gamma, state=ref, key_map=key_map, memory=memory,
+                                      **more)
+    assert (a - b).abs().max() <= 1e-12

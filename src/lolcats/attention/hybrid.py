@@ -658,9 +658,10 @@ def hybrid_attention_chunked(
     Window part: each chunk of C queries scores only its C + w candidate keys (a band mask).
     Linear part: keys shifted right by w make it an ordinary inclusive causal linear attention,
     done chunk-wise (intra-chunk C x C + inter-chunk prefix states). Sinks are a few extra keys
-    per row. A global cache runs every selection interval at once on a fresh sequence whose state
-    is not asked for (`_global_cache_intervals`: training), else `_memory_segments` (one interval at
-    a time, the state carried: prefill).
+    per row. A global cache runs every selection interval at once on a fresh sequence
+    (`_global_cache_intervals`: training; prefill: all but the last interval, whose state is built
+    from the same selections, `_fresh_prefill`), else `_memory_segments` (one interval at a time,
+    the state carried: continuing from a state).
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
@@ -672,6 +673,10 @@ def hybrid_attention_chunked(
         return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
                                        softcap=softcap, key_mask=key_mask, log_decay=log_decay,
                                        memory_query=memory_query, key_map_input=key_map_input), None
+    if memory.global_size and initial_state is None and q.shape[1] > memory.period:
+        return _fresh_prefill(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
+                              key_mask=key_mask, key_map=key_map, log_decay=log_decay, memory_query=memory_query,
+                              key_map_input=key_map_input)
     if memory.global_size:
         o, state = _memory_segments(
             q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
@@ -907,6 +912,84 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     num, den = num + lin_num, den + lin_den
     o = _divide(num, den).reshape(B, Hk, H // Hk, N * P, -1)[..., :T, :]
     return _ungrouped(o).to(v.dtype)
+
+
+def _state_at_interval_start(k, v, fk, valid, is_sink, kept_last, *, window: int, memory: Memory, position: int,
+                             kf=None, sink_keys=None, log_decay=None) -> HybridState:
+    """The recurrent form's state at `position` (an interval start, before its selection) after a
+    fresh sequence k, v [B, T = position, Hk, .], from the selection schedule's last row kept_last
+    [B, Hk, T] (the keys cached since the previous selection): the keys that selection folded in (S,
+    z) (each weighed by its age now, with decay), the cache in position order, the window buffer of
+    the last w + P - 1 slots, the sinks (of sink_keys: the keys or their key-map inputs)."""
+    B, T, Hk, _ = k.shape
+    P, M, w = memory.period, memory.global_size, window
+    acc = accumulation_dtype(k.dtype)
+    fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
+    t = torch.arange(T, device=k.device)
+    folded = (t <= position - P - w) & (valid & ~is_sink)[:, None, :] & ~kept_last  # [B, Hk, T]
+    weight = folded.to(acc)[:, :, None, :, None]
+    if log_decay is not None:
+        weight = weight * _age_weight(_decay_grouped(log_decay, Hk, 2, acc), (position - t)[:, None])
+    fw = fkg * weight
+    kv = torch.matmul(fw.transpose(-1, -2), _grouped(v.to(acc), Hk))  # [B, Hk, kg, F, Dv]
+    k_sum = fw.sum(-2)
+    wb = w + P - 1
+    slot_pos = position - wb + torch.arange(wb, device=k.device)
+    src = slot_pos.clamp_min(0)
+    inside = slot_pos >= 0
+
+    def window_slots(x):  # [B, T, Hk, X] -> [B, Hk, wb, X]: zeros before the sequence
+        return (x[:, src] * inside[None, :, None, None].to(x.dtype)).transpose(1, 2)
+
+    state = HybridState(kv, k_sum, window_slots(k), window_slots(v), valid[:, src] & inside[None, :],
+                        win_kf=None if kf is None else window_slots(kf), position=position)
+    if memory.sinks:
+        state.sink_k, state.sink_v, state.sink_pos = _merge_sinks(None, sink_keys.transpose(1, 2), v.transpose(1, 2),
+                                                                  t, is_sink, memory.sinks)
+    slot = torch.where(kept_last, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, <= M]: kept first
+    ok = kept_last.gather(-1, slot)
+    fill = M - slot.shape[-1]  # a sequence shorter than the budget: empty slots after it
+    glob = [_take(x.transpose(1, 2), slot) for x in (k, v, kf) if x is not None]
+    glob = [F.pad(x, (0, 0, 0, fill)) * F.pad(ok, (0, fill))[..., None].to(x.dtype) for x in glob]
+    state.glob_k, state.glob_v = glob[0], glob[1]
+    state.glob_kf = glob[2] if kf is not None else None
+    state.glob_valid = F.pad(ok, (0, fill))
+    state.glob_pos = torch.where(state.glob_valid, F.pad(slot, (0, fill)), 0)
+    return state
+
+
+def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask, key_map,
+                   log_decay=None, memory_query=None, key_map_input=None, exact=None):
+    """A fresh sequence with a global cache and its final state: every interval but the last at
+    once (`_global_cache_intervals`), the state at the last interval's start from the same
+    selection schedule, then the interval loop for the last interval alone (as `_memory_segments`).
+    Same function and state as the loop over every interval."""
+    B, T, H, D = q.shape
+    Hk, P = k.shape[2], memory.period
+    cut = (T - 1) // P * P  # the last interval's start
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    is_sink = _sink_flags(valid, memory.sinks)
+    acc = accumulation_dtype(q.dtype)
+    head = slice(0, cut)
+    kept = _selection_schedule(_grouped(fk[:, head].to(acc), Hk), _grouped(v[:, head].to(acc), Hk), valid[:, head],
+                               is_sink[:, head], window, memory, cut // P, log_decay)  # [B, Hk, N, cut]
+    o = _global_cache_intervals(
+        q[:, head], k[:, head], v[:, head], fq[:, head], fk[:, head], gamma, window=window, memory=memory, scale=scale,
+        softcap=softcap, key_mask=valid[:, head], log_decay=log_decay, schedule=lambda *args: kept, exact=exact,
+        memory_query=None if memory_query is None else memory_query[:, head],
+        key_map_input=None if key_map_input is None else key_map_input[:, head])
+    kf = None if key_map_input is None else key_map_input[:, head]
+    state = _state_at_interval_start(
+        k[:, head], v[:, head], fk[:, head], valid[:, head], is_sink[:, head], kept[:, :, -1], window=window,
+        memory=memory, position=cut, kf=kf, sink_keys=k[:, head] if memory_query is None else kf, log_decay=log_decay)
+    tail = slice(cut, T)
+    o_tail, state = _memory_segments(
+        q[:, tail], k[:, tail], v[:, tail], fq[:, tail], gamma, state=state, key_map=key_map, window=window,
+        memory=memory, scale=scale, softcap=softcap, key_mask=valid[:, tail],
+        key_map_input=None if key_map_input is None else key_map_input[:, tail], feature_dim=fk.shape[-1],
+        key_groups=fk.shape[2] // Hk, segment=P, log_decay=log_decay,
+        memory_query=None if memory_query is None else memory_query[:, tail])
+    return torch.cat([o, o_tail], 1), state
 
 
 # ----------------------------------------------------------------------------------------------
