@@ -330,6 +330,29 @@ def test_prefill_bench_rows():
                     device="cpu", chunk_sizes=(64,))
 
 
+def test_prefill_bench_with_the_default_memory(monkeypatch):
+    """--memory long: the hybrid rows run the preset's mechanisms (a global cache, so its forward
+    returns the decode state and its backward is the training form); the config records it."""
+    import lolcats.bench.prefill as prefill
+
+    seen = []
+    call = prefill.hybrid_attention
+
+    def spy(*args, **kw):
+        seen.append((kw.get("memory"), kw.get("output_final_state"), "memory_query" in kw, "log_decay" in kw))
+        return call(*args, **kw)
+
+    monkeypatch.setattr(prefill, "hybrid_attention", spy)
+    res = run_prefill(lengths=(300,), tokens=300, heads=4, kv_heads=2, head_dim=16, feature_dim=8, window=8,
+                      device="cpu", key_maps=("query",), memory="long", rep_ms=1.0)
+    assert res["config"]["memory"] == "long" and res["rows"][0]["hybrid_query_fwd_ms"] > 0
+    from lolcats.config import LolcatsConfig
+
+    want = LolcatsConfig.preset("long").memory
+    assert {s[0] for s in seen} == {want} and {s[1] for s in seen} == {True, False}
+    assert all(s[2] and s[3] for s in seen)
+
+
 def test_transfer_bench_rows():
     res = run_transfer(preset=tiny_config(), device="cpu", block_size=16, micro_batch_size=2, steps=3,
                        warmup_steps=1, key_maps=("query", "kv"), lolcats_config=TINY_LCFG)

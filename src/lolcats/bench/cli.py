@@ -15,6 +15,8 @@ import shlex
 import sys
 from typing import Any
 
+from lolcats.config import MEMORY_PRESETS
+
 EXIT_USAGE = 2
 NAMES = ("prefill", "decode", "transfer", "state", "all")
 
@@ -96,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--no-backward", action="store_true", help="forward only")
     f.add_argument("--chunk-sizes", type=_int_list, default=None, metavar="C,C",
                    help="sweep the Triton kernels' chunk length (default: the kernels' own)")
+    f.add_argument("--memory", choices=sorted(MEMORY_PRESETS), default="none",
+                   help="the hybrid's memory preset: 'none' the paper's (default), 'long' what `lolcats "
+                        "linearize` converts with (its prefill also returns the decode state)")
     t = p.add_argument_group("transfer (stage 1)")
     t.add_argument("--block-size", type=int, default=1024, metavar="N", help="tokens per block (default 1024)")
     t.add_argument("--micro-batch-size", type=int, default=8, metavar="N", help="blocks per step (default 8)")
@@ -166,7 +171,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "prefill": dict(lengths=tuple(args.lengths), tokens=args.tokens, heads=heads, kv_heads=kv_heads,
                         head_dim=head_dim, feature_dim=lcfg.get("feature_dim", 64), window=lcfg.get("window_size", 64),
                         dtype=args.dtype, key_maps=tuple(args.key_maps), backward=not args.no_backward,
-                        chunk_sizes=tuple(args.chunk_sizes) if args.chunk_sizes else None),
+                        chunk_sizes=tuple(args.chunk_sizes) if args.chunk_sizes else None,
+                        memory=None if getattr(args, "memory", "none") == "none" else args.memory),
         "transfer": dict(preset=args.preset, num_layers=args.layers, dtype=args.dtype, block_size=args.block_size,
                          micro_batch_size=args.micro_batch_size, steps=args.transfer_steps,
                          warmup_steps=args.transfer_warmup, key_maps=tuple(args.transfer_key_maps),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -98,18 +99,46 @@ def hybrid_inputs(B, L, H, Hk, D, Fd, dtype, device, mode: str):
     return q, k, v, wq, wk, gamma, do
 
 
-def _hybrid_fns(B, L, H, Hk, D, Fd, window, dtype, device, mode: str):
+def _memory_inputs(preset: str | None, B, L, H, Hk, D, nk, dtype, device) -> dict[str, Any]:
+    """hybrid_attention's keywords for a memory preset (`LolcatsConfig.preset`; None: the paper's):
+    its Memory, the decay at its initial rate, and with position-free memory random memory queries
+    and key-map inputs (the pre-RoPE keys) of the projections' shape."""
+    if preset is None:
+        return {}
+    from lolcats.config import LolcatsConfig
+
+    cfg = LolcatsConfig.preset(preset)
+    kw: dict[str, Any] = {"memory": cfg.memory}
+    if cfg.linear_decay:
+        kw["log_decay"] = torch.full((nk,), math.log1p(-1.0 / cfg.linear_decay), device=device)
+    if cfg.memory_distance or not cfg.feature_map_rope:
+        g = torch.Generator(device=device).manual_seed(1)
+        kw["key_map_input"] = torch.randn(B, L, Hk, D, device=device, dtype=dtype, generator=g)
+    if cfg.memory_distance:
+        kw["memory_query"] = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g)
+    return kw
+
+
+def _hybrid_fns(B, L, H, Hk, D, Fd, window, dtype, device, mode: str, memory: str | None = None):
     q, k, v, wq, wk, gamma, do = hybrid_inputs(B, L, H, Hk, D, Fd, dtype, device, mode)
     params = (q, k, v, wq, wk, gamma)
+    extra = _memory_inputs(memory, B, L, H, Hk, D, wk.shape[0], dtype, device)
 
-    def fwd():
+    def key_map(x):  # [B, T, Hk, D] -> the key features (what a global cache featurises its slots with)
+        if wk.shape[0] != x.shape[2]:  # key maps per query head
+            x = x.repeat_interleave(wk.shape[0] // x.shape[2], dim=2)
+        return hedgehog_feature_map(x, wk, out_dtype=dtype)
+
+    def fwd(state: bool = False):
         fq = hedgehog_feature_map(q, wq, out_dtype=dtype)
-        fk = hedgehog_feature_map(k, wk, out_dtype=dtype)
-        return hybrid_attention(q, k, v, fq, fk, gamma, window=window)[0]
+        fk = key_map(extra.get("key_map_input", k))
+        # with memory a prefill returns the state a generation continues from; its training form does not
+        return hybrid_attention(q, k, v, fq, fk, gamma, window=window, key_map=key_map,
+                                output_final_state=state and memory is not None, **extra)[0]
 
     def fwd_nograd():
         with torch.no_grad():
-            return fwd()
+            return fwd(state=True)
 
     def fwd_bwd():
         fwd().backward(do)
@@ -138,9 +167,11 @@ def run_prefill(
     kv_heads: int = 8, head_dim: int = 128, feature_dim: int = 64, window: int = 64,
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
     key_maps: tuple[str, ...] = ("kv", "query"), backward: bool = True, chunk_sizes: tuple[int, ...] | None = None,
-    rep_ms: float = 200.0, deadline: float | None = None, on_row: OnRow | None = None,
+    rep_ms: float = 200.0, deadline: float | None = None, on_row: OnRow | None = None, memory: str | None = None,
 ) -> dict[str, Any]:
-    """Prefill times per length (see the module doc); rows hold milliseconds and speedups over SDPA."""
+    """Prefill times per length (see the module doc); rows hold milliseconds and speedups over SDPA.
+    memory: a memory preset for the hybrid (e.g. "long", what `lolcats linearize` converts with;
+    None: the paper's window + linear state); its forward returns the decode state."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if heads % kv_heads:
@@ -156,7 +187,7 @@ def run_prefill(
                    "device": str(device), "dtype": dtype_name(dtype), "key_maps": list(key_maps),
                    "backward": backward, "chunk_sizes": list(chunk_sizes) if chunk_sizes else None,
                    "sdpa": "flash, causal" if device.type == "cuda" else "math, causal",
-                   "sdpa_native_gqa": gqa, "unit": "ms"},
+                   "sdpa_native_gqa": gqa, "memory": memory, "unit": "ms"},
         "rows": rows,
     }
     bts: tuple[int | None, ...] = tuple(chunk_sizes) if chunk_sizes else (None,)
@@ -189,7 +220,8 @@ def run_prefill(
             suffix = "" if bt is None else f"_bt{bt}"
             with _chunk_size(bt, device):
                 for mode in key_maps:
-                    f, fb = _hybrid_fns(B, L, heads, kv_heads, head_dim, feature_dim, window, dtype, device, mode)
+                    f, fb = _hybrid_fns(B, L, heads, kv_heads, head_dim, feature_dim, window, dtype, device, mode,
+                                        memory)
                     timed(row, f"hybrid_{mode}_fwd_ms{suffix}", f)
                     if backward:
                         timed(row, f"hybrid_{mode}_fwd_bwd_ms{suffix}", fb)
