@@ -4,13 +4,15 @@
   chunk.py            Triton kernels for prefill / training, forward and backward
   training.py         the training form with memory beyond the window on the GPU
   graphed.py          its global-cache selection replay as a CUDA graph
+  interval.py         Triton kernels of its exact terms (band, sinks, cached keys; LOLCATS_MEMORY_KERNEL=1)
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache), position-free memory (`memory_query`) and the
 decaying linear state have the decode kernels (with a global cache, the selection at an interval
 start, one step in P, runs the reference's PyTorch code before the launch), not yet hand-written
-prefill / training ones: training (a fresh sequence, gradients flowing) runs the reference's
-training form with the selection replay as a CUDA graph (training.py), prefill the reference forms.
+prefill / training ones for the whole form: training (a fresh sequence, gradients flowing) runs
+the reference's training form with the selection replay as a CUDA graph (training.py; its exact
+terms by the kernels of interval.py with LOLCATS_MEMORY_KERNEL=1), prefill the reference forms.
 """
 from __future__ import annotations
 
