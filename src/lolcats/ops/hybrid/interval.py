@@ -13,11 +13,11 @@ part and the shared normaliser in PyTorch (a few dense products); these kernels 
 
 Three kernels, layout [B, Hk, g, N, P, .] for queries (g: the GQA group), [B, Hk, N, K, .] for keys:
 
-  _fwd     per (query block, interval, batch x query head): the band max and its argmax (pass 1),
+  _fwd     per (batch x query head, interval, query block): the band max and its argmax (pass 1),
            then num and den (pass 2); stores them, m and the argmax.
   _bwd_dq  per query block likewise: dq (band, with the gradient through m at the argmax: every
            term but the clamped extras depends on m), dmq (extras), and dm for _bwd_dkv.
-  _bwd_dkv per (key block of the band or of the extras, interval, batch x query head): dk, dv,
+  _bwd_dkv per (batch x query head, interval, key block of the band or of the extras): dk, dv,
            one partial per query head (summed over the GQA group by the launcher).
 
 16-bit inputs: 16-bit tensor-core products with float32 accumulation (scores; the band's backward),
@@ -44,7 +44,7 @@ BLOCK_K = 32  # keys per step
 def _program(P, N, G, Hk, BM: tl.constexpr):
     """Query rows a (aok: inside the interval) of this program, interval n, query-head row bh
     (b * Hk * G + hk * G + gi), its KV-head row bhk and batch b."""
-    pid, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh, n, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bhk = bh // G
     a = pid * BM + tl.arange(0, BM)
     return a, a < P, n, bh, bhk, bhk // Hk
@@ -53,7 +53,7 @@ def _program(P, N, G, Hk, BM: tl.constexpr):
 @triton.jit
 def _band_top(KB, W, BM: tl.constexpr):
     """The band keys this program's queries see are < top (its last query's band ends there)."""
-    top = (tl.program_id(0) + 1) * BM + W - 1
+    top = (tl.program_id(2) + 1) * BM + W - 1
     if top > KB:
         top = KB
     return top
@@ -206,8 +206,8 @@ def _bwd_dq(q, mq, k, v, kvalid, xk, xv, xmask, dnum, dden, m_in, idx_in, dq, dm
 def _bwd_dkv(q, mq, k, v, kvalid, xk, xv, xmask, dnum, dden, m_in, idx_in, dm_in, dk, dv, dxk, dxv, scale, cap,
              P, N, G, Hk, KB, X, W, NJB, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, CLAMP: tl.constexpr):
-    """Programs 0..NJB-1 of axis 0: band key blocks; the others: extra key blocks."""
-    pid, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Programs 0..NJB-1 of axis 2: band key blocks; the others: extra key blocks."""
+    bh, n, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bhk = bh // G
     b = bhk // Hk
     od, ov = tl.arange(0, BD), tl.arange(0, BDV)
@@ -292,7 +292,7 @@ class _IntervalExactFn(torch.autograd.Function):
         den = torch.empty(B, Hk, G, N, P, 1, **f32)
         m = torch.empty(B, Hk, G, N, P, **f32)
         idx = torch.empty(B, Hk, G, N, P, device=qc.device, dtype=torch.int32)
-        grid = (triton.cdiv(P, BLOCK_Q), N, B * Hk * G)
+        grid = (B * Hk * G, N, triton.cdiv(P, BLOCK_Q))  # (the first axis has no 65,535 limit)
         _fwd[grid](qc, mqc, kb, vb, kvalid, xk, xv, xmask, num, den, m, idx, scale, softcap or 0.0,
                    P, N, G, Hk, KB, X, window, **_meta(qc, kb, vb))
         ctx.save_for_backward(qc, mqc, kb, vb, kvalid, xk, xv, xmask, m, idx)
@@ -310,14 +310,14 @@ class _IntervalExactFn(torch.autograd.Function):
         dq, dmq = torch.empty_like(qc, dtype=torch.float32), torch.empty_like(mqc, dtype=torch.float32)
         d_m = torch.empty_like(m)
         cap = softcap or 0.0
-        _bwd_dq[(triton.cdiv(P, BLOCK_Q), N, B * Hk * G)](
+        _bwd_dq[(B * Hk * G, N, triton.cdiv(P, BLOCK_Q))](
             qc, mqc, kb, vb, kvalid, xk, xv, xmask, dnum, dden, m, idx, dq, dmq, d_m, scale, cap,
             P, N, G, Hk, KB, X, window, **meta)
         f32 = dict(device=qc.device, dtype=torch.float32)
         dk, dv = torch.empty(B, Hk, G, N, KB, D, **f32), torch.empty(B, Hk, G, N, KB, vb.shape[-1], **f32)
         dxk, dxv = torch.empty(B, Hk, G, N, X, D, **f32), torch.empty(B, Hk, G, N, X, xv.shape[-1], **f32)
         njb = triton.cdiv(KB, BLOCK_K)
-        _bwd_dkv[(njb + triton.cdiv(X, BLOCK_K), N, B * Hk * G)](
+        _bwd_dkv[(B * Hk * G, N, njb + triton.cdiv(X, BLOCK_K))](
             qc, mqc, kb, vb, kvalid, xk, xv, xmask, dnum, dden, m, idx, d_m, dk, dv, dxk, dxv, scale, cap,
             P, N, G, Hk, KB, X, window, njb, **meta)
         return (dq, dmq, dk.sum(2), dv.sum(2), None, dxk.sum(2), dxv.sum(2), None, None, None, None)
