@@ -39,7 +39,7 @@ def spy(q, k, v, fq, fk, gamma, **kw):
     valid = torch.ones(B, T, dtype=torch.bool)
     is_sink = hy._sink_flags(valid, memory.sinks)
     n = -(-T // memory.period)
-    kept = hy._selection_schedule(fkg, vg, valid, is_sink, window, memory, n)  # [B, Hk, n, T]
+    kept = hy.kept_mask(*hy._selection_schedule(fkg, vg, valid, is_sink, window, memory, n), T)  # [B, Hk, n, T]
     record.append(kept[0, :, -1])  # [Hk, T]: what the last interval's queries read
     return orig(q, k, v, fq, fk, gamma, **kw)
 

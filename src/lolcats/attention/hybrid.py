@@ -464,19 +464,22 @@ def _merge_sinks(old: HybridState | None, k, v, pos, is_sink, sinks: int):
 
 
 def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int,
-                        log_decay: torch.Tensor | None = None) -> torch.Tensor:
+                        log_decay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay the global cache's selections over a whole sequence (no gradient flows through them).
 
-    Returns kept [B, Hk, intervals, T]: the keys the queries of each selection interval attend
-    exactly from the global cache. Each selection scores only its candidates (the cached keys, then
-    the P that left the band, in position order as the recurrent form's slots are).
+    Returns (slots, held), both [B, Hk, intervals, M]: the positions of the keys the queries of each
+    selection interval attend exactly from the global cache, in position order, and which of the M
+    slots hold one (the rest point at position 0). O(intervals * M) memory, as a cache of M keys
+    per interval needs. Each selection scores only its candidates (the cached keys, then the P that
+    left the band, in position order as the recurrent form's slots are).
     """
     B, Hk, kg, T, _ = fk_g.shape
     P, M, w = memory.period, memory.global_size, window
     fk_g, v_g = fk_g.detach(), v_g.detach()
     eligible = valid & ~is_sink  # [B, T]
     dev = valid.device
-    kept = torch.zeros(B, Hk, intervals, T + 1, dtype=torch.bool, device=dev)  # column T: empty slots
+    slots = torch.zeros(B, Hk, intervals, M, dtype=torch.long, device=dev)
+    held = torch.zeros(B, Hk, intervals, M, dtype=torch.bool, device=dev)
     idx = torch.zeros(B, Hk, 0, dtype=torch.long, device=dev)
     ok = torch.zeros(B, Hk, 0, dtype=torch.bool, device=dev)
     kv = torch.zeros(B, Hk, kg, fk_g.shape[-1], v_g.shape[-1], dtype=fk_g.dtype, device=dev)
@@ -500,8 +503,15 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
         k_sum = k_sum + (f * fold).sum(-2)
         order = torch.where(keep, idx, T).argsort(dim=2, stable=True)[:, :, :M]  # kept, in position order
         idx, ok = idx.gather(2, order), keep.gather(2, order)
-        kept[:, :, c].scatter_(2, torch.where(ok, idx, T), True)
-    return kept[..., :T]
+        n = idx.shape[2]  # (fewer than M while fewer keys have left the band)
+        slots[:, :, c, :n], held[:, :, c, :n] = torch.where(ok, idx, 0), ok
+    return slots, held
+
+
+def kept_mask(slots: torch.Tensor, held: torch.Tensor, length: int) -> torch.Tensor:
+    """The schedule's slots as masks over the positions: [B, Hk, intervals, length]."""
+    mask = torch.zeros(*slots.shape[:-1], length + 1, dtype=torch.bool, device=slots.device)
+    return mask.scatter_(-1, torch.where(held, slots, length), True)[..., :length]
 
 
 def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory, log_decay=None):
@@ -510,7 +520,7 @@ def _global_selection(fk_g, v_g, valid, is_sink, window: int, memory: Memory, lo
     A key is summed from the selection after it left the band unless that selection keeps it."""
     T = fk_g.shape[3]
     P = memory.period
-    kept = _selection_schedule(fk_g, v_g, valid, is_sink, window, memory, -(-T // P), log_decay)
+    kept = kept_mask(*_selection_schedule(fk_g, v_g, valid, is_sink, window, memory, -(-T // P), log_decay), T)
     i = torch.arange(T, device=valid.device)
     cached = kept[:, :, i // P]  # [B, Hk, T_q, T_k]
     left = i[None, :] <= (i // P * P - window)[:, None]  # left the band by the query's selection
@@ -856,7 +866,7 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
     fqc = chunks(_grouped(fq.to(acc), Hk))  # [B, Hk, g, N, P, F]
     gam = _gamma_grouped(gamma, Hk, 3, acc)
-    kept = (schedule or _selection_schedule)(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, T]
+    slot, ok = (schedule or _selection_schedule)(fkg, vg, valid, is_sink, w, memory, N, log_decay)  # [B, Hk, N, M]
 
     # band: interval n sees keys [nP - w + 1, nP + P); local query a, local key b: b <= a + w - 1
     kblk, vblk = (F.pad(x[:, :, 0], (0, 0, w - 1, pad)).unfold(2, P + w - 1, P).transpose(-1, -2)
@@ -868,8 +878,6 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     mqx, mk = qx, kx  # position-free memory scores them with other queries and keys
     if memory_query is not None:
         mqx, mk = _grouped(memory_query, Hk), _grouped(key_map_input, Hk)
-    slot = torch.where(kept, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, N, M]: kept first
-    ok = kept.gather(-1, slot)
     xk, xv = (_take(x[:, :, 0], slot.flatten(2)).view(B, Hk, N, -1, x.shape[-1]) for x in (mk, vx))
     cv, xmask = xv.to(acc), ok  # (cv: the cached values, for the linear part)
     if memory.sinks:
@@ -914,14 +922,15 @@ def _global_cache_intervals(q, k, v, fq, fk, gamma, *, window: int, memory: Memo
     return _ungrouped(o).to(v.dtype)
 
 
-def _state_at_interval_start(k, v, fk, valid, is_sink, kept_last, *, window: int, memory: Memory, position: int,
+def _state_at_interval_start(k, v, fk, valid, is_sink, slot, ok, *, window: int, memory: Memory, position: int,
                              kf=None, sink_keys=None, log_decay=None) -> HybridState:
     """The recurrent form's state at `position` (an interval start, before its selection) after a
-    fresh sequence k, v [B, T = position, Hk, .], from the selection schedule's last row kept_last
-    [B, Hk, T] (the keys cached since the previous selection): the keys that selection folded in (S,
+    fresh sequence k, v [B, T = position, Hk, .], from the selection schedule's last row (slot, ok
+    [B, Hk, M]: the keys cached since the previous selection): the keys that selection folded in (S,
     z) (each weighed by its age now, with decay), the cache in position order, the window buffer of
     the last w + P - 1 slots, the sinks (of sink_keys: the keys or their key-map inputs)."""
     B, T, Hk, _ = k.shape
+    kept_last = kept_mask(slot, ok, T)  # [B, Hk, T]
     P, M, w = memory.period, memory.global_size, window
     acc = accumulation_dtype(k.dtype)
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
@@ -946,15 +955,10 @@ def _state_at_interval_start(k, v, fk, valid, is_sink, kept_last, *, window: int
     if memory.sinks:
         state.sink_k, state.sink_v, state.sink_pos = _merge_sinks(None, sink_keys.transpose(1, 2), v.transpose(1, 2),
                                                                   t, is_sink, memory.sinks)
-    slot = torch.where(kept_last, 0, 1).argsort(dim=-1, stable=True)[..., :M]  # [B, Hk, <= M]: kept first
-    ok = kept_last.gather(-1, slot)
-    fill = M - slot.shape[-1]  # a sequence shorter than the budget: empty slots after it
-    glob = [_take(x.transpose(1, 2), slot) for x in (k, v, kf) if x is not None]
-    glob = [F.pad(x, (0, 0, 0, fill)) * F.pad(ok, (0, fill))[..., None].to(x.dtype) for x in glob]
+    glob = [_take(x.transpose(1, 2), slot) * ok[..., None].to(x.dtype) for x in (k, v, kf) if x is not None]
     state.glob_k, state.glob_v = glob[0], glob[1]
     state.glob_kf = glob[2] if kf is not None else None
-    state.glob_valid = F.pad(ok, (0, fill))
-    state.glob_pos = torch.where(state.glob_valid, F.pad(slot, (0, fill)), 0)
+    state.glob_valid, state.glob_pos = ok, slot  # (the schedule's empty slots point at position 0)
     return state
 
 
@@ -971,16 +975,16 @@ def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale
     is_sink = _sink_flags(valid, memory.sinks)
     acc = accumulation_dtype(q.dtype)
     head = slice(0, cut)
-    kept = _selection_schedule(_grouped(fk[:, head].to(acc), Hk), _grouped(v[:, head].to(acc), Hk), valid[:, head],
-                               is_sink[:, head], window, memory, cut // P, log_decay)  # [B, Hk, N, cut]
+    slot, ok = _selection_schedule(_grouped(fk[:, head].to(acc), Hk), _grouped(v[:, head].to(acc), Hk),
+                                   valid[:, head], is_sink[:, head], window, memory, cut // P, log_decay)
     o = _global_cache_intervals(
         q[:, head], k[:, head], v[:, head], fq[:, head], fk[:, head], gamma, window=window, memory=memory, scale=scale,
-        softcap=softcap, key_mask=valid[:, head], log_decay=log_decay, schedule=lambda *args: kept, exact=exact,
+        softcap=softcap, key_mask=valid[:, head], log_decay=log_decay, schedule=lambda *args: (slot, ok), exact=exact,
         memory_query=None if memory_query is None else memory_query[:, head],
         key_map_input=None if key_map_input is None else key_map_input[:, head])
     kf = None if key_map_input is None else key_map_input[:, head]
     state = _state_at_interval_start(
-        k[:, head], v[:, head], fk[:, head], valid[:, head], is_sink[:, head], kept[:, :, -1], window=window,
+        k[:, head], v[:, head], fk[:, head], valid[:, head], is_sink[:, head], slot[:, :, -1], ok[:, :, -1], window=window,
         memory=memory, position=cut, kf=kf, sink_keys=k[:, head] if memory_query is None else kf, log_decay=log_decay)
     tail = slice(cut, T)
     o_tail, state = _memory_segments(

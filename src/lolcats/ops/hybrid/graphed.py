@@ -29,7 +29,7 @@ class _CapturedSchedule:
     def __init__(self, inputs: list[torch.Tensor | None], window: int, memory: Memory, intervals: int):
         self.inputs = [None if x is None else x.clone() for x in inputs]
 
-        def run() -> torch.Tensor:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
             fk, v, valid, is_sink, log_decay = self.inputs
             return _selection_schedule(fk, v, valid, is_sink, window, memory, intervals, log_decay)
 
@@ -42,16 +42,16 @@ class _CapturedSchedule:
         with torch.cuda.graph(self.graph):
             self.output = run()
 
-    def __call__(self, inputs: list[torch.Tensor | None]) -> torch.Tensor:
+    def __call__(self, inputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         for buffer, x in zip(self.inputs, inputs):
             if buffer is not None:
                 buffer.copy_(x)
         self.graph.replay()
-        return self.output.clone()
+        return tuple(t.clone() for t in self.output)
 
 
 def graphed_selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int,
-                               log_decay: torch.Tensor | None = None) -> torch.Tensor:
+                               log_decay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`_selection_schedule`, replayed from a CUDA graph on CUDA tensors (eager elsewhere, and while
     a graph is being captured around it)."""
     if not fk_g.is_cuda or torch.cuda.is_current_stream_capturing():
