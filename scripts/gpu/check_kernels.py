@@ -37,6 +37,7 @@ import torch
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
     Memory,
+    empty_state,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
@@ -114,6 +115,43 @@ def check_prefill(T, D, G, mode, pad, dtype, softcap=None, seed=0):
     err["win"] = max(rel_error(st.win_k, rst.win_k), rel_error(st.win_v, rst.win_v),
                      0.0 if torch.equal(st.win_valid, rst.win_valid) else math.inf)
     del refs, ro, rst
+    return err
+
+
+def check_prefill_memory(T, D, G, mode, dtype, memory, kernel=False, seed=2):
+    """A fresh prompt with a global cache and the decode state (hybrid_attention(backend="triton",
+    output_final_state=True): ops/hybrid/memory_forms.py's prefill_form; kernel: LOLCATS_MEMORY_KERNEL=1,
+    its exact terms by ops/hybrid/interval.py), sinks, decay and position-free memory, against the
+    token-by-token reference in float64: the output, S, z, the window buffers and the cache."""
+    B, H = 2, 8
+    Hk = H // G
+    xs, gamma, key_map, mask = make(B, T, H, Hk, D, mode, True, dtype, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    kf = torch.randn(xs[1].shape, generator=g, device=DEVICE).to(dtype)
+    mq = torch.randn(xs[0].shape, generator=g, device=DEVICE).to(dtype)
+    xs[4] = key_map(kf)
+    log_decay = -torch.linspace(0.001, 0.05, xs[4].shape[2], device=DEVICE)
+    extra = dict(key_map_input=kf, memory_query=mq, log_decay=log_decay)
+    poison()
+    with torch.no_grad(), mock.patch.dict(os.environ, {"LOLCATS_MEMORY_KERNEL": "1" if kernel else "0"}):
+        o, st = hybrid_attention(*xs, gamma, window=W, key_mask=mask, memory=memory, key_map=key_map,
+                                 output_final_state=True, backend="triton", **extra)
+    refs = [x.double() for x in xs]
+
+    def ref_key_map(x):
+        return key_map(x.to(dtype)).double()  # the features the kernels saw, in float64
+
+    state = empty_state(B, Hk, refs[4].shape[2] // Hk, refs[4].shape[-1], D, D, W, torch.float64, DEVICE,
+                        memory=memory, key_input_dim=D)
+    ro, rst = hybrid_attention_recurrent(refs[0], refs[1], refs[2], refs[3], gamma.double(), state=state,
+                                         key_map=ref_key_map, key_mask=mask, memory=memory, key_map_input=kf.double(),
+                                         memory_query=mq.double(), log_decay=log_decay.double())
+    ok = st.glob_valid
+    err = {"o": rel_error(o, ro), "S": rel_error(st.kv, rst.kv), "z": rel_error(st.k_sum, rst.k_sum),
+           "win": max(rel_error(st.win_k, rst.win_k), rel_error(st.win_v, rst.win_v),
+                      0.0 if torch.equal(st.win_valid, rst.win_valid) else math.inf),
+           "mem": max(rel_error(st.glob_v * ok[..., None], rst.glob_v * ok[..., None]),
+                      0.0 if torch.equal(ok, rst.glob_valid) else math.inf)}
     return err
 
 
@@ -236,7 +274,7 @@ def check_decode(D, G, mode, dtype, steps=4, softcap=None, seed=2, separate_inpu
 
 def check_training_memory(T, D, G, mode, dtype, memory, decay=False, memory_query=False, softcap=None, seed=4,
                           compiled=False, kernel=False):
-    """The GPU's training form with memory beyond the window (ops/hybrid/training.py: the global
+    """The GPU's training form with memory beyond the window (ops/hybrid/memory_forms.py: the global
     cache's selection replayed from a CUDA graph; compiled: LOLCATS_COMPILE=1, the rest through
     torch.compile; kernel: LOLCATS_MEMORY_KERNEL=1, the exact terms by ops/hybrid/interval.py),
     through `hybrid_attention(backend="triton")` with gradients flowing, against the
@@ -403,6 +441,12 @@ def main():
                    kernel=kernel)
         record("training", "T=777 D=128 G=4 kv sinks=4 decay", dtype, check_training_memory, 777, 128, 4, "kv",
                dtype, Memory(sinks=4), decay=True)
+        # prefill with the default preset's mechanisms and its state: the vectorised form, with and
+        # without the exact-term kernels
+        for kernel in (False, True):
+            record("prefill", f"T=777 D=64 G=2 kv sinks=4 global=32 P=64 dedup horizon decay memory-query state"
+                   f"{' kernel' if kernel else ''}", dtype, check_prefill_memory, 777, 64, 2, "kv", dtype, gc,
+                   kernel=kernel)
         # the graph runner's path: the position from a device tensor, memory beyond the window
         for tag, mem in (("sinks=4", Memory(sinks=4)),
                          ("sinks=4 global=32 P=16", Memory(sinks=4, global_size=32, interval=16))):

@@ -6,7 +6,7 @@ SmolLM2-135M's attention shape by default (9 query / 3 KV heads, head dim 64, fe
 sign, key maps per query head), the default memory preset's mechanisms (`lolcats.config.MEMORY_PRESETS`
 ["long"]), random bf16 inputs with gradients flowing (stage 1 / stage 2): forward + backward of
 `hybrid_attention` eager (backend "torch") against the GPU's training form (backend "triton": the
-selection replay as a CUDA graph, ops/hybrid/training.py), with --compile also as LOLCATS_COMPILE=1
+selection replay as a CUDA graph, ops/hybrid/memory_forms.py), with --compile also as LOLCATS_COMPILE=1
 runs it (the differentiable part through torch.compile, the selection replay still graphed), with
 LOLCATS_MEMORY_KERNEL=1 (the exact terms by the kernels of ops/hybrid/interval.py), and the paper's conversion (no memory: the Triton kernels) beside them. Prints the first call's time
 (capture, compilation), the steady time per call, the largest error of each form's output and

@@ -7,7 +7,7 @@ import torch
 from kernel_helpers import rel_error
 
 from lolcats.attention.hybrid import Memory, hybrid_attention_chunked, interval_exact_terms
-from lolcats.ops.hybrid import training
+from lolcats.ops.hybrid import memory_forms
 from lolcats.ops.hybrid.interval import BLOCK_K, BLOCK_Q, interval_exact_terms_triton
 
 pytestmark = pytest.mark.usefixtures("interpreter")
@@ -106,8 +106,39 @@ def test_training_form_runs_them_with_the_flag(monkeypatch):
                                       do)
 
     want_o, want = run(hybrid_attention_chunked, torch.float64)
-    got_o, got = run(training.training_form, torch.float32)
+    got_o, got = run(memory_forms.training_form, torch.float32)
     assert calls == [1]
     assert rel_error(got_o, want_o) <= 1e-5
     errors = [rel_error(a, b) for a, b in zip(got, want, strict=True)]
     assert len(errors) == 9 and max(errors) <= 1e-4, errors
+
+
+def test_prefill_runs_them_with_the_flag(monkeypatch):
+    """LOLCATS_MEMORY_KERNEL=1, backend="triton", a fresh prompt with a global cache and its state:
+    the exact terms of all intervals but the last by the kernels; float32 output and state as the
+    float64 reference's (which the decode continues from)."""
+    from lolcats.ops import hybrid_attention
+
+    from .test_hybrid_training_form import _inputs
+
+    calls = []
+    monkeypatch.setenv("LOLCATS_MEMORY_KERNEL", "1")
+    import lolcats.ops.hybrid.interval as interval
+
+    kernel = interval.interval_exact_terms_triton
+    monkeypatch.setattr(interval, "interval_exact_terms_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    leaves, kw = _inputs(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", decay=True,
+                         kf=True)
+    leaves = [t.detach() for t in leaves]
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    want_o, want = hybrid_attention_chunked(*leaves, **kw, output_final_state=True)
+    kw32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    kw32["key_map"] = lambda x: kw["key_map"](x.double()).float()
+    with torch.no_grad():
+        got_o, got = hybrid_attention(*[t.float() for t in leaves], **kw32, output_final_state=True, backend="triton")
+    assert calls == [1]
+    assert rel_error(got_o, want_o) <= 1e-5
+    assert got.position == want.position
+    for name in ("kv", "k_sum", "win_k", "win_v", "win_kf", "sink_k", "sink_v"):
+        assert rel_error(getattr(got, name), getattr(want, name)) <= 1e-5, name
+    assert torch.equal(got.glob_valid, want.glob_valid) and torch.equal(got.sink_pos, want.sink_pos)

@@ -1,4 +1,4 @@
-"""The GPU's training form with memory beyond the window (ops/hybrid/training.py) against the chunked
+"""The GPU's training form with memory beyond the window (ops/hybrid/memory_forms.py) against the chunked
 reference, outputs and gradients in float64, and when `hybrid_attention` runs it. On the CPU its
 selection replay runs eagerly (graphed.py captures CUDA graphs only); scripts/gpu/check_kernels.py
 checks the graphed replay on the GPU.
@@ -9,8 +9,8 @@ from kernel_helpers import hybrid_inputs, rel_error
 
 from lolcats.attention.hybrid import Memory, hybrid_attention_chunked
 from lolcats.ops import hybrid_attention
-from lolcats.ops.hybrid import training
-from lolcats.ops.hybrid.training import training_form
+from lolcats.ops.hybrid import memory_forms
+from lolcats.ops.hybrid.memory_forms import training_form
 
 W, CAP = 6, 2.0
 
@@ -68,8 +68,8 @@ def test_triton_backend_runs_it_for_training_only(monkeypatch):
     """backend='triton' (the GPU's auto): with gradients and no state the training form runs; without
     gradients, or with a state asked for, the reference; backend='torch' is always the reference."""
     calls = []
-    schedule = training.graphed_selection_schedule
-    monkeypatch.setattr(training, "graphed_selection_schedule", lambda *a, **k: calls.append(1) or schedule(*a, **k))
+    schedule = memory_forms.graphed_selection_schedule
+    monkeypatch.setattr(memory_forms, "graphed_selection_schedule", lambda *a, **k: calls.append(1) or schedule(*a, **k))
     leaves, kw = _inputs(Memory(sinks=2, global_size=4, interval=8), "kv", decay=True, kf=False)
     leaves, kw["log_decay"] = [t.float() for t in leaves], kw["log_decay"].float()
     key_map = kw["key_map"]
@@ -90,7 +90,7 @@ def test_compiled_differentiable_part_equals_the_reference(monkeypatch):
     leaves, kw = _inputs(Memory(sinks=2, global_size=4, interval=8, dedup=0.9, horizon=16), "query", decay=True,
                          kf=True)
     o, grads = _run(training_form, leaves, kw)
-    assert training._compiled_intervals.cache_info().currsize == 1
+    assert memory_forms._compiled_intervals.cache_info().currsize == 1
     ref_o, ref_grads = _run(hybrid_attention_chunked, leaves, kw)
     assert rel_error(o, ref_o) <= 1e-10
     for a, b in zip(grads, ref_grads, strict=True):

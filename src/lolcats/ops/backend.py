@@ -11,7 +11,7 @@ Backends (argument ``backend`` of every op):
 The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, LOLCATS_MEMORY_KERNEL, TRITON_INTERPRET) is read
 at each call, never at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms
 through torch.compile; LOLCATS_MEMORY_KERNEL=1 runs the exact terms of the memory training form by
-their kernels (ops/hybrid/interval.py). Both opt-in until measured end to end (ops/hybrid/training.py).
+their kernels (ops/hybrid/interval.py). Both opt-in until measured end to end (ops/hybrid/memory_forms.py).
 """
 from __future__ import annotations
 

@@ -2,24 +2,25 @@
 
   reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
   chunk.py            Triton kernels for prefill / training, forward and backward
-  training.py         the training form with memory beyond the window on the GPU
-  graphed.py          its global-cache selection replay as a CUDA graph
-  interval.py         Triton kernels of its exact terms (band, sinks, cached keys; LOLCATS_MEMORY_KERNEL=1)
+  memory_forms.py     the training and prefill forms with memory beyond the window on the GPU
+  graphed.py          the training form's global-cache selection replay as a CUDA graph
+  interval.py         Triton kernels of their exact terms (band, sinks, cached keys; LOLCATS_MEMORY_KERNEL=1)
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache), position-free memory (`memory_query`) and the
 decaying linear state have the decode kernels (with a global cache, the selection at an interval
 start, one step in P, runs the reference's PyTorch code before the launch), not yet hand-written
 prefill / training ones for the whole form: training (a fresh sequence, gradients flowing) runs
-the reference's training form with the selection replay as a CUDA graph (training.py; its exact
-terms by the kernels of interval.py with LOLCATS_MEMORY_KERNEL=1), prefill the reference forms.
+the reference's training form with the selection replay as a CUDA graph (memory_forms.py; its exact
+terms by the kernels of interval.py with LOLCATS_MEMORY_KERNEL=1), prefill the reference forms (a
+fresh prompt with a global cache: with LOLCATS_MEMORY_KERNEL=1 its exact terms by those kernels).
 """
 from __future__ import annotations
 
 import torch
 
 from lolcats.ops.backend import resolve_backend
-from lolcats.ops.hybrid.training import trains, training_form
+from lolcats.ops.hybrid.memory_forms import prefill_form, trains, training_form
 from lolcats.ops.hybrid.reference import (
     HybridState,
     KeyMap,
@@ -74,6 +75,13 @@ def hybrid_attention(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
             initial_state=initial_state, output_final_state=output_final_state, key_map=key_map,
             key_map_input=key_map_input,
+        )
+    if (initial_state is None and output_final_state and memory is not None and memory.global_size
+            and key_map is not None and resolve_backend(backend, q) == "triton"):
+        return prefill_form(
+            q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
+            chunk_size=chunk_size, memory=memory, key_map_input=key_map_input, log_decay=log_decay,
+            memory_query=memory_query, key_map=key_map,
         )
     fresh = initial_state is None and not output_final_state
     if (fresh and trains(q, k, v, fq, fk, gamma, log_decay, memory_query, key_map_input)

@@ -1,6 +1,6 @@
-"""The training form with memory beyond the window on the GPU.
+"""The forms of a fresh sequence with memory beyond the window on the GPU: training and prefill.
 
-Sinks, the global cache, position-free memory and decay train through the reference's training
+Training: sinks, the global cache, position-free memory and decay train through the reference's training
 form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
 not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no gradient, static shapes, half
@@ -11,6 +11,11 @@ with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks an
 one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compilation at the first
 call of a shape; opt-in until measured through whole training runs). The selection stays out of
 the compiled graph: unrolled over the intervals it took Inductor minutes to compile.
+
+Prefill (a fresh prompt, the decode state returned, no gradient asked): the reference's
+`_fresh_prefill` (all intervals but the last at once, the state built from the selection schedule),
+its exact terms by the kernels with LOLCATS_MEMORY_KERNEL=1. The schedule runs eagerly there: a
+prompt's length changes from call to call, and a CUDA graph per length would cost more than it saves.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import functools
 import torch
 
 from lolcats.attention.hybrid import (
+    HybridState,
     Memory,
+    _fresh_prefill,
     _global_cache_intervals,
     check_memory,
     check_memory_query,
@@ -29,7 +36,7 @@ from lolcats.attention.hybrid import (
 from lolcats.ops.backend import KERNEL_DTYPES, compile_enabled, memory_kernel_enabled
 from lolcats.ops.hybrid.graphed import graphed_selection_schedule
 
-__all__ = ["training_form", "trains"]
+__all__ = ["prefill_form", "training_form", "trains"]
 
 
 def trains(*tensors: torch.Tensor | None) -> bool:
@@ -86,3 +93,26 @@ def training_form(
         return form(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
                     key_mask=key_mask, log_decay=log_decay, memory_query=memory_query,
                     key_map_input=key_map_input)
+
+
+def prefill_form(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
+    *, window: int, key_map, memory: Memory, scale: float | None = None, softcap: float | None = None,
+    key_mask: torch.Tensor | None = None, key_map_input: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None, memory_query: torch.Tensor | None = None, chunk_size: int = 64,
+) -> tuple[torch.Tensor, HybridState]:
+    """`hybrid_attention_chunked(..., output_final_state=True)` for a fresh sequence with a global
+    cache, its exact terms by the kernels when LOLCATS_MEMORY_KERNEL=1 (else exactly the reference)."""
+    exact = _exact_terms(q.dtype)
+    if exact is None or q.shape[1] <= memory.period:  # (one interval: the loop alone, no exact terms to batch)
+        return hybrid_attention_chunked(
+            q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
+            chunk_size=chunk_size, output_final_state=True, key_map=key_map, memory=memory,
+            key_map_input=key_map_input, log_decay=log_decay, memory_query=memory_query)
+    check_shapes(q, k, v, fq, fk, gamma, log_decay)
+    memory = check_memory(memory, window)
+    check_memory_query(memory_query, q, key_map_input)
+    with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the reference forms
+        return _fresh_prefill(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
+                              key_mask=key_mask, key_map=key_map, log_decay=log_decay, memory_query=memory_query,
+                              key_map_input=key_map_input, exact=exact)
