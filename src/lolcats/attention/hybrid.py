@@ -54,8 +54,10 @@ Forms:
   * hybrid_attention_quadratic: the reference; materialises T x T; can return the attention weights.
   * hybrid_attention_chunked:   training and prefill; O(T * (w + C + F * Dv / C)) memory without a
     global cache; with one, the selections are replayed first (no gradient through them) and every
-    interval is then one vectorised chunk (training), or, when the state is carried (prefill), an
-    exact loop over selection intervals (the linear state is constant inside an interval).
+    interval is then one vectorised chunk (training; a fresh prompt's prefill too, but its last
+    interval, which runs the loop from a state built out of the same selections), or, when a
+    state is carried in, an exact loop over selection intervals (the linear state is constant
+    inside an interval).
   * hybrid_attention_recurrent: token by token from a HybridState; decoding.
 The linear state (S, z) is accumulated in float32 (float64 stays float64) whatever the input dtype.
 """
@@ -832,7 +834,8 @@ def interval_exact_terms(qc, mqc, kb, vb, kvalid, xk, xv, xmask, *, window: int,
     e, m = _window_terms(_scores(qc.to(acc), kb.to(acc)[:, :, None], scale, softcap), band, 1.0)
     num = torch.matmul(e, vb.to(acc)[:, :, None])
     den = e.sum(-1, keepdim=True)
-    e = _extra_terms(_scores(mqc.to(acc), xk.to(acc)[:, :, None], scale, softcap), xmask[:, :, None, :, None, :], m, 1.0)
+    e = _extra_terms(_scores(mqc.to(acc), xk.to(acc)[:, :, None], scale, softcap), xmask[:, :, None, :, None, :],
+                     m, 1.0)
     return num + torch.matmul(e, xv.to(acc)[:, :, None]), den + e.sum(-1, keepdim=True)
 
 
@@ -931,7 +934,7 @@ def _state_at_interval_start(k, v, fk, valid, is_sink, slot, ok, *, window: int,
     the last w + P - 1 slots, the sinks (of sink_keys: the keys or their key-map inputs)."""
     B, T, Hk, _ = k.shape
     kept_last = kept_mask(slot, ok, T)  # [B, Hk, T]
-    P, M, w = memory.period, memory.global_size, window
+    P, w = memory.period, window
     acc = accumulation_dtype(k.dtype)
     fkg = _grouped(fk.to(acc), Hk)  # [B, Hk, kg, T, F]
     t = torch.arange(T, device=k.device)
@@ -984,8 +987,9 @@ def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale
         key_map_input=None if key_map_input is None else key_map_input[:, head])
     kf = None if key_map_input is None else key_map_input[:, head]
     state = _state_at_interval_start(
-        k[:, head], v[:, head], fk[:, head], valid[:, head], is_sink[:, head], slot[:, :, -1], ok[:, :, -1], window=window,
-        memory=memory, position=cut, kf=kf, sink_keys=k[:, head] if memory_query is None else kf, log_decay=log_decay)
+        k[:, head], v[:, head], fk[:, head], valid[:, head], is_sink[:, head], slot[:, :, -1], ok[:, :, -1],
+        window=window, memory=memory, position=cut, kf=kf, sink_keys=k[:, head] if memory_query is None else kf,
+        log_decay=log_decay)
     tail = slice(cut, T)
     o_tail, state = _memory_segments(
         q[:, tail], k[:, tail], v[:, tail], fq[:, tail], gamma, state=state, key_map=key_map, window=window,

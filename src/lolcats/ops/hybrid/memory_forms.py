@@ -3,8 +3,8 @@
 Training: sinks, the global cache, position-free memory and decay train through the reference's training
 form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
-not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no gradient, static shapes, half
-of the launches) runs from a CUDA graph (graphed.py); with LOLCATS_MEMORY_KERNEL=1 the exact terms
+not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no
+gradient, static shapes, half of the launches) runs from a CUDA graph (graphed.py); with LOLCATS_MEMORY_KERNEL=1 the exact terms
 (band, sinks, cached keys: the [N, P, P + w - 1] scores and their products) run as kernels
 (interval.py; opt-in until measured on the GPU); the differentiable rest runs eagerly, or
 with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks and small products:
