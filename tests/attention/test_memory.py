@@ -6,6 +6,7 @@ import torch
 from lolcats.attention.feature_map import hedgehog
 from lolcats.attention.hybrid import (
     Memory,
+    _fresh_prefill,
     empty_state,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
@@ -307,9 +308,8 @@ def test_dedup_keeps_distinct_values():
                                     Memory(sinks=1, global_size=4, interval=5, horizon=6)])
 @pytest.mark.parametrize("sharing", ["query", "kv"])
 def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sharing):
-    """A fresh sequence without a returned state runs every interval at once (training); with one, all
-    but the last interval at once and the loop for the last (prefill): outputs and gradients (through
-    q, k via phi(k), v, phi(q), gamma) equal each other's and the reference's, padding included."""
+    """A fresh sequence without a returned state runs every interval at once (training); outputs and
+    gradients (through q, k via phi(k), v, phi(q), gamma) equal the interval loop's, padding included."""
     q, k, v, _, _, gamma, key_map, mask = make_inputs(3, 150, 6, 2, 8, 4, sharing, pad=[0, 7, 60], seed=3)
     g = torch.Generator().manual_seed(5)
     wq = torch.randn(6, 8, 4, generator=g, dtype=q.dtype) * 0.5
@@ -334,14 +334,14 @@ def test_global_cache_all_intervals_at_once_equals_the_interval_loop(memory, sha
 
 
 @pytest.mark.parametrize("T", [9, 16, 17, 37, 40, 41])
-@pytest.mark.parametrize("memory,position_free,decay", [
+@pytest.mark.parametrize("memory,position_free,decay", [  # (T > P: an interval before the last)
     (Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), True, True),
     (Memory(global_size=5, interval=7), False, False),
     (Memory(sinks=1, global_size=40, interval=4), False, True),  # a budget larger than the sequence
 ])
 def test_fresh_prefill_state_equals_the_recurrent_forms(T, memory, position_free, decay):
-    """The chunked form's prefill with a global cache builds its state at the last interval's start
-    from the selection schedule (`_fresh_prefill`): the same output and state as the token-by-token
+    """The vectorised prefill with a global cache (`_fresh_prefill`) builds its state at the last
+    interval's start from the selection schedule: the same output and state as the token-by-token
     form, slot by slot (the cache's and the sinks' filled slots), and the same continuation."""
     q, k, v, _, _, gamma, key_map, mask = make_inputs(2, T, 4, 2, 8, 4, "kv", pad=[0, 3], seed=6)
     g = torch.Generator().manual_seed(7)
@@ -352,8 +352,9 @@ def test_fresh_prefill_state_equals_the_recurrent_forms(T, memory, position_free
     if position_free:
         kf, mq = torch.randn(k.shape, generator=g, dtype=q.dtype), torch.randn(q.shape, generator=g, dtype=q.dtype)
         extra.update(key_map_input=kf, memory_query=mq)
-    o, state = hybrid_attention_chunked(q, k, v, hedgehog(q, wq), key_map(k if kf is None else kf), gamma, window=W,
-                                        key_mask=mask, memory=memory, key_map=key_map, output_final_state=True, **extra)
+    fk = key_map(k if kf is None else kf)
+    o, state = _fresh_prefill(q, k, v, hedgehog(q, wq), fk, gamma, window=W, memory=memory, scale=None, softcap=None,
+                              key_mask=mask, key_map=key_map, **extra)
     ref_o, ref = recurrent(q, k, v, hedgehog(q, wq), gamma, key_map, mask, W, memory, kf=kf, mq=mq,
                            log_decay=extra.get("log_decay"))
     assert (valid_rows(o, mask) - valid_rows(ref_o, mask)).abs().max() <= 1e-12

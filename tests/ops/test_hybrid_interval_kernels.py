@@ -115,8 +115,8 @@ def test_training_form_runs_them_with_the_flag(monkeypatch):
 
 def test_prefill_runs_them_with_the_flag(monkeypatch):
     """LOLCATS_MEMORY_KERNEL=1, backend="triton", a fresh prompt with a global cache and its state:
-    the exact terms of all intervals but the last by the kernels; float32 output and state as the
-    float64 reference's (which the decode continues from)."""
+    the vectorised prefill, the exact terms of all intervals but the last by the kernels; float32
+    output and state as the float64 interval loop's (which the decode continues from)."""
     from lolcats.ops import hybrid_attention
 
     from .test_hybrid_training_form import _inputs
@@ -131,7 +131,8 @@ def test_prefill_runs_them_with_the_flag(monkeypatch):
                          kf=True)
     leaves = [t.detach() for t in leaves]
     kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    want_o, want = hybrid_attention_chunked(*leaves, **kw, output_final_state=True)
+    leaves[4] = kw["key_map"](kw["key_map_input"])  # the loop featurises the key-map inputs itself
+    want_o, want = hybrid_attention_chunked(*leaves, **kw, output_final_state=True)  # the interval loop
     kw32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
     kw32["key_map"] = lambda x: kw["key_map"](x.double()).float()
     with torch.no_grad():

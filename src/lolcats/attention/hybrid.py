@@ -54,10 +54,10 @@ Forms:
   * hybrid_attention_quadratic: the reference; materialises T x T; can return the attention weights.
   * hybrid_attention_chunked:   training and prefill; O(T * (w + C + F * Dv / C)) memory without a
     global cache; with one, the selections are replayed first (no gradient through them) and every
-    interval is then one vectorised chunk (training; a fresh prompt's prefill too, but its last
-    interval, which runs the loop from a state built out of the same selections), or, when a
-    state is carried in, an exact loop over selection intervals (the linear state is constant
-    inside an interval).
+    interval is then one vectorised chunk (training), or, when the state is carried (prefill), an
+    exact loop over selection intervals (the linear state is constant inside an interval).
+    `_fresh_prefill` vectorises a fresh prompt's prefill but for its last interval, the state
+    built from the same selections (the same function and state; slower than the loop on a CPU).
   * hybrid_attention_recurrent: token by token from a HybridState; decoding.
 The linear state (S, z) is accumulated in float32 (float64 stays float64) whatever the input dtype.
 """
@@ -670,10 +670,10 @@ def hybrid_attention_chunked(
     Window part: each chunk of C queries scores only its C + w candidate keys (a band mask).
     Linear part: keys shifted right by w make it an ordinary inclusive causal linear attention,
     done chunk-wise (intra-chunk C x C + inter-chunk prefix states). Sinks are a few extra keys
-    per row. A global cache runs every selection interval at once on a fresh sequence
-    (`_global_cache_intervals`: training; prefill: all but the last interval, whose state is built
-    from the same selections, `_fresh_prefill`), else `_memory_segments` (one interval at a time,
-    the state carried: continuing from a state).
+    per row. A global cache runs every selection interval at once on a fresh sequence whose state
+    is not asked for (`_global_cache_intervals`: training), else `_memory_segments` (one interval at
+    a time, the state carried: prefill). `_fresh_prefill` is the vectorised alternative for a fresh
+    prompt's prefill (the GPU's opt-in, `ops.hybrid.memory_forms.prefill_form`).
     """
     Hk, g, kg = check_shapes(q, k, v, fq, fk, gamma, log_decay)
     memory = check_memory(memory, window)
@@ -685,10 +685,6 @@ def hybrid_attention_chunked(
         return _global_cache_intervals(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale,
                                        softcap=softcap, key_mask=key_mask, log_decay=log_decay,
                                        memory_query=memory_query, key_map_input=key_map_input), None
-    if memory.global_size and initial_state is None and q.shape[1] > memory.period:
-        return _fresh_prefill(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
-                              key_mask=key_mask, key_map=key_map, log_decay=log_decay, memory_query=memory_query,
-                              key_map_input=key_map_input)
     if memory.global_size:
         o, state = _memory_segments(
             q, k, v, fq, gamma, state=initial_state, key_map=key_map, window=window, memory=memory, scale=scale,
@@ -970,7 +966,9 @@ def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale
     """A fresh sequence with a global cache and its final state: every interval but the last at
     once (`_global_cache_intervals`), the state at the last interval's start from the same
     selection schedule, then the interval loop for the last interval alone (as `_memory_segments`).
-    Same function and state as the loop over every interval."""
+    Same function and state as the loop over every interval. Fewer, larger ops than the loop: for a
+    GPU, where the loop's small ops cost launches; on a CPU the loop is faster
+    (scripts/prefill_memory_forms.py). Needs T > P (at least one interval before the last)."""
     B, T, H, D = q.shape
     Hk, P = k.shape[2], memory.period
     cut = (T - 1) // P * P  # the last interval's start

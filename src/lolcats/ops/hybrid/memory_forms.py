@@ -12,10 +12,12 @@ one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compil
 call of a shape; opt-in until measured through whole training runs). The selection stays out of
 the compiled graph: unrolled over the intervals it took Inductor minutes to compile.
 
-Prefill (a fresh prompt, the decode state returned, no gradient asked): the reference's
-`_fresh_prefill` (all intervals but the last at once, the state built from the selection schedule),
-its exact terms by the kernels with LOLCATS_MEMORY_KERNEL=1. The schedule runs eagerly there: a
-prompt's length changes from call to call, and a CUDA graph per length would cost more than it saves.
+Prefill (a fresh prompt, the decode state returned): the reference's interval loop, or with
+LOLCATS_MEMORY_KERNEL=1 its vectorised form `_fresh_prefill` (all intervals but the last at once,
+the state built from the selection schedule) with the exact terms by the kernels. Opt-in: on a CPU
+the vectorised form is slower than the loop (0.67x at 8K, scripts/prefill_memory_forms.py); on the
+GPU it is not yet timed. Its schedule runs eagerly: a prompt's length changes from call to call,
+and a CUDA graph per length would cost more than it saves.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def prefill_form(
     log_decay: torch.Tensor | None = None, memory_query: torch.Tensor | None = None, chunk_size: int = 64,
 ) -> tuple[torch.Tensor, HybridState]:
     """`hybrid_attention_chunked(..., output_final_state=True)` for a fresh sequence with a global
-    cache, its exact terms by the kernels when LOLCATS_MEMORY_KERNEL=1 (else exactly the reference)."""
+    cache: with LOLCATS_MEMORY_KERNEL=1 vectorised, its exact terms by the kernels (else exactly
+    the reference)."""
     exact = _exact_terms(q.dtype)
     if exact is None or q.shape[1] <= memory.period:  # (one interval: the loop alone, no exact terms to batch)
         return hybrid_attention_chunked(
