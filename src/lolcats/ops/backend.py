@@ -10,8 +10,8 @@ Backends (argument ``backend`` of every op):
 
 The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, LOLCATS_MEMORY_KERNEL, TRITON_INTERPRET) is read
 at each call, never at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms
-through torch.compile; LOLCATS_MEMORY_KERNEL=1 runs the exact terms of the memory training form by
-their kernels (ops/hybrid/interval.py). Both opt-in until measured end to end (ops/hybrid/memory_forms.py).
+through torch.compile; LOLCATS_MEMORY_KERNEL=1 runs the exact terms of the memory forms by their
+kernels (ops/hybrid/interval.py) and a fresh prompt's prefill vectorised (ops/hybrid/memory_forms.py). Both opt-in until measured end to end (ops/hybrid/memory_forms.py).
 """
 from __future__ import annotations
 
@@ -74,5 +74,5 @@ def compile_enabled() -> bool:
 
 
 def memory_kernel_enabled() -> bool:
-    """Whether the memory training form sums its exact terms by kernels (LOLCATS_MEMORY_KERNEL=1; off by default)."""
+    """Whether the memory forms sum their exact terms by kernels (LOLCATS_MEMORY_KERNEL=1; off by default)."""
     return os.environ.get("LOLCATS_MEMORY_KERNEL", "0") not in ("0", "")
