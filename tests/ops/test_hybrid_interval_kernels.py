@@ -79,20 +79,30 @@ def test_kernels_in_16_bit(huge):
     assert max(errors) <= 2e-2, errors
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """LOLCATS_MEMORY_KERNEL=1, and the kernels' entry point counting its calls into the list returned."""
+    import lolcats.ops.hybrid.interval as interval
+
+    calls = []
+    monkeypatch.setenv("LOLCATS_MEMORY_KERNEL", "1")
+    kernel = interval.interval_exact_terms_triton
+    monkeypatch.setattr(interval, "interval_exact_terms_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
+def _memory_case():
+    """The training-form tests' inputs with the default preset's mechanisms at small sizes."""
+    from .test_hybrid_training_form import _inputs
+
+    return _inputs(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", decay=True, kf=True)
+
+
 def test_training_form_runs_them_with_the_flag(monkeypatch):
     """LOLCATS_MEMORY_KERNEL=1: the training form (sinks, global cache, decay, position-free memory,
     left padding, GQA 2) sums its exact terms by the kernels: float32 outputs and gradients as the
     float64 chunked reference's."""
-    from .test_hybrid_training_form import _inputs
-
-    calls = []
-    monkeypatch.setenv("LOLCATS_MEMORY_KERNEL", "1")
-    import lolcats.ops.hybrid.interval as interval
-
-    kernel = interval.interval_exact_terms_triton
-    monkeypatch.setattr(interval, "interval_exact_terms_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    leaves, kw = _inputs(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", decay=True,
-                         kf=True)
+    calls = _count_kernel_calls(monkeypatch)
+    leaves, kw = _memory_case()
 
     def run(form, dtype):
         xs = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -119,16 +129,8 @@ def test_prefill_runs_them_with_the_flag(monkeypatch):
     output and state as the float64 interval loop's (which the decode continues from)."""
     from lolcats.ops import hybrid_attention
 
-    from .test_hybrid_training_form import _inputs
-
-    calls = []
-    monkeypatch.setenv("LOLCATS_MEMORY_KERNEL", "1")
-    import lolcats.ops.hybrid.interval as interval
-
-    kernel = interval.interval_exact_terms_triton
-    monkeypatch.setattr(interval, "interval_exact_terms_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    leaves, kw = _inputs(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", decay=True,
-                         kf=True)
+    calls = _count_kernel_calls(monkeypatch)
+    leaves, kw = _memory_case()
     leaves = [t.detach() for t in leaves]
     kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
     leaves[4] = kw["key_map"](kw["key_map_input"])  # the loop featurises the key-map inputs itself

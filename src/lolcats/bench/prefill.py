@@ -111,8 +111,8 @@ def _memory_inputs(preset: str | None, B, L, H, Hk, D, nk, dtype, device) -> dic
     kw: dict[str, Any] = {"memory": cfg.memory}
     if cfg.linear_decay:
         kw["log_decay"] = torch.full((nk,), math.log1p(-1.0 / cfg.linear_decay), device=device)
+    g = torch.Generator(device=device).manual_seed(1)
     if cfg.memory_distance or not cfg.feature_map_rope:
-        g = torch.Generator(device=device).manual_seed(1)
         kw["key_map_input"] = torch.randn(B, L, Hk, D, device=device, dtype=dtype, generator=g)
     if cfg.memory_distance:
         kw["memory_query"] = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g)

@@ -13,7 +13,8 @@ start, one step in P, runs the reference's PyTorch code before the launch), not 
 prefill / training ones for the whole form: training (a fresh sequence, gradients flowing) runs
 the reference's training form with the selection replay as a CUDA graph (memory_forms.py; its exact
 terms by the kernels of interval.py with LOLCATS_MEMORY_KERNEL=1), prefill the reference forms (a
-fresh prompt with a global cache: with LOLCATS_MEMORY_KERNEL=1 its exact terms by those kernels).
+fresh prompt with a global cache: with LOLCATS_MEMORY_KERNEL=1 vectorised, its exact terms by
+those kernels; memory_forms.py).
 """
 from __future__ import annotations
 

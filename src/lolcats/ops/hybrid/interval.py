@@ -51,6 +51,15 @@ def _program(P, N, G, Hk, BM: tl.constexpr):
 
 
 @triton.jit
+def _lanes_and_rows(bh, bhk, n, P, N, KB, X, D, DV, BD: tl.constexpr, BDV: tl.constexpr):
+    """Head (od) and value (ov) lanes with their masks, and the first rows of this program's interval
+    in the query [.., P, .], band key [.., KB, .] and extra key [.., X, .] layouts."""
+    od, ov = tl.arange(0, BD), tl.arange(0, BDV)
+    return (od, ov, od < D, ov < DV, (bh * N + n).to(tl.int64) * P, (bhk * N + n).to(tl.int64) * KB,
+            (bhk * N + n).to(tl.int64) * X)
+
+
+@triton.jit
 def _band_top(KB, W, BM: tl.constexpr):
     """The band keys this program's queries see are < top (its last query's band ends there)."""
     top = (tl.program_id(2) + 1) * BM + W - 1
@@ -99,12 +108,8 @@ def _fwd(q, mq, k, v, kvalid, xk, xv, xmask, num, den, m_out, idx_out, scale, ca
          D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
          BDV: tl.constexpr, IEEE: tl.constexpr, CLAMP: tl.constexpr):
     a, aok, n, bh, bhk, b = _program(P, N, G, Hk, BM)
-    od, ov = tl.arange(0, BD), tl.arange(0, BDV)
-    dm, vm = od < D, ov < DV
+    od, ov, dm, vm, qrow, krow, xrow = _lanes_and_rows(bh, bhk, n, P, N, KB, X, D, DV, BD, BDV)
     dt = q.dtype.element_ty
-    qrow = (bh * N + n).to(tl.int64) * P
-    krow = (bhk * N + n).to(tl.int64) * KB
-    xrow = (bhk * N + n).to(tl.int64) * X
     qb = _rows(q + qrow * D, a, aok, od, dm, D)
     top = _band_top(KB, W, BM)
 
@@ -152,12 +157,8 @@ def _bwd_dq(q, mq, k, v, kvalid, xk, xv, xmask, dnum, dden, m_in, idx_in, dq, dm
             P, N, G, Hk, KB, X, W, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, CLAMP: tl.constexpr):
     a, aok, n, bh, bhk, b = _program(P, N, G, Hk, BM)
-    od, ov = tl.arange(0, BD), tl.arange(0, BDV)
-    dm, vm = od < D, ov < DV
+    od, ov, dm, vm, qrow, krow, xrow = _lanes_and_rows(bh, bhk, n, P, N, KB, X, D, DV, BD, BDV)
     dt = q.dtype.element_ty
-    qrow = (bh * N + n).to(tl.int64) * P
-    krow = (bhk * N + n).to(tl.int64) * KB
-    xrow = (bhk * N + n).to(tl.int64) * X
     st = qrow + a
     qb = _rows(q + qrow * D, a, aok, od, dm, D)
     mqb = _rows(mq + qrow * D, a, aok, od, dm, D)
@@ -210,20 +211,18 @@ def _bwd_dkv(q, mq, k, v, kvalid, xk, xv, xmask, dnum, dden, m_in, idx_in, dm_in
     bh, n, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bhk = bh // G
     b = bhk // Hk
-    od, ov = tl.arange(0, BD), tl.arange(0, BDV)
-    dm, vm = od < D, ov < DV
+    od, ov, dm, vm, qrow, krow, xrow = _lanes_and_rows(bh, bhk, n, P, N, KB, X, D, DV, BD, BDV)
     dt = q.dtype.element_ty
-    qrow = (bh * N + n).to(tl.int64) * P
     extra = pid >= NJB
     if extra:
         j = (pid - NJB) * BN + tl.arange(0, BN)
-        kbase, vbase = xk + (bhk * N + n).to(tl.int64) * X * D, xv + (bhk * N + n).to(tl.int64) * X * DV
+        kbase, vbase = xk + xrow * D, xv + xrow * DV
         jok = _extra_keys(xmask, bhk, n, N, X, j)
         qsrc = mq
         first = 0
     else:
         j = pid * BN + tl.arange(0, BN)
-        kbase, vbase = k + (bhk * N + n).to(tl.int64) * KB * D, v + (bhk * N + n).to(tl.int64) * KB * DV
+        kbase, vbase = k + krow * D, v + krow * DV
         jok = (j < KB) & (tl.load(kvalid + (b * N + n).to(tl.int64) * KB + j, mask=j < KB, other=0) != 0)
         qsrc = q
         first = pid * BN - W + 1  # the first query whose band reaches the block, down to its query block

@@ -1,11 +1,12 @@
 """The forms of a fresh sequence with memory beyond the window on the GPU: training and prefill.
 
-Training: sinks, the global cache, position-free memory and decay train through the reference's training
-form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
+Training: sinks, the global cache, position-free memory and decay train through the reference's
+training form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
 not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no
-gradient, static shapes, half of the launches) runs from a CUDA graph (graphed.py); with LOLCATS_MEMORY_KERNEL=1 the exact terms
-(band, sinks, cached keys: the [N, P, P + w - 1] scores and their products) run as kernels
+gradient, static shapes, half of the launches) runs from a CUDA graph (graphed.py); with
+LOLCATS_MEMORY_KERNEL=1 the exact terms (band, sinks, cached keys: the [N, P, P + w - 1] scores
+and their products) run as kernels
 (interval.py; opt-in until measured on the GPU); the differentiable rest runs eagerly, or
 with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks and small products:
 one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compilation at the first
@@ -66,6 +67,17 @@ def _compiled_intervals(exact=None):
                          options={"triton.autotune_pointwise": False})
 
 
+def _checked(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, log_decay, memory_query, key_map_input,
+             key_map) -> Memory:
+    """The inputs of a form with a global cache, checked with the reference's messages; the memory."""
+    check_shapes(q, k, v, fq, fk, gamma, log_decay)
+    memory = check_memory(memory, window)
+    check_memory_query(memory_query, q, key_map_input)
+    if key_map is None:
+        raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+    return memory
+
+
 def training_form(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     *, window: int, scale: float | None = None, softcap: float | None = None,
@@ -81,11 +93,8 @@ def training_form(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
             chunk_size=chunk_size, memory=memory, key_map=key_map, key_map_input=key_map_input,
             log_decay=log_decay, memory_query=memory_query)[0]
-    check_shapes(q, k, v, fq, fk, gamma, log_decay)
-    memory = check_memory(memory, window)
-    check_memory_query(memory_query, q, key_map_input)
-    if key_map is None:
-        raise ValueError("a global cache needs key_map to score and fold the keys it selects")
+    memory = _checked(q, k, v, fq, fk, gamma, window=window, memory=memory, log_decay=log_decay,
+                      memory_query=memory_query, key_map_input=key_map_input, key_map=key_map)
     exact = _exact_terms(q.dtype)
     if compile_enabled():  # Inductor also compiles for the CPU (C++): what the CPU tests check
         form = _compiled_intervals(exact)
@@ -112,9 +121,8 @@ def prefill_form(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
             chunk_size=chunk_size, output_final_state=True, key_map=key_map, memory=memory,
             key_map_input=key_map_input, log_decay=log_decay, memory_query=memory_query)
-    check_shapes(q, k, v, fq, fk, gamma, log_decay)
-    memory = check_memory(memory, window)
-    check_memory_query(memory_query, q, key_map_input)
+    memory = _checked(q, k, v, fq, fk, gamma, window=window, memory=memory, log_decay=log_decay,
+                      memory_query=memory_query, key_map_input=key_map_input, key_map=key_map)
     with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the reference forms
         return _fresh_prefill(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
                               key_mask=key_mask, key_map=key_map, log_decay=log_decay, memory_query=memory_query,
