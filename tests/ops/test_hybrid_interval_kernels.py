@@ -97,10 +97,13 @@ def _memory_case():
     return _inputs(Memory(sinks=3, global_size=4, interval=8, dedup=0.9, horizon=16), "kv", decay=True, kf=True)
 
 
-def test_training_form_runs_them_with_the_flag(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_form_runs_them_with_the_flag(monkeypatch, compiled):
     """LOLCATS_MEMORY_KERNEL=1: the training form (sinks, global cache, decay, position-free memory,
     left padding, GQA 2) sums its exact terms by the kernels: float32 outputs and gradients as the
-    float64 chunked reference's."""
+    float64 chunked reference's. With LOLCATS_COMPILE=1 too, the rest runs eagerly (compiled around
+    the kernels it gave wrong gradients of the band's keys and values)."""
+    monkeypatch.setenv("LOLCATS_COMPILE", "1" if compiled else "0")
     calls = _count_kernel_calls(monkeypatch)
     leaves, kw = _memory_case()
 
