@@ -1,4 +1,6 @@
 """Backend selection of lolcats.ops (runs on CPU; kernel checks skip without CUDA)."""
+from unittest import mock
+
 import pytest
 import torch
 from kernel_helpers import hybrid_inputs, rel_error
@@ -123,3 +125,16 @@ def test_cuda_float64_falls_back():
     out, _ = hybrid_attention(q, k, v, fq, fk, gamma, window=8, key_mask=mask)
     ref, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, window=8, key_mask=mask)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("flag, cuda, want", [
+    (None, True, True), (None, False, False), ("0", True, False), ("1", False, True), ("", True, True)])
+def test_memory_kernels_default_to_cuda_tensors_and_the_flag_decides(monkeypatch, flag, cuda, want):
+    from lolcats.ops.backend import memory_kernel_enabled
+
+    if flag is None:
+        monkeypatch.delenv("LOLCATS_MEMORY_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("LOLCATS_MEMORY_KERNEL", flag)
+    x = mock.Mock(is_cuda=cuda)
+    assert memory_kernel_enabled(x) is want

@@ -95,3 +95,36 @@ def test_compiled_differentiable_part_equals_the_reference(monkeypatch):
     assert rel_error(o, ref_o) <= 1e-10
     for a, b in zip(grads, ref_grads, strict=True):
         assert rel_error(a, b) <= 1e-10
+
+
+def test_interval_buckets_cover_every_count_with_at_most_a_quarter_more():
+    from lolcats.ops.hybrid.graphed import interval_bucket
+
+    buckets = {interval_bucket(n) for n in range(1, 1025)}
+    for n in range(1, 1025):
+        assert n <= interval_bucket(n) <= n + n // 4
+    assert len(buckets) < 40  # a few graphs for every prompt length up to 128K tokens at P = 128
+
+
+@pytest.mark.parametrize("T, decay", [(11 * 8, False), (17 * 8 + 5, True)])
+def test_bucketed_schedule_equals_the_unpadded_one(T, decay):
+    """Padding the sequence to a bucket of interval counts leaves the real intervals' selections alone."""
+    from lolcats.attention.hybrid import _selection_schedule
+    from lolcats.ops.hybrid.graphed import bucketed_selection_schedule, interval_bucket
+
+    g = torch.Generator().manual_seed(5)
+    B, Hk, kg, F, Dv, w = 2, 2, 2, 6, 5, 4
+    memory = Memory(sinks=1, global_size=3, interval=8, dedup=0.9, horizon=16)
+    fk = torch.rand(B, Hk, kg, T, F, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, 1, T, Dv, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :7] = False  # left padding
+    is_sink = torch.zeros(B, T, dtype=torch.bool)
+    is_sink[0, 0] = is_sink[1, 7] = True
+    log_decay = -torch.rand(Hk * kg, generator=g, dtype=torch.float64) * 0.1 if decay else None
+    n = -(-T // memory.period)
+    assert interval_bucket(n) > n  # the case pads
+    want = _selection_schedule(fk, v, valid, is_sink, w, memory, n, log_decay)
+    got = bucketed_selection_schedule(fk, v, valid, is_sink, w, memory, n, log_decay)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)

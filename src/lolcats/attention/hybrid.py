@@ -962,13 +962,14 @@ def _state_at_interval_start(k, v, fk, valid, is_sink, slot, ok, *, window: int,
 
 
 def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale, softcap, key_mask, key_map,
-                   log_decay=None, memory_query=None, key_map_input=None, exact=None):
+                   log_decay=None, memory_query=None, key_map_input=None, exact=None, schedule=_selection_schedule):
     """A fresh sequence with a global cache and its final state: every interval but the last at
     once (`_global_cache_intervals`), the state at the last interval's start from the same
     selection schedule, then the interval loop for the last interval alone (as `_memory_segments`).
     Same function and state as the loop over every interval. Fewer, larger ops than the loop: for a
     GPU, where the loop's small ops cost launches; on a CPU the loop is faster
-    (scripts/prefill_memory_forms.py). Needs T > P (at least one interval before the last)."""
+    (scripts/prefill_memory_forms.py). Needs T > P (at least one interval before the last).
+    ``schedule``: what replays the selections (`_selection_schedule`'s signature; the GPU's is graphed)."""
     B, T, H, D = q.shape
     Hk, P = k.shape[2], memory.period
     cut = (T - 1) // P * P  # the last interval's start
@@ -976,8 +977,8 @@ def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale
     is_sink = _sink_flags(valid, memory.sinks)
     acc = accumulation_dtype(q.dtype)
     head = slice(0, cut)
-    slot, ok = _selection_schedule(_grouped(fk[:, head].to(acc), Hk), _grouped(v[:, head].to(acc), Hk),
-                                   valid[:, head], is_sink[:, head], window, memory, cut // P, log_decay)
+    slot, ok = schedule(_grouped(fk[:, head].to(acc), Hk), _grouped(v[:, head].to(acc), Hk),
+                        valid[:, head], is_sink[:, head], window, memory, cut // P, log_decay)
     o = _global_cache_intervals(
         q[:, head], k[:, head], v[:, head], fq[:, head], fk[:, head], gamma, window=window, memory=memory, scale=scale,
         softcap=softcap, key_mask=valid[:, head], log_decay=log_decay, schedule=lambda *args: (slot, ok), exact=exact,

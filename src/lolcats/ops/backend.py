@@ -10,8 +10,10 @@ Backends (argument ``backend`` of every op):
 
 The environment (LOLCATS_BACKEND, LOLCATS_COMPILE, LOLCATS_MEMORY_KERNEL, TRITON_INTERPRET) is read
 at each call, never at import. LOLCATS_COMPILE=1 lets the triton backend run its compilable forms
-through torch.compile; LOLCATS_MEMORY_KERNEL=1 runs the exact terms of the memory forms by their
-kernels (ops/hybrid/interval.py) and a fresh prompt's prefill vectorised (ops/hybrid/memory_forms.py). Both opt-in until measured end to end (ops/hybrid/memory_forms.py).
+through torch.compile; the exact terms of the memory forms run by their
+kernels (ops/hybrid/interval.py) and a fresh prompt's prefill vectorised (ops/hybrid/memory_forms.py)
+on CUDA tensors unless LOLCATS_MEMORY_KERNEL=0 (=1 also under the interpreter). LOLCATS_COMPILE
+stays opt-in; it compiles the memory's training form only with the kernels off.
 """
 from __future__ import annotations
 
@@ -73,6 +75,13 @@ def compile_enabled() -> bool:
     return os.environ.get("LOLCATS_COMPILE", "0") not in ("0", "")
 
 
-def memory_kernel_enabled() -> bool:
-    """Whether the memory forms sum their exact terms by kernels (LOLCATS_MEMORY_KERNEL=1; off by default)."""
-    return os.environ.get("LOLCATS_MEMORY_KERNEL", "0") not in ("0", "")
+def memory_kernel_enabled(x: torch.Tensor | None = None) -> bool:
+    """Whether the memory forms sum their exact terms by kernels for inputs like ``x``.
+
+    LOLCATS_MEMORY_KERNEL=1 or =0 decides; unset, on for CUDA tensors (on the H200 stage 2 1.36x,
+    stage 1 1.06x and prefill 1.9-2.5x the forms without them, BENCHMARKS.md) and off elsewhere,
+    so that Triton's interpreter on a CPU runs them only when asked to (tests)."""
+    flag = os.environ.get("LOLCATS_MEMORY_KERNEL", "")
+    if flag != "":
+        return flag != "0"
+    return x is not None and x.is_cuda

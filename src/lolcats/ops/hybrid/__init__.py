@@ -3,8 +3,8 @@
   reference.py        the pure-PyTorch forms of `lolcats.attention.hybrid` (the math; named there)
   chunk.py            Triton kernels for prefill / training, forward and backward
   memory_forms.py     the training and prefill forms with memory beyond the window on the GPU
-  graphed.py          the training form's global-cache selection replay as a CUDA graph
-  interval.py         Triton kernels of their exact terms (band, sinks, cached keys; LOLCATS_MEMORY_KERNEL=1)
+  graphed.py          the global cache's selection replay as a CUDA graph (training; prefill by buckets)
+  interval.py         Triton kernels of their exact terms (band, sinks, cached keys; off: LOLCATS_MEMORY_KERNEL=0)
   fused_recurrent.py  Triton kernels for decode, one token a step (out of place, and in place: `inplace=True`)
 
 Memory beyond the window (sinks, the global cache), position-free memory (`memory_query`) and the
@@ -12,9 +12,8 @@ decaying linear state have the decode kernels (with a global cache, the selectio
 start, one step in P, runs the reference's PyTorch code before the launch), not yet hand-written
 prefill / training ones for the whole form: training (a fresh sequence, gradients flowing) runs
 the reference's training form with the selection replay as a CUDA graph (memory_forms.py; its exact
-terms by the kernels of interval.py with LOLCATS_MEMORY_KERNEL=1), prefill the reference forms (a
-fresh prompt with a global cache: with LOLCATS_MEMORY_KERNEL=1 vectorised, its exact terms by
-those kernels; memory_forms.py).
+terms by the kernels of interval.py), prefill the reference forms (a fresh prompt with a global
+cache: vectorised, its exact terms by those kernels, its selections from a graph; memory_forms.py).
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""The global cache's selection replay, captured as a CUDA graph (training with a global cache).
+"""The global cache's selection replay, captured as a CUDA graph (training and prefill with a global cache).
 
 Training a fresh sequence with a global cache first replays every selection of the sequence
 (`_selection_schedule`: a loop over the selection intervals, a few dozen small ops each, no
 gradient, shapes fixed by the block). On the GPU that loop costs launches, not arithmetic, and it
 runs again for every layer and step with the same shapes: it is captured once per shape and
 replayed (the inputs copied into the graph's buffers, the result copied out, so one graph serves
-every layer). The math stays `lolcats.attention.hybrid`'s; this module only decides how it runs.
+every layer). A prompt's length changes from call to call: prefill pads its sequence to one of
+a few interval counts (`bucketed_selection_schedule`), so prompts of many lengths share a graph. The math stays `lolcats.attention.hybrid`'s; this module only decides how it runs.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch
 
 from lolcats.attention.hybrid import Memory, _selection_schedule
 
-__all__ = ["graphed_selection_schedule"]
+__all__ = ["bucketed_selection_schedule", "graphed_selection_schedule"]
 
-_MAX_GRAPHS = 8  # shapes kept (training has one or two: the block, a shorter last batch)
+_MAX_GRAPHS = 8  # shapes kept (training has one or two: the block, a shorter last batch; prefill a few buckets)
 _graphs: OrderedDict[tuple, "_CapturedSchedule"] = OrderedDict()
 _lock = threading.Lock()
 
@@ -67,3 +68,28 @@ def graphed_selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: M
                 _graphs.popitem(last=False)
         _graphs.move_to_end(key)
         return graph(inputs)
+
+
+def interval_bucket(intervals: int) -> int:
+    """``intervals`` rounded up to one of 4 counts per octave (8, 10, 12, 14, 16, 20, ...): at most a
+    quarter more selections than needed, and a few graphs for prompts of any length."""
+    if intervals <= 8:
+        return intervals
+    step = 1 << (intervals.bit_length() - 3)
+    return -(-intervals // step) * step
+
+
+def bucketed_selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, intervals: int,
+                                log_decay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`graphed_selection_schedule` for a prompt of any length: the sequence is padded with positions
+    that are never candidates up to `interval_bucket(intervals)` intervals, and the first `intervals`
+    rows returned. A selection never looks past its interval, so those rows are the unpadded schedule's."""
+    n, T = interval_bucket(intervals), fk_g.shape[3]
+    pad = n * memory.period - T
+    if pad > 0:
+        fk_g = torch.nn.functional.pad(fk_g.detach(), (0, 0, 0, pad))
+        v_g = torch.nn.functional.pad(v_g.detach(), (0, 0, 0, pad))
+        valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+        is_sink = torch.nn.functional.pad(is_sink, (0, pad), value=False)
+    slots, held = graphed_selection_schedule(fk_g, v_g, valid, is_sink, window, memory, n, log_decay)
+    return slots[:, :, :intervals], held[:, :, :intervals]

@@ -4,21 +4,21 @@ Training: sinks, the global cache, position-free memory and decay train through 
 training form (`hybrid_attention_chunked` on a fresh sequence; with a global cache `_global_cache_intervals`),
 a few thousand small ops per layer: on SmolLM2's shape a GPU step is bound by their launches,
 not by arithmetic (issue 14; BENCHMARKS.md). With a global cache the replay of its selections (no
-gradient, static shapes, half of the launches) runs from a CUDA graph (graphed.py); with
-LOLCATS_MEMORY_KERNEL=1 the exact terms (band, sinks, cached keys: the [N, P, P + w - 1] scores
-and their products) run as kernels
-(interval.py; opt-in until measured on the GPU); the differentiable rest runs eagerly, or
-with LOLCATS_COMPILE=1 through torch.compile (Inductor fuses its casts, masks and small products:
-one SmolLM2-shaped layer 1.4x faster than eager-with-graph, after 24 s of compilation at the first
-call of a shape; opt-in until measured through whole training runs). The selection stays out of
-the compiled graph: unrolled over the intervals it took Inductor minutes to compile.
+gradient, static shapes, half of the launches) runs from a CUDA graph (graphed.py), and the exact
+terms (band, sinks, cached keys: the [N, P, P + w - 1] scores and their products) run as the kernels
+of interval.py unless LOLCATS_MEMORY_KERNEL=0 (on the H200: stage 2 1.36x, stage 1 1.06x). The
+differentiable rest runs eagerly; with the kernels off and LOLCATS_COMPILE=1 it runs through
+torch.compile instead (Inductor fuses its casts, masks and small products; 24 s of compilation at
+the first call of a shape). The two do not combine: the compiled form around the kernels gave wrong
+gradients of the band's keys and values (check_kernels' dry run, cause not found). The selection
+stays out of the compiled graph: unrolled over the intervals it took Inductor minutes to compile.
 
-Prefill (a fresh prompt, the decode state returned): the reference's interval loop, or with
-LOLCATS_MEMORY_KERNEL=1 its vectorised form `_fresh_prefill` (all intervals but the last at once,
-the state built from the selection schedule) with the exact terms by the kernels. Opt-in: on a CPU
-the vectorised form is slower than the loop (0.67x at 8K, scripts/prefill_memory_forms.py); on the
-GPU it is not yet timed. Its schedule runs eagerly: a prompt's length changes from call to call,
-and a CUDA graph per length would cost more than it saves.
+Prefill (a fresh prompt, the decode state returned): the vectorised form `_fresh_prefill` (all
+intervals but the last at once, the state built from the selection schedule) with the exact terms
+by the kernels, its selections replayed from a graph per bucket of interval counts (graphed.py);
+with LOLCATS_MEMORY_KERNEL=0 the reference's interval loop. On a CPU the loop is faster than the
+vectorised form (0.67x at 8K, scripts/prefill_memory_forms.py); on the H200 the vectorised form
+with the kernels is 1.9x (2K) to 2.5x (64K) the loop.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from lolcats.attention.hybrid import (
     hybrid_attention_chunked,
 )
 from lolcats.ops.backend import KERNEL_DTYPES, compile_enabled, memory_kernel_enabled
-from lolcats.ops.hybrid.graphed import graphed_selection_schedule
+from lolcats.ops.hybrid.graphed import bucketed_selection_schedule, graphed_selection_schedule
 
 __all__ = ["prefill_form", "training_form", "trains"]
 
@@ -47,9 +47,9 @@ def trains(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _exact_terms(dtype: torch.dtype):
-    """What sums the exact terms: the kernels (LOLCATS_MEMORY_KERNEL=1, a kernel dtype), else the reference."""
-    if memory_kernel_enabled() and dtype in KERNEL_DTYPES:
+def _exact_terms(q: torch.Tensor):
+    """What sums the exact terms: the kernels (on CUDA unless LOLCATS_MEMORY_KERNEL=0, a kernel dtype), else the reference."""
+    if memory_kernel_enabled(q) and q.dtype in KERNEL_DTYPES:
         from lolcats.ops.hybrid.interval import interval_exact_terms_triton
 
         return interval_exact_terms_triton
@@ -93,7 +93,7 @@ def training_form(
             log_decay=log_decay, memory_query=memory_query)[0]
     memory = _checked(q, k, v, fq, fk, gamma, window=window, memory=memory, log_decay=log_decay,
                       memory_query=memory_query, key_map_input=key_map_input, key_map=key_map)
-    exact = _exact_terms(q.dtype)
+    exact = _exact_terms(q)
     # Inductor also compiles for the CPU (C++): what the CPU tests check. Not with the kernels: the
     # compiled form around them gave wrong gradients of the band's keys and values (dk, dv ~0.9 off in
     # check_kernels' dry run), cause not found; the kernels then run with the rest eager
@@ -114,9 +114,9 @@ def prefill_form(
     log_decay: torch.Tensor | None = None, memory_query: torch.Tensor | None = None, chunk_size: int = 64,
 ) -> tuple[torch.Tensor, HybridState]:
     """`hybrid_attention_chunked(..., output_final_state=True)` for a fresh sequence with a global
-    cache: with LOLCATS_MEMORY_KERNEL=1 vectorised, its exact terms by the kernels (else exactly
-    the reference)."""
-    exact = _exact_terms(q.dtype)
+    cache: vectorised, its exact terms by the kernels and its selections from a graph (with
+    LOLCATS_MEMORY_KERNEL=0, or under the interpreter unless =1: exactly the reference)."""
+    exact = _exact_terms(q)
     if exact is None or q.shape[1] <= memory.period:  # (one interval: the loop alone, no exact terms to batch)
         return hybrid_attention_chunked(
             q, k, v, fq, fk, gamma, window=window, scale=scale, softcap=softcap, key_mask=key_mask,
@@ -127,4 +127,4 @@ def prefill_form(
     with torch.autocast(q.device.type, enabled=False):  # as `_exact_dtypes` does for the reference forms
         return _fresh_prefill(q, k, v, fq, fk, gamma, window=window, memory=memory, scale=scale, softcap=softcap,
                               key_mask=key_mask, key_map=key_map, log_decay=log_decay, memory_query=memory_query,
-                              key_map_input=key_map_input, exact=exact)
+                              key_map_input=key_map_input, exact=exact, schedule=bucketed_selection_schedule)
