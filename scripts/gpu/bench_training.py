@@ -9,8 +9,8 @@ several GPUs (data parallel, optionally FSDP2), through the real training loop.
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --stage 2 --micro-batch 4 --activation-checkpointing
     # SmolLM2's shape, stage 2: the default memory (--memory long), the paper's conversion, and the
     # control (the same LoRA on the softmax model); LOLCATS_BACKEND=torch: the memory's form all eager
-    # (no CUDA graph), LOLCATS_COMPILE=1: its differentiable part through torch.compile,
-    # LOLCATS_MEMORY_KERNEL=1: its exact terms by kernels (ops/hybrid/interval.py)
+    # (no CUDA graph); its exact terms run by kernels (ops/hybrid/interval.py) unless LOLCATS_MEMORY_KERNEL=0,
+    # and with them off LOLCATS_COMPILE=1 runs its differentiable part through torch.compile
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --memory none
     PYTHONPATH=src python3 scripts/gpu/bench_training.py --preset smollm2-135m --stage 2 --control
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                        "grad_accum": args.grad_accum, "warmup_steps": args.warmup, "measured_steps": args.steps,
                        "key_maps": args.key_maps, "memory": args.memory, "control": args.control,
                        "backend": os.environ.get("LOLCATS_BACKEND", "auto"),
-                       "compile": compile_enabled(), "memory_kernel": memory_kernel_enabled(), "fsdp": args.fsdp, "world_size": world,
+                       "compile": compile_enabled(), "memory_kernel": memory_kernel_enabled(torch.empty(0, device=device)), "fsdp": args.fsdp, "world_size": world,
                        "tokens_per_step": world * args.micro_batch * args.grad_accum * args.block_size},
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
             "seconds_per_step": (s1 - s0) / args.steps, "warmup_seconds": s0,
