@@ -6,7 +6,8 @@ gradient, shapes fixed by the block). On the GPU that loop costs launches, not a
 runs again for every layer and step with the same shapes: it is captured once per shape and
 replayed (the inputs copied into the graph's buffers, the result copied out, so one graph serves
 every layer). A prompt's length changes from call to call: prefill pads its sequence to one of
-a few interval counts (`bucketed_selection_schedule`), so prompts of many lengths share a graph. The math stays `lolcats.attention.hybrid`'s; this module only decides how it runs.
+a few interval counts (`bucketed_selection_schedule`), so prompts of many lengths share a graph.
+The math stays `lolcats.attention.hybrid`'s; this module only decides how it runs.
 """
 from __future__ import annotations
 
