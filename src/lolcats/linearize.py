@@ -295,6 +295,7 @@ def _identity(recipe: Recipe, run: Run) -> dict[str, Any]:
         "stage2": recipe.train_config("stage2").to_dict(),
         "lora": {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
                  "targets": recipe.lora_targets,
+                 **({"layers": recipe.lora_layers} if recipe.lora_layers != "all" else {}),  # (old runs: all)
                  **({"distill": recipe.distill} if recipe.distill else {})},  # (absent when off: old runs resume)
         "loss": {"mse_weight": recipe.mse_weight, "ce_weight": recipe.ce_weight},
         "data": tensor_digest(run.splits.train.input_ids, run.splits.train.labels, run.splits.val.input_ids,
@@ -409,7 +410,7 @@ def _add_lora(recipe: Recipe, run: Run) -> None:
         enable_activation_checkpointing(run.base)
     torch.manual_seed(recipe.seed + 1)  # LoRA's init
     run.base = add_lora(run.base, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=recipe.lora_dropout,
-                        target_modules=recipe.lora_targets)
+                        target_modules=recipe.lora_targets, layers=recipe.lora_layers)
 
 
 def _stage2(recipe: Recipe, run: Run) -> None:

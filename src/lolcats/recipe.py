@@ -30,6 +30,7 @@ from lolcats import validate
 from lolcats.config import DEFAULT_MEMORY, MEMORY_PRESETS, LolcatsConfig
 from lolcats.errors import LinearizeError
 from lolcats.train.loop import DTYPES, SCHEDULES, TrainConfig
+from lolcats.train.lora import LORA_LAYERS
 
 __all__ = ["Recipe", "PRESETS", "DEFAULT_PROMPT", "default_lr2", "load_config_file", "parse_count", "parse_list"]
 
@@ -162,6 +163,9 @@ class Recipe:
                                  help="LoRA dropout (default 0)")
     lora_targets: list[str] | None = option(None, check=_optional(_names), type=parse_list, metavar="A,B",
                                             help="modules that get LoRA (default: the attention projections)")
+    lora_layers: str = option("all", choices=LORA_LAYERS, metavar="WHICH",
+                              help="decoder layers that get LoRA: all (the paper's) or converted (only those whose "
+                                   "attention was linearized; layers kept softmax keep the teacher's weights)")
     micro_batch_size: int = option(2, cuda=8, check=_integer(1), type=int, metavar="N",
                                    help="blocks per forward pass")
     grad_accum: int = option(1, check=_integer(1), type=int, metavar="N", help="micro-batches per optimiser step")

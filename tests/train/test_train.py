@@ -44,14 +44,17 @@ def periodic_blocks(n: int, length: int, period: int = 4, prompt: int = 0, seed:
     return TokenBlocks(ids, labels)
 
 
-def converted(family: str = "llama", seed: int = 0, **cfg):
+def softened(family: str = "llama", seed: int = 0):
     model = tiny_model(family, seed=seed)
     with torch.no_grad():  # softer attention than tiny_model's, so 8 features can match it in a few steps
         for n, p in model.named_parameters():
             if n.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0, 0.1)
-    convert(model, LolcatsConfig(window_size=4, feature_dim=8, chunk_size=8, **cfg))
     return model
+
+
+def converted(family: str = "llama", seed: int = 0, **cfg):
+    return convert(softened(family, seed), LolcatsConfig(window_size=4, feature_dim=8, chunk_size=8, **cfg))
 
 
 def snapshot(params) -> dict[str, torch.Tensor]:
@@ -136,6 +139,33 @@ def test_phi3_lora_targets_fused_qkv():
     peft_model = add_lora(model, r=2, alpha=4)
     names = list(lora_parameters(peft_model))
     assert any("qkv_proj" in n for n in names) and any("o_proj" in n for n in names)
+
+
+def _lora_layers(peft_model) -> set[int]:
+    return {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_" in n}
+
+
+def test_lora_on_converted_layers_only_leaves_the_kept_softmax_layers_untouched(tmp_path):
+    import lolcats
+
+    assert _lora_layers(add_lora(converted(softmax_layers=[0]), r=2)) == {0, 1}  # "all": the paper's
+    peft_model = add_lora(converted(softmax_layers=[0]), r=2, layers="converted")
+    assert _lora_layers(peft_model) == {1}
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 99, (1, 12))
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits
+    # the restriction is PEFT's own (layers_to_transform), so the saved delta reloads with it
+    lolcats.save_delta(peft_model, tmp_path / "d")
+    again = lolcats.from_pretrained(tmp_path / "d", base_model=softened(), merge_lora=False)
+    assert _lora_layers(again) == {1}
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, ref)
+    with pytest.raises(ValueError, match="lora layers"):
+        add_lora(converted(), layers="some")
 
 
 # ----------------------------------------------------------------------------- checkpoints / resume
