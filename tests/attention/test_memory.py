@@ -228,6 +228,18 @@ def test_selection_helpers():
     assert err.abs().max() <= 1e-20
 
 
+def test_kept_first_is_a_stable_partition():
+    """The selection's compaction (kept slots first, each group in its order) is the stable argsort it replaces."""
+    from lolcats.attention.hybrid import _kept_first
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 40):
+        for p in (0.0, 0.3, 1.0):
+            keep = torch.rand(3, 2, n, generator=g) < p
+            want = torch.where(keep, 0, 1).argsort(dim=-1, stable=True)
+            assert torch.equal(_kept_first(keep), want)
+
+
 @pytest.mark.parametrize("memory", [Memory(sinks=2), Memory(sinks=1, global_size=3, interval=4)])
 def test_state_size_is_constant_with_memory(memory):
     q, k, v, fq, fk, gamma, key_map, _ = make_inputs(1, 120, 4, 2, 6, 4, "kv")

@@ -128,3 +128,22 @@ def test_bucketed_schedule_equals_the_unpadded_one(T, decay):
     got = bucketed_selection_schedule(fk, v, valid, is_sink, w, memory, n, log_decay)
     for a, b in zip(got, want):
         assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_graph_buffers_are_filled_as_the_padding_would_be():
+    """The graph's static buffers take a shorter sequence in place: the prefix is the input, the rest
+    what padding gives (zeros, False), whatever a longer earlier sequence left there."""
+    from lolcats.ops.hybrid.graphed import _padded, fill_padded
+
+    g = torch.Generator().manual_seed(0)
+    fk, v = torch.rand(2, 2, 1, 13, 3, generator=g), torch.randn(2, 2, 1, 13, 4, generator=g)
+    valid, is_sink = torch.rand(2, 13, generator=g) > 0.2, torch.rand(2, 13, generator=g) > 0.8
+    want = _padded(fk, v, valid, is_sink, 20)
+    for x, ref, dim in zip((fk, v, valid, is_sink), want, (3, 3, 1, 1)):
+        buffer = torch.ones_like(ref)  # stale contents
+        fill_padded(buffer, x, dim)
+        assert torch.equal(buffer, ref)
+    log_decay = torch.rand(4, generator=g)
+    buffer = torch.empty(4)
+    fill_padded(buffer, log_decay, None)
+    assert torch.equal(buffer, log_decay)

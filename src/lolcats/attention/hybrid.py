@@ -426,6 +426,15 @@ def keep_worst_recalled(score: torch.Tensor, candidate: torch.Tensor, budget: in
     return torch.zeros_like(candidate).scatter(-1, idx, True) & candidate
 
 
+def _kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """The permutation [.., n] that moves the kept entries first and the rest after, each group in its
+    order: a stable partition (a cumsum and a scatter, where a stable argsort would sort)."""
+    before = keep.long().cumsum(-1)  # kept entries up to and including each
+    pos = torch.arange(keep.shape[-1], device=keep.device).expand_as(before)
+    dest = torch.where(keep, before - 1, before[..., -1:] + pos - before)
+    return torch.empty_like(dest).scatter_(-1, dest, pos)
+
+
 def _first_slots(pos: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
     """Indices [B, n] of the n valid entries with the smallest positions (valid first), for gathering."""
     key = torch.where(ok, pos, torch.iinfo(pos.dtype).max)
@@ -503,7 +512,7 @@ def _selection_schedule(fk_g, v_g, valid, is_sink, window: int, memory: Memory, 
             fold = fold * _age_weight(dec[..., None], age[:, :, None, :, None])
         kv = kv + torch.matmul((f * fold).transpose(-1, -2), vv)
         k_sum = k_sum + (f * fold).sum(-2)
-        order = torch.where(keep, idx, T).argsort(dim=2, stable=True)[:, :, :M]  # kept, in position order
+        order = _kept_first(keep)[:, :, :M]  # kept, in position order
         idx, ok = idx.gather(2, order), keep.gather(2, order)
         n = idx.shape[2]  # (fewer than M while fewer keys have left the band)
         slots[:, :, c, :n], held[:, :, c, :n] = torch.where(ok, idx, 0), ok
@@ -1029,7 +1038,7 @@ def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory:
         with torch.no_grad():
             score = selection_score(recall_error(fg, vg, kv, k_sum), age, memory.horizon)
         keep = keep_worst_recalled(score, cand, memory.global_size, cv, memory.dedup)
-        idx = torch.where(keep, 0, 1).argsort(dim=2, stable=True)[:, :, : memory.global_size]  # kept first
+        idx = _kept_first(keep)[:, :, : memory.global_size]  # kept first
         glob = (_take(ck, idx), _take(cv, idx), None if gkf is None else _take(ckf, idx), keep.gather(2, idx),
                 cpos.gather(2, idx))
         fold = cand & ~keep
