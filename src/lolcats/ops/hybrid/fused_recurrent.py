@@ -49,6 +49,7 @@ Two kernels:
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -302,6 +303,21 @@ def _decode_step_inplace(
                 tl.store(spos + b64 * NS + sf, (sf * 0 + p0).to(tl.int64), mask=put)
 
 
+def decode_warps(BW: int, BX: int, BD: int, BV: int, extra: bool) -> int:
+    """Warps per decode program: each holds the band (BW slots) and the extra keys (BX) as fp32 tiles
+    of BD + BV columns in registers; past ~128 of them per thread they spill, so wider bands (window
+    256, the global cache's) get 8 warps (H200, 8B shape, batch 512: window 256 2.6x, memory long
+    1.3x faster than 4; 16 slower than 8). LOLCATS_DECODE_WARPS=N forces N (for tuning)."""
+    forced = os.environ.get("LOLCATS_DECODE_WARPS", "")
+    if forced:
+        return int(forced)
+    elements = (BW + (BX if extra else 0)) * (BD + BV)
+    warps = 4
+    while warps < 8 and elements > warps * 32 * 128:
+        warps *= 2
+    return warps
+
+
 def _decay_factors(log_decay: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
     """lambda per state head (None without decay): what the kernels multiply S and z by each step."""
     return None if log_decay is None else torch.exp(log_decay.to(acc)).contiguous()
@@ -425,7 +441,8 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
         *[x.contiguous() for x in mem[:6]], o, kv_out, ksum_out, wk_out, wv_out,
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
         lam is not None, band.fold, mem[8], mem[9], mq,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), BX=mem[10], num_warps=4,
+        BW=block(W), BD=block(D), BV=BV, BF=block(F), BX=mem[10],
+        num_warps=decode_warps(block(W), mem[10], block(D), BV, mem[8] or mem[9]),
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
     win_kf = None
@@ -540,7 +557,8 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         wvalid if position is None else position,
         scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, memory.period, mem[6], mem[7], D, DV, F,
         DK, key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq, position is not None,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10], num_warps=4,
+        BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10],
+        num_warps=decode_warps(block(W), mem[10], block(D), BV, mem[8] or mem[9]),
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
         state.k_sum.view(B, Hs, F).mul_(lam.view(1, Hs, 1))
