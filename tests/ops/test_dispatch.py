@@ -140,17 +140,12 @@ def test_memory_kernels_default_to_cuda_tensors_and_the_flag_decides(monkeypatch
     assert memory_kernel_enabled(x) is want
 
 
-def test_decode_programs_get_more_warps_only_for_wide_bands(monkeypatch):
-    """The paper's band (64 slots) keeps 4 warps; a 256-slot band or a global cache beside the band
-    gets 8 (their fp32 tiles spill at 4); LOLCATS_DECODE_WARPS overrides."""
+def test_decode_warps_default_to_four_and_the_flag_decides(monkeypatch):
     if not triton_available():
         pytest.skip("needs Triton")
     from lolcats.ops.hybrid.fused_recurrent import decode_warps
 
     monkeypatch.delenv("LOLCATS_DECODE_WARPS", raising=False)
-    assert decode_warps(64, 16, 128, 64, extra=False) == 4
-    assert decode_warps(64, 16, 128, 64, extra=True) == 4  # 4 sinks
-    assert decode_warps(256, 1, 128, 64, extra=False) == 8  # window 256
-    assert decode_warps(256, 256, 128, 64, extra=True) == 8  # memory long: band 191 + 132 extra keys
-    monkeypatch.setenv("LOLCATS_DECODE_WARPS", "16")
-    assert decode_warps(64, 16, 128, 64, extra=False) == 16
+    assert decode_warps() == 4
+    monkeypatch.setenv("LOLCATS_DECODE_WARPS", "8")
+    assert decode_warps() == 8

@@ -111,6 +111,19 @@ def test_memory_decode_matches_reference(c):
     check_errors({"o": rel_error(o, ro), **memory_state_errors(state, rst)}, 1e-5)
 
 
+TILED = [c for c in CASES if c.id == "both-gqa4-kv-in-place-decay"]  # (out of place: checked on the GPU, w=64)
+
+
+@pytest.mark.parametrize("c", TILED)
+def test_memory_decode_in_tiles_matches_reference(c, monkeypatch):
+    """Tiles of 4 slots: the band (19 slots, the last tile partial) and the extra keys read in
+    several tiles each (two passes over the band: its max, then the sums), as wide bands run."""
+    from lolcats.ops.hybrid import fused_recurrent
+
+    monkeypatch.setattr(fused_recurrent, "DECODE_TILE", 4)
+    test_memory_decode_matches_reference(c)
+
+
 def decode_with_kernels(x, kf, st, c, common, mq=None):
     """Decode positions T0 .. T0 + STEPS from `st` through the kernels (several tokens in a call, then
     one a call), in place or not as the case says; checks the state's storage contract on the way.

@@ -72,49 +72,134 @@ from lolcats.ops.hybrid.reference import (
 )
 
 CLAMP = tl.constexpr(EXTRA_LOGIT_CLAMP)
+DECODE_TILE = 64  # band slots / extra keys a decode program holds at once (the wider ones loop over tiles)
 
 
 @triton.jit
-def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, kwf, vwf, wok, S, z, scale, cap,
-                 xkf, xvf, xok, HAS_X: tl.constexpr, HAS_MQ: tl.constexpr):
-    """One query head's output block for the step (both decode kernels): the window softmax over the
-    slots `wok` of kwf / vwf (gamma e^{s - m}) plus the state read fq.S, over one normaliser.
-    HAS_X: plus the extra exact keys `xok` of xkf / xvf (sinks, global cache) at gamma e^{min(s - m, 60)},
-    m the band's max (0 when the band is empty), as `_extra_terms`. HAS_MQ: the extra keys are scored
-    by the memory query mq_row (position-free memory) instead of q_row; the band keeps q_row."""
+def _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D: tl.constexpr):
+    """Slots j [BT] of the band after this step: their keys (float32 [BT, BD]) and which count [BT].
+    Slot j is ring row j + shift (out of place the buffer moves up a row: shift 1); slot `newest` is
+    the new token (k_new, validity nv), never read from the ring; the band is the nband newest slots."""
+    new = j == newest
+    old = (j + shift < W) & ~new
+    kw = tl.load(wbase_k + (j + shift)[:, None] * D + od[None, :], mask=old[:, None] & dm[None, :], other=0.0)
+    kw += tl.load(k_new + od[None, :] + j[:, None] * 0, mask=new[:, None] & dm[None, :], other=0.0)
+    sv = tl.load(wvalid_row + j + shift, mask=old, other=0).to(tl.int32)
+    ok = ((sv != 0) | (new & (nv != 0))) & (j < W) & ((newest - j + W) % W < nband)
+    return kw.to(tl.float32), ok
+
+
+@triton.jit
+def _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV: tl.constexpr):
+    """The values of slots j [BT] (as `_band_keys`), float32 [BT, BV]."""
+    new = j == newest
+    old = (j + shift < W) & ~new
+    vw = tl.load(wbase_v + (j + shift)[:, None] * DV + ov[None, :], mask=old[:, None] & vm[None, :], other=0.0)
+    vw += tl.load(v_new + ov[None, :] + j[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
+    return vw.to(tl.float32)
+
+
+@triton.jit
+def _whole_tiles(wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
+                 sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm, D: tl.constexpr,
+                 DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, BT: tl.constexpr,
+                 BX: tl.constexpr, ONE_TILE: tl.constexpr, ONE_X: tl.constexpr):
+    """The band and the extra keys where each fits in one tile (loaded once for every query head),
+    else placeholders `_head_output` does not read: (kwf, vwf, wok, xkf, xvf, xok)."""
+    j = tl.arange(0, BT)
+    if ONE_TILE:
+        kwf, wok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
+        vwf = _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV)
+    else:
+        kwf = tl.zeros([BT, od.shape[0]], dtype=tl.float32)
+        vwf = tl.zeros([BT, ov.shape[0]], dtype=tl.float32)
+        wok = j < 0
+    xkf, xvf, xok = kwf, vwf, wok  # no extra keys, or in several tiles (unused)
+    if (HAS_SINKS or HAS_GLOB) and ONE_X:
+        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, tl.arange(0, BX), od, dm,
+                                    ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
+    return kwf, vwf, wok, xkf, xvf, xok
+
+
+@triton.jit
+def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, S, z, scale, cap,
+                 kwf, vwf, wok, xkf, xvf, xok,
+                 wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
+                 sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM,
+                 D: tl.constexpr, DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
+                 HAS_MQ: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BX: tl.constexpr,
+                 ONE_TILE: tl.constexpr, ONE_X: tl.constexpr):
+    """One query head's output block for the step (both decode kernels): the band softmax over its
+    valid slots (gamma e^{s - m}) plus the state read fq.S, over one normaliser. With sinks or a
+    global cache, plus those extra exact keys at gamma e^{min(s - m, 60)}, m the band's max (0 when
+    the band is empty), as `_extra_terms`. HAS_MQ: the extra keys are scored by the memory query
+    mq_row (position-free memory) instead of q_row; the band keeps q_row.
+
+    The band and the extra keys are read in tiles of BT and BX rows (a band wider than one tile in
+    two passes: its max, then the sums), so a wide band (window 256, the global cache's) never sits
+    whole in registers. ONE_TILE / ONE_X: the band / the extra keys fit in one tile, which the
+    kernel loaded once for all its query heads (kwf, vwf, wok / xkf, xvf, xok; unused otherwise)."""
     qv = tl.load(q_row + od, mask=dm, other=0.0).to(tl.float32)
-    s = softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap)
-    s = tl.where(wok, s, NEG)
-    mx = tl.max(s, 0)
-    e = tl.where(wok, tl.exp(s - mx), 0.0)
+    if ONE_TILE:  # the whole band in one tile (the paper's window): one pass
+        s = tl.where(wok, softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap), NEG)
+        mx = tl.max(s, 0)
+        count = wok.to(tl.int32)
+        den = tl.where(wok, tl.exp(s - mx), 0.0)
+        num = tl.sum(den[:, None] * vwf, 0)
+    else:  # tile by tile, twice: the band's max, then the sums (no rescaling between tiles)
+        top = tl.full([BT], NEG, tl.float32)  # per row, the max score over the tiles
+        count = tl.zeros([BT], tl.int32)
+        for t0 in range(0, W, BT):
+            j = t0 + tl.arange(0, BT)
+            kf, ok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
+            s = softcap(tl.sum(kf * qv[None, :], 1) * scale, cap)
+            top = tl.maximum(top, tl.where(ok, s, NEG))
+            count += ok.to(tl.int32)
+        mx = tl.max(top, 0)
+        num = tl.zeros([BV], tl.float32)
+        den = tl.zeros([BT], tl.float32)
+        for t0 in range(0, W, BT):
+            j = t0 + tl.arange(0, BT)
+            kf, ok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
+            s = softcap(tl.sum(kf * qv[None, :], 1) * scale, cap)
+            e = tl.where(ok, tl.exp(s - mx), 0.0)
+            num += tl.sum(e[:, None] * _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV), 0)
+            den += e
     gam = tl.load(gamma_h).to(tl.float32)
-    num = tl.sum(e[:, None] * vwf, 0) * gam
-    den = tl.sum(e, 0) * gam
-    if HAS_X:
-        m0 = tl.where(tl.sum(wok.to(tl.int32), 0) > 0, mx, 0.0)
+    num = num * gam
+    total = tl.sum(den, 0) * gam
+    if HAS_SINKS or HAS_GLOB:
+        m0 = tl.where(tl.sum(count, 0) > 0, mx, 0.0)
         mqv = tl.load(mq_row + od, mask=dm, other=0.0).to(tl.float32) if HAS_MQ else qv
-        sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
-        ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
-        num += tl.sum(ex[:, None] * xvf, 0) * gam
-        den += tl.sum(ex, 0) * gam
+        if ONE_X:
+            sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
+            ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
+            num += tl.sum(ex[:, None] * xvf, 0) * gam
+            total += tl.sum(ex, 0) * gam
+        else:
+            for e0 in range(0, NS + NM, BX):
+                tk, tv, tok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, e0 + tl.arange(0, BX),
+                                          od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
+                sx = softcap(tl.sum(tk * mqv[None, :], 1) * scale, cap)
+                ex = tl.where(tok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
+                num += tl.sum(ex[:, None] * tv, 0) * gam
+                total += tl.sum(ex, 0) * gam
     fqv = tl.load(fq_row + of, mask=fm, other=0.0).to(tl.float32)
     num += tl.sum(fqv[:, None] * S, 0)
-    den += tl.sum(fqv * z, 0)
-    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    total += tl.sum(fqv * z, 0)
+    out = tl.where(total > 0, num / tl.where(total > 0, total, 1.0), 0.0)
     tl.store(o_row + ov, out.to(o_row.dtype.element_ty), mask=vm)
 
 
 @triton.jit
-def _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm, D: tl.constexpr,
-                DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, BD: tl.constexpr,
-                BV: tl.constexpr, BX: tl.constexpr):
-    """The extra exact keys of KV head `bk` (= b * Hk + hk) as one tile of BX >= NS + NM rows: rows
-    0..NS-1 the sinks (those with a position in [0, lo): out of the band), then the NM global cache
-    slots (the valid ones). Returns (keys [BX, BD], values [BX, BV], float32; which rows count [BX])."""
-    e = tl.arange(0, BX)
+def _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, e, od, dm, ov, vm, D: tl.constexpr,
+                DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr):
+    """Rows e of the extra exact keys of KV head `bk` (= b * Hk + hk): rows 0..NS-1 the sinks (those
+    with a position in [0, lo): out of the band), then the NM global cache slots (the valid ones).
+    Returns (keys [BX, BD], values [BX, BV], float32; which rows count [BX])."""
     xok = e < 0
-    xk = tl.zeros([BX, BD], dtype=tl.float32)
-    xv = tl.zeros([BX, BV], dtype=tl.float32)
+    xk = tl.zeros([e.shape[0], od.shape[0]], dtype=tl.float32)
+    xv = tl.zeros([e.shape[0], ov.shape[0]], dtype=tl.float32)
     if HAS_SINKS:
         is_s = e < NS
         p = tl.load(spos + b64 * NS + e, mask=is_s, other=-1)
@@ -143,14 +228,14 @@ def _decode_step(
     scale, cap, H, Hk, Hs, G, W, nband, lo, ES, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     HAS_DECAY: tl.constexpr, FOLD: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
     HAS_MQ: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr, ONE_TILE: tl.constexpr,
+    ONE_X: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b = i_bh // Hs
     hs = i_bh % Hs
     KG = Hs // Hk
     hk = hs // KG
-    sl = tl.arange(0, BW)
     od = tl.arange(0, BD)
     ov = i_v * BV + tl.arange(0, BV)
     of = tl.arange(0, BF)
@@ -176,35 +261,38 @@ def _decode_step(
         tl.store(ksum_out + soff + of, z * age, mask=fm)
 
     # the new buffer: old slots 1..W-1, then the new token; the band is its last nband slots
-    old = (sl + 1) < W
-    new = (sl + 1) == W
-    kw = tl.load(wbase_k + (sl + 1)[:, None] * D + od[None, :], mask=old[:, None] & dm[None, :], other=0.0)
-    kw += tl.load(k + (b64 * Hk + hk) * D + od[None, :] + sl[:, None] * 0, mask=new[:, None] & dm[None, :], other=0.0)
-    vw = tl.load(wbase_v + (sl + 1)[:, None] * DV + ov[None, :], mask=old[:, None] & vm[None, :], other=0.0)
-    vw += tl.load(v + (b64 * Hk + hk) * DV + ov[None, :] + sl[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
-    sv = tl.load(wvalid + b64 * W + sl + 1, mask=old, other=0)
-    sv += tl.load(newvalid + b + sl * 0, mask=new, other=0)
-    wok = (sv != 0) & (sl >= W - nband)
-    if hs % KG == 0:  # one writer per KV head
-        wm = sl < W
-        tl.store(wv_out + (b64 * Hk + hk) * W * DV + sl[:, None] * DV + ov[None, :], vw,
-                 mask=wm[:, None] & vm[None, :])
+    k_new = k + (b64 * Hk + hk) * D
+    v_new = v + (b64 * Hk + hk) * DV
+    nv = tl.load(newvalid + b).to(tl.int32)
+    kwf, vwf, wok, xkf, xvf, xok = _whole_tiles(
+        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband, sk, svv, spos, gk, gv, gvalid,
+        b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, ONE_TILE, ONE_X)
+    if hs % KG == 0 and ONE_TILE:  # one writer per KV head: the shifted buffers
+        j = tl.arange(0, BW)
+        tl.store(wv_out + (b64 * Hk + hk) * W * DV + j[:, None] * DV + ov[None, :], vwf,
+                 mask=(j < W)[:, None] & vm[None, :])
         if i_v == 0:
-            tl.store(wk_out + (b64 * Hk + hk) * W * D + sl[:, None] * D + od[None, :], kw,
-                     mask=wm[:, None] & dm[None, :])
-    kwf = kw.to(tl.float32)
-    vwf = vw.to(tl.float32)
-    xkf, xvf, xok = kwf, vwf, wok  # no extra keys (unused)
-    if HAS_SINKS or HAS_GLOB:
-        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm,
-                                    D, DV, HAS_SINKS, HAS_GLOB, BD, BV, BX)
+            tl.store(wk_out + (b64 * Hk + hk) * W * D + j[:, None] * D + od[None, :], kwf,
+                     mask=(j < W)[:, None] & dm[None, :])
+    if hs % KG == 0 and not ONE_TILE:  # ... tile by tile
+        for t0 in range(0, W, BW):
+            j = t0 + tl.arange(0, BW)
+            wm = j < W
+            tl.store(wv_out + (b64 * Hk + hk) * W * DV + j[:, None] * DV + ov[None, :],
+                     _band_values(wbase_v, v_new, j, W, 1, W - 1, ov, vm, DV), mask=wm[:, None] & vm[None, :])
+            if i_v == 0:
+                kf, _ = _band_keys(wbase_k, wvalid + b64 * W, k_new, nv, j, W, 1, W - 1, nband, od, dm, D)
+                tl.store(wk_out + (b64 * Hk + hk) * W * D + j[:, None] * D + od[None, :], kf,
+                         mask=wm[:, None] & dm[None, :])
 
     nq = H // Hs  # query heads reading this state: the GQA group (per KV head) or one
     hq0 = hs * nq
     for gi in range(nq):
         hq = b64 * H + hq0 + gi
         _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                     kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB, HAS_MQ)
+                     S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband,
+                     sk, svv, spos, gk, gv, gvalid, b64, b64 * Hk + hk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
+                     HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
 
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG", "nband", "lo", "p0"])
@@ -215,6 +303,7 @@ def _decode_step_inplace(
     DK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, HAS_MQ: tl.constexpr, DEVICE_POS: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr,
+    ONE_TILE: tl.constexpr, ONE_X: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     if DEVICE_POS:  # the step's position from device memory (a CUDA graph replays it): the band as `_band`
@@ -224,7 +313,6 @@ def _decode_step_inplace(
     b = i_bh // Hk
     hk = i_bh % Hk
     Hs = Hk * KG
-    sl = tl.arange(0, BW)
     od = tl.arange(0, BD)
     ov = i_v * BV + tl.arange(0, BV)
     of = tl.arange(0, BF)
@@ -240,20 +328,11 @@ def _decode_step_inplace(
     # the band: the nband newest slots (slot hd is age 0)
     wbase_k = wk + bk * W * D
     wbase_v = wv + bk * W * DV
-    new = sl == hd
-    old = (sl < W) & (sl != hd)
-    kw = tl.load(wbase_k + sl[:, None] * D + od[None, :], mask=old[:, None] & dm[None, :], other=0.0)
-    kw += tl.load(k + bk * D + od[None, :] + sl[:, None] * 0, mask=new[:, None] & dm[None, :], other=0.0)
-    vw = tl.load(wbase_v + sl[:, None] * DV + ov[None, :], mask=old[:, None] & vm[None, :], other=0.0)
-    vw += tl.load(v + bk * DV + ov[None, :] + sl[:, None] * 0, mask=new[:, None] & vm[None, :], other=0.0)
-    sv = tl.load(wvalid + b64 * W + sl, mask=old, other=0).to(tl.int32)
-    wok = ((sv != 0) | (new & (nv != 0))) & ((hd - sl + W) % W < nband)
-    kwf = kw.to(tl.float32)
-    vwf = vw.to(tl.float32)
-    xkf, xvf, xok = kwf, vwf, wok  # no extra keys (unused)
-    if HAS_SINKS or HAS_GLOB:
-        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm,
-                                    D, DV, HAS_SINKS, HAS_GLOB, BD, BV, BX)
+    k_new = k + bk * D
+    v_new = v + bk * DV
+    kwf, vwf, wok, xkf, xvf, xok = _whole_tiles(
+        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 0, hd, nband, sk, svv, spos, gk, gv, gvalid,
+        b64, bk, lo, NS, NM, od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, ONE_TILE, ONE_X)
     if FOLD:
         v_old = tl.load(wbase_v + hd * DV + ov, mask=vm, other=0.0).to(tl.float32)
         val0 = tl.load(vold + b64).to(tl.float32)  # the evicted slot held a valid key (gathered before the launch)
@@ -274,7 +353,9 @@ def _decode_step_inplace(
         for gi in range(nq):
             hq = b64 * H + hs * nq + gi
             _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm,
-                         ov, vm, kwf, vwf, wok, S, z, scale, cap, xkf, xvf, xok, HAS_SINKS or HAS_GLOB, HAS_MQ)
+                         ov, vm, S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 0, hd,
+                         nband, sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
+                         HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
 
     # the new token into slot hd: only this program reads this Dv block of slot hd of the value
     # ring (v_old, above; the barrier keeps every thread's read before the overwrite); slot hd of
@@ -303,19 +384,10 @@ def _decode_step_inplace(
                 tl.store(spos + b64 * NS + sf, (sf * 0 + p0).to(tl.int64), mask=put)
 
 
-def decode_warps(BW: int, BX: int, BD: int, BV: int, extra: bool) -> int:
-    """Warps per decode program: each holds the band (BW slots) and the extra keys (BX) as fp32 tiles
-    of BD + BV columns in registers; past ~128 of them per thread they spill, so wider bands (window
-    256, the global cache's) get 8 warps (H200, 8B shape, batch 512: window 256 2.6x, memory long
-    1.3x faster than 4; 16 slower than 8). LOLCATS_DECODE_WARPS=N forces N (for tuning)."""
-    forced = os.environ.get("LOLCATS_DECODE_WARPS", "")
-    if forced:
-        return int(forced)
-    elements = (BW + (BX if extra else 0)) * (BD + BV)
-    warps = 4
-    while warps < 8 and elements > warps * 32 * 128:
-        warps *= 2
-    return warps
+def decode_warps() -> int:
+    """Warps per decode program: 4 (tiles of up to 64 slots; on the H200 8 was slower at every batch
+    once the band was tiled). LOLCATS_DECODE_WARPS=N forces N (for tuning)."""
+    return int(os.environ.get("LOLCATS_DECODE_WARPS", "") or 4)
 
 
 def _decay_factors(log_decay: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
@@ -441,8 +513,9 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
         *[x.contiguous() for x in mem[:6]], o, kv_out, ksum_out, wk_out, wv_out,
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
         lam is not None, band.fold, mem[8], mem[9], mq,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), BX=mem[10],
-        num_warps=decode_warps(block(W), mem[10], block(D), BV, mem[8] or mem[9]),
+        BW=min(DECODE_TILE, block(W)), BD=block(D), BV=BV, BF=block(F), BX=min(DECODE_TILE, mem[10]),
+        ONE_TILE=block(W) <= DECODE_TILE,
+        ONE_X=mem[10] <= DECODE_TILE, num_warps=decode_warps(),
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
     win_kf = None
@@ -557,8 +630,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         wvalid if position is None else position,
         scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, memory.period, mem[6], mem[7], D, DV, F,
         DK, key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq, position is not None,
-        BW=block(W), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=mem[10],
-        num_warps=decode_warps(block(W), mem[10], block(D), BV, mem[8] or mem[9]),
+        BW=min(DECODE_TILE, block(W)), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=min(DECODE_TILE, mem[10]),
+        ONE_TILE=block(W) <= DECODE_TILE,
+        ONE_X=mem[10] <= DECODE_TILE, num_warps=decode_warps(),
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
         state.k_sum.view(B, Hs, F).mul_(lam.view(1, Hs, 1))
