@@ -290,7 +290,8 @@ def _decode_step(
     for gi in range(nq):
         hq = b64 * H + hq0 + gi
         _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                     S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband,
+                     S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new,
+                     v_new, nv, W, 1, W - 1, nband,
                      sk, svv, spos, gk, gv, gvalid, b64, b64 * Hk + hk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
                      HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
 
@@ -353,7 +354,8 @@ def _decode_step_inplace(
         for gi in range(nq):
             hq = b64 * H + hs * nq + gi
             _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm,
-                         ov, vm, S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 0, hd,
+                         ov, vm, S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W,
+                         k_new, v_new, nv, W, 0, hd,
                          nband, sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
                          HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
 
