@@ -84,3 +84,13 @@ def test_keep_softmax_is_a_flag_with_a_check():
         Recipe.for_device("cpu", keep_softmax=-1)
     with pytest.raises(LinearizeError, match=r"^keep_softmax_blocks must be an integer >= 1, got 0$"):
         Recipe.for_device("cpu", keep_softmax_blocks=0)
+
+
+def test_lora_layers_is_a_checked_choice():
+    parser = build_parser()
+    args = parser.parse_args(["linearize", "--lora-layers", "converted"])
+    assert Recipe.given(args) == {"lora_layers": "converted"}
+    assert linearize_kwargs(args)["lora_layers"] == "converted"
+    assert Recipe().lora_layers == "all"  # the paper's, and what runs made before the option resume with
+    with pytest.raises(SystemExit):
+        parser.parse_args(["linearize", "--lora-layers", "some"])
