@@ -122,6 +122,14 @@ def _whole_tiles(wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newes
 
 
 @triton.jit
+def _extra_sums(xkf, xvf, xok, mqv, m0, scale, cap):
+    """A tile of extra keys' share of the numerator [BV] and the normaliser, before gamma: e^{min(s - m0, 60)}."""
+    sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
+    ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
+    return tl.sum(ex[:, None] * xvf, 0), tl.sum(ex, 0)
+
+
+@triton.jit
 def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, S, z, scale, cap,
                  kwf, vwf, wok, xkf, xvf, xok,
                  wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
@@ -172,18 +180,16 @@ def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, 
         m0 = tl.where(tl.sum(count, 0) > 0, mx, 0.0)
         mqv = tl.load(mq_row + od, mask=dm, other=0.0).to(tl.float32) if HAS_MQ else qv
         if ONE_X:
-            sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
-            ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
-            num += tl.sum(ex[:, None] * xvf, 0) * gam
-            total += tl.sum(ex, 0) * gam
+            xn, xd = _extra_sums(xkf, xvf, xok, mqv, m0, scale, cap)
+            num += xn * gam
+            total += xd * gam
         else:
             for e0 in range(0, NS + NM, BX):
                 tk, tv, tok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, e0 + tl.arange(0, BX),
                                           od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
-                sx = softcap(tl.sum(tk * mqv[None, :], 1) * scale, cap)
-                ex = tl.where(tok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
-                num += tl.sum(ex[:, None] * tv, 0) * gam
-                total += tl.sum(ex, 0) * gam
+                xn, xd = _extra_sums(tk, tv, tok, mqv, m0, scale, cap)
+                num += xn * gam
+                total += xd * gam
     fqv = tl.load(fq_row + of, mask=fm, other=0.0).to(tl.float32)
     num += tl.sum(fqv[:, None] * S, 0)
     total += tl.sum(fqv * z, 0)
@@ -267,14 +273,7 @@ def _decode_step(
     kwf, vwf, wok, xkf, xvf, xok = _whole_tiles(
         wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband, sk, svv, spos, gk, gv, gvalid,
         b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, ONE_TILE, ONE_X)
-    if hs % KG == 0 and ONE_TILE:  # one writer per KV head: the shifted buffers
-        j = tl.arange(0, BW)
-        tl.store(wv_out + (b64 * Hk + hk) * W * DV + j[:, None] * DV + ov[None, :], vwf,
-                 mask=(j < W)[:, None] & vm[None, :])
-        if i_v == 0:
-            tl.store(wk_out + (b64 * Hk + hk) * W * D + j[:, None] * D + od[None, :], kwf,
-                     mask=(j < W)[:, None] & dm[None, :])
-    if hs % KG == 0 and not ONE_TILE:  # ... tile by tile
+    if hs % KG == 0:  # one writer per KV head: the shifted buffers, tile by tile
         for t0 in range(0, W, BW):
             j = t0 + tl.arange(0, BW)
             wm = j < W
