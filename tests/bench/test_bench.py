@@ -292,6 +292,13 @@ def test_decode_bench_mechanism_rows():
     assert rows[(f"{mem}/hf", 2)]["cache_bytes"] == 2 * measured["kv [sinks 2 + global 4]"]
     assert res["config"]["mechanisms"] == mechs
     assert "[decay]" in decode_table(res)
+    # the graph runner times the eager selection step apart (one in 4 steps here), the hf runner not
+    sel = rows[(f"{mem}/graph", 2)]
+    assert sel["selection_period"] == 4 and sel["selection_step_ms"] > 0
+    per_interval = 3 * sel["ms_per_step"] + sel["selection_step_ms"]
+    assert sel["tokens_per_s_with_selection"] == pytest.approx(2 * 4 / (per_interval / 1e3))
+    assert "selection_step_ms" not in rows[(f"{mem}/hf", 2)] and "selection_step_ms" not in rows[(f"{dec}/graph", 2)]
+    assert "with its selection step" in decode_table(res)
     json.dumps(res)
 
 
