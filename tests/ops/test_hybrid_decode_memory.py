@@ -56,14 +56,15 @@ CASES = [
 ]
 
 
-def setup(c, seed=11, memory_query=None):
+def setup(c, seed=11, memory_query=None, kernel_dtype=F32):
     """Inputs (T0 + STEPS tokens), key-map inputs (None: the keys), log lambda, the prefill's state
-    (memory_query [B, T0 + STEPS, H, D]: its first T0 tokens', position-free memory)."""
+    (memory_query [B, T0 + STEPS, H, D]: its first T0 tokens', position-free memory); q, k, v and the
+    features in kernel_dtype."""
     x = hybrid_inputs(2, T0 + STEPS, c["H"], c["Hk"], 16, 8, c["sharing"], Dv=c["Dv"],
-                      pad=None if c["pad"] is None else list(c["pad"]), seed=seed, dtype=F32, kernel_dtype=F32)
+                      pad=None if c["pad"] is None else list(c["pad"]), seed=seed, dtype=F32, kernel_dtype=kernel_dtype)
     kf = None
     if c["kf"]:  # position-free feature maps: the key map reads other inputs than the window's keys
-        kf = x.k * 0.5 + 0.3 * torch.randn(x.k.shape, generator=torch.Generator().manual_seed(seed))
+        kf = x.k * 0.5 + 0.3 * torch.randn(x.k.shape, generator=torch.Generator().manual_seed(seed)).to(x.k.dtype)
     fk = x.fk if kf is None else x.key_map(kf)
     lam = -torch.linspace(0.01, 0.2, fk.shape[2], dtype=F32) if c["decay"] else None
     a = slice(0, T0)
@@ -100,28 +101,49 @@ def memory_state_errors(st, ref) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("c", CASES)
-def test_memory_decode_matches_reference(c):
-    x, kf, lam, st = setup(c)
+def test_memory_decode_matches_reference(c, kernel_dtype=F32, tol=1e-5):
+    x, kf, lam, st = setup(c, kernel_dtype=kernel_dtype)
     mem = c["memory"]
     r = slice(T0, T0 + STEPS)
     common = dict(key_map=x.key_map, softcap=c["softcap"], memory=mem, log_decay=lam)
     ro, rst = hybrid_attention_recurrent(x.q[:, r], x.k[:, r], x.v[:, r], x.fq[:, r], x.gamma, state=st,
                                          key_mask=cut(x.mask, r), key_map_input=cut(kf, r), **common)
     o, state = decode_with_kernels(x, kf, st, c, common)
-    check_errors({"o": rel_error(o, ro), **memory_state_errors(state, rst)}, 1e-5)
+    check_errors({"o": rel_error(o, ro), **memory_state_errors(state, rst)}, tol)
 
 
-TILED = [c for c in CASES if c.id == "both-gqa4-kv-in-place-decay"]  # (out of place: checked on the GPU, w=64)
+# tiles of 16 slots: the band (19 slots: 16 + a partial tile) and, with the wider cache, the extra
+# keys (3 sinks + 15 cache slots: 16 + 2) in several tiles each, as wide bands and caches run
+TILED = [c for c in CASES if c.id == "both-gqa4-kv-in-place-decay"] + [
+    case("wide-cache-gqa4-query-out-of-place-pre-rope", Memory(sinks=3, global_size=15, interval=P), 8, 2, "query",
+         inplace=False, kf=True),
+    case("wide-cache-gqa4-kv-in-place", Memory(sinks=3, global_size=15, interval=P), 8, 2, "kv", inplace=True),
+]
 
 
 @pytest.mark.parametrize("c", TILED)
 def test_memory_decode_in_tiles_matches_reference(c, monkeypatch):
-    """Tiles of 4 slots: the band (19 slots, the last tile partial) and the extra keys read in
-    several tiles each (two passes over the band: its max, then the sums), as wide bands run."""
+    """The band's running max over its tiles (the partial sums rescaled as it grows) and the extra
+    keys' tiles give the reference's result."""
     from lolcats.ops.hybrid import fused_recurrent
 
-    monkeypatch.setattr(fused_recurrent, "DECODE_TILE", 4)
+    monkeypatch.setattr(fused_recurrent, "DECODE_TILE", 16)
     test_memory_decode_matches_reference(c)
+
+
+@pytest.mark.parametrize("c", TILED[1:])
+def test_memory_decode_in_16_bits_matches_reference(c, monkeypatch):
+    """16-bit queries, window and memory: the kernels take their products on 16-bit operands (the
+    weights as two 16-bit parts), in tiles; the reference computes in float32 from the same inputs.
+    The bound is the 16-bit output's rounding."""
+    from lolcats.ops.hybrid import fused_recurrent
+
+    monkeypatch.setattr(fused_recurrent, "DECODE_TILE", 16)
+    taken = []
+    low = fused_recurrent._low_precision
+    monkeypatch.setattr(fused_recurrent, "_low_precision", lambda *t: taken.append(low(*t)) or taken[-1])
+    test_memory_decode_matches_reference(c, kernel_dtype=torch.float16, tol=2e-3)
+    assert taken and all(taken)  # every launch on 16-bit operands
 
 
 def decode_with_kernels(x, kf, st, c, common, mq=None):
@@ -326,8 +348,10 @@ def test_model_cache_decodes_position_free_memory_in_place(monkeypatch):
 @pytest.mark.parametrize("c", [p for p in CASES if p.values[0]["inplace"]])
 def test_in_place_decode_reads_the_position_from_the_device(c, monkeypatch):
     """position= (a device tensor, as the CUDA-graph decode runner passes): the kernel takes the band
-    from it. The host-side band's numbers are replaced by junk here, so only the tensor can give the
-    reference's outputs and state (whether a step selects or folds stays the host's decision)."""
+    from it, and a selection its candidates' positions and ages. The host-side band's numbers (p0
+    included, what the selection would read without the tensor) are replaced by junk here, so only
+    the tensor can give the reference's outputs and state (whether a step selects or folds stays the
+    host's decision)."""
     from lolcats.ops.hybrid import fused_recurrent
 
     band = fused_recurrent._band

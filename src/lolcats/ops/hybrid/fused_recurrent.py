@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.common import NEG, block, softcap
+from lolcats.ops.common import NEG, block, softcap, split
 from lolcats.ops.hybrid import _decode_kernel_takes
 from lolcats.ops.hybrid.reference import (
     EXTRA_LOGIT_CLAMP,
@@ -100,101 +100,104 @@ def _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV: tl.constexpr):
 
 
 @triton.jit
-def _whole_tiles(wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
-                 sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm, D: tl.constexpr,
-                 DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, BT: tl.constexpr,
-                 BX: tl.constexpr, ONE_TILE: tl.constexpr, ONE_X: tl.constexpr):
-    """The band and the extra keys where each fits in one tile (loaded once for every query head),
-    else placeholders `_head_output` does not read: (kwf, vwf, wok, xkf, xvf, xok)."""
-    j = tl.arange(0, BT)
-    if ONE_TILE:
-        kwf, wok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
-        vwf = _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV)
+def _dot32(a, b, IEEE: tl.constexpr):
+    """a @ b of float32 tiles to float32 accuracy: IEEE products (Triton's interpreter has no tf32x3),
+    else tf32x3 on the tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
     else:
-        kwf = tl.zeros([BT, od.shape[0]], dtype=tl.float32)
-        vwf = tl.zeros([BT, ov.shape[0]], dtype=tl.float32)
-        wok = j < 0
-    xkf, xvf, xok = kwf, vwf, wok  # no extra keys, or in several tiles (unused)
-    if (HAS_SINKS or HAS_GLOB) and ONE_X:
-        xkf, xvf, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, tl.arange(0, BX), od, dm,
-                                    ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
-    return kwf, vwf, wok, xkf, xvf, xok
+        return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
-def _extra_sums(xkf, xvf, xok, mqv, m0, scale, cap):
-    """A tile of extra keys' share of the numerator [BV] and the normaliser, before gamma: e^{min(s - m0, 60)}."""
-    sx = softcap(tl.sum(xkf * mqv[None, :], 1) * scale, cap)
-    ex = tl.where(xok, tl.exp(tl.minimum(sx - m0, CLAMP)), 0.0)
-    return tl.sum(ex[:, None] * xvf, 0), tl.sum(ex, 0)
+def _scores_t(qg, kf, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """qg [BG, BD] @ kf^T (kf float32 [BT, BD] holding values of qg's dtype): with 16-bit inputs (LOWP)
+    one 16-bit product, exact products in float32 (kf converts back without loss), else float32."""
+    if LOWP:
+        return tl.dot(qg, tl.trans(kf.to(qg.dtype)))
+    else:
+        return _dot32(qg.to(tl.float32), tl.trans(kf), IEEE)
 
 
 @triton.jit
-def _head_output(q_row, mq_row, fq_row, gamma_h, o_row, od, dm, of, fm, ov, vm, S, z, scale, cap,
-                 kwf, vwf, wok, xkf, xvf, xok,
-                 wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
-                 sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM,
+def _weighted(e, vf, dt, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """e [BG, BT] (float32 weights) @ vf (float32 [BT, BV] holding values of dtype dt): with 16-bit
+    values (LOWP) e as two 16-bit parts (hi + lo, float32-accurate) times the exact values, else float32."""
+    if LOWP:
+        hi, lo = split(e, dt)
+        v16 = vf.to(dt)
+        return tl.dot(hi, v16) + tl.dot(lo, v16)
+    else:
+        return _dot32(e, vf, IEEE)
+
+
+@triton.jit
+def _group_exact(qg, mqg, gam, wbase_k, wbase_v, wvalid_row, k_new, v_new, nv, W, shift, newest, nband,
+                 sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, od, dm, ov, vm, scale, cap,
                  D: tl.constexpr, DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
-                 HAS_MQ: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BX: tl.constexpr,
-                 ONE_TILE: tl.constexpr, ONE_X: tl.constexpr):
-    """One query head's output block for the step (both decode kernels): the band softmax over its
-    valid slots (gamma e^{s - m}) plus the state read fq.S, over one normaliser. With sinks or a
-    global cache, plus those extra exact keys at gamma e^{min(s - m, 60)}, m the band's max (0 when
-    the band is empty), as `_extra_terms`. HAS_MQ: the extra keys are scored by the memory query
-    mq_row (position-free memory) instead of q_row; the band keeps q_row.
+                 BT: tl.constexpr, BX: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr):
+    """The exact part of the outputs of a group of query heads that read one KV head's window (rows
+    of qg [BG, BD], in q's dtype; gam [BG] their gamma): gamma x the band softmax over its valid slots
+    (e^{s - m}, m the head's band max), plus, with sinks or a global cache, the extra exact keys at
+    gamma e^{min(s - m, 60)} (m = 0 on an empty band) scored by mqg, as `_window_terms` and
+    `_extra_terms`. Returns the numerators [BG, BV] and the normalisers [BG].
 
-    The band and the extra keys are read in tiles of BT and BX rows (a band wider than one tile in
-    two passes: its max, then the sums), so a wide band (window 256, the global cache's) never sits
-    whole in registers. ONE_TILE / ONE_X: the band / the extra keys fit in one tile, which the
-    kernel loaded once for all its query heads (kwf, vwf, wok / xkf, xvf, xok; unused otherwise)."""
-    qv = tl.load(q_row + od, mask=dm, other=0.0).to(tl.float32)
-    if ONE_TILE:  # the whole band in one tile (the paper's window): one pass
-        s = tl.where(wok, softcap(tl.sum(kwf * qv[None, :], 1) * scale, cap), NEG)
-        mx = tl.max(s, 0)
-        count = wok.to(tl.int32)
-        den = tl.where(wok, tl.exp(s - mx), 0.0)
-        num = tl.sum(den[:, None] * vwf, 0)
-    else:  # tile by tile, twice: the band's max, then the sums (no rescaling between tiles)
-        top = tl.full([BT], NEG, tl.float32)  # per row, the max score over the tiles
-        count = tl.zeros([BT], tl.int32)
-        for t0 in range(0, W, BT):
-            j = t0 + tl.arange(0, BT)
-            kf, ok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
-            s = softcap(tl.sum(kf * qv[None, :], 1) * scale, cap)
-            top = tl.maximum(top, tl.where(ok, s, NEG))
-            count += ok.to(tl.int32)
-        mx = tl.max(top, 0)
-        num = tl.zeros([BV], tl.float32)
-        den = tl.zeros([BT], tl.float32)
-        for t0 in range(0, W, BT):
-            j = t0 + tl.arange(0, BT)
-            kf, ok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
-            s = softcap(tl.sum(kf * qv[None, :], 1) * scale, cap)
-            e = tl.where(ok, tl.exp(s - mx), 0.0)
-            num += tl.sum(e[:, None] * _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV), 0)
-            den += e
-    gam = tl.load(gamma_h).to(tl.float32)
-    num = num * gam
-    total = tl.sum(den, 0) * gam
+    The band is read once, in tiles of BT slots, for the whole group (the GQA group is the M side
+    of each tile's products); its max is a running one, the partial sums rescaled when it grows
+    (flash-decoding), so a wide band (window 256, the global cache's) takes one pass and never sits
+    whole in registers. The extra keys follow, in tiles of BX, once the band's max is final."""
+    mx = tl.full([qg.shape[0]], NEG, tl.float32)
+    den = tl.zeros([qg.shape[0]], tl.float32)
+    num = tl.zeros([qg.shape[0], ov.shape[0]], tl.float32)
+    count = tl.zeros([BT], tl.int32)
+    for t0 in range(0, W, BT):
+        j = t0 + tl.arange(0, BT)
+        kf, ok = _band_keys(wbase_k, wvalid_row, k_new, nv, j, W, shift, newest, nband, od, dm, D)
+        s = tl.where(ok[None, :], softcap(_scores_t(qg, kf, LOWP, IEEE) * scale, cap), NEG)  # [BG, BT]
+        m_new = tl.maximum(mx, tl.max(s, 1))
+        rescale = tl.exp(mx - m_new)  # 1 while the band is still empty (NEG - NEG)
+        e = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        vf = _band_values(wbase_v, v_new, j, W, shift, newest, ov, vm, DV)
+        num = num * rescale[:, None] + _weighted(e, vf, v_new.dtype.element_ty, LOWP, IEEE)
+        den = den * rescale + tl.sum(e, 1)
+        mx = m_new
+        count += ok.to(tl.int32)
+    num = num * gam[:, None]
+    den = den * gam
     if HAS_SINKS or HAS_GLOB:
         m0 = tl.where(tl.sum(count, 0) > 0, mx, 0.0)
-        mqv = tl.load(mq_row + od, mask=dm, other=0.0).to(tl.float32) if HAS_MQ else qv
-        if ONE_X:
-            xn, xd = _extra_sums(xkf, xvf, xok, mqv, m0, scale, cap)
-            num += xn * gam
-            total += xd * gam
-        else:
-            for e0 in range(0, NS + NM, BX):
-                tk, tv, tok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, e0 + tl.arange(0, BX),
-                                          od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
-                xn, xd = _extra_sums(tk, tv, tok, mqv, m0, scale, cap)
-                num += xn * gam
-                total += xd * gam
-    fqv = tl.load(fq_row + of, mask=fm, other=0.0).to(tl.float32)
-    num += tl.sum(fqv[:, None] * S, 0)
-    total += tl.sum(fqv * z, 0)
-    out = tl.where(total > 0, num / tl.where(total > 0, total, 1.0), 0.0)
-    tl.store(o_row + ov, out.to(o_row.dtype.element_ty), mask=vm)
+        for e0 in range(0, NS + NM, BX):
+            xk, xv, xok = _extra_keys(sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, e0 + tl.arange(0, BX),
+                                      od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB)
+            sx = softcap(_scores_t(mqg, xk, LOWP, IEEE) * scale, cap)  # [BG, BX]
+            ex = tl.where(xok[None, :], tl.exp(tl.minimum(sx - m0[:, None], CLAMP)), 0.0)
+            num += _weighted(ex, xv, v_new.dtype.element_ty, LOWP, IEEE) * gam[:, None]
+            den += tl.sum(ex, 1) * gam
+    return num, den
+
+
+@triton.jit
+def _group_rows(x, rows, gm, o, om, X: tl.constexpr):
+    """Rows `rows` [BG] of x (row length X) at columns o [BO] (mask om), in x's dtype; 0 where not gm."""
+    return tl.load(x + rows[:, None] * X + o[None, :], mask=gm[:, None] & om[None, :], other=0.0)
+
+
+@triton.jit
+def _state_read(num, den, fq, hq0, g, r0, n, S, z, of, fm, F: tl.constexpr):
+    """Add the state's read fq.S, fq.z to rows r0 .. r0 + n - 1 of (num [BG, BV], den [BG]): the
+    query heads hq0 + r that read S [BF, BV] (float32, elementwise: S never goes through shared memory)."""
+    for r in range(r0, r0 + n):
+        fqv = tl.load(fq + (hq0 + r) * F + of, mask=fm, other=0.0).to(tl.float32)
+        num += tl.where((g == r)[:, None], tl.sum(fqv[:, None] * S, 0)[None, :], 0.0)
+        den += tl.where(g == r, tl.sum(fqv * z, 0), 0.0)
+    return num, den
+
+
+@triton.jit
+def _store_output(o, rows, gm, ov, vm, num, den, DV: tl.constexpr):
+    """Rows `rows` [BG] (where gm) of o [., DV] at columns ov: num / den (0 where nothing is attended)."""
+    out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+    tl.store(o + rows[:, None] * DV + ov[None, :], out.to(o.dtype.element_ty), mask=gm[:, None] & vm[None, :])
 
 
 @triton.jit
@@ -234,8 +237,8 @@ def _decode_step(
     scale, cap, H, Hk, Hs, G, W, nband, lo, ES, NS, NM, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     HAS_DECAY: tl.constexpr, FOLD: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr,
     HAS_MQ: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr, ONE_TILE: tl.constexpr,
-    ONE_X: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BX: tl.constexpr, BG: tl.constexpr,
+    LOWP: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b = i_bh // Hs
@@ -270,9 +273,6 @@ def _decode_step(
     k_new = k + (b64 * Hk + hk) * D
     v_new = v + (b64 * Hk + hk) * DV
     nv = tl.load(newvalid + b).to(tl.int32)
-    kwf, vwf, wok, xkf, xvf, xok = _whole_tiles(
-        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband, sk, svv, spos, gk, gv, gvalid,
-        b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, ONE_TILE, ONE_X)
     if hs % KG == 0:  # one writer per KV head: the shifted buffers, tile by tile
         for t0 in range(0, W, BW):
             j = t0 + tl.arange(0, BW)
@@ -284,15 +284,18 @@ def _decode_step(
                 tl.store(wk_out + (b64 * Hk + hk) * W * D + j[:, None] * D + od[None, :], kf,
                          mask=wm[:, None] & dm[None, :])
 
-    nq = H // Hs  # query heads reading this state: the GQA group (per KV head) or one
-    hq0 = hs * nq
-    for gi in range(nq):
-        hq = b64 * H + hq0 + gi
-        _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hq0 + gi, o + hq * DV, od, dm, of, fm, ov, vm,
-                     S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W, k_new,
-                     v_new, nv, W, 1, W - 1, nband,
-                     sk, svv, spos, gk, gv, gvalid, b64, b64 * Hk + hk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
-                     HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
+    # the query heads reading this state (the GQA group per KV head, or one): rows of one group
+    g = tl.arange(0, BG)
+    gm = g < H // Hs
+    hq = b64 * H + hs * (H // Hs) + g
+    qg = _group_rows(q, hq, gm, od, dm, D)
+    num, den = _group_exact(
+        qg, _group_rows(mq, hq, gm, od, dm, D) if HAS_MQ else qg,
+        tl.load(gamma + hs * (H // Hs) + g, mask=gm, other=0.0).to(tl.float32),
+        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband, sk, svv, spos, gk, gv, gvalid,
+        b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm, scale, cap, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, LOWP, IEEE)
+    num, den = _state_read(num, den, fq, b64 * H + hs * (H // Hs), g, 0, H // Hs, S, z, of, fm, F)
+    _store_output(o, hq, gm, ov, vm, num, den, DV)
 
 
 @triton.jit(do_not_specialize=["H", "Hk", "KG", "nband", "lo", "p0"])
@@ -303,7 +306,7 @@ def _decode_step_inplace(
     DK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KF: tl.constexpr, HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_GLOB: tl.constexpr, HAS_MQ: tl.constexpr, DEVICE_POS: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr,
-    ONE_TILE: tl.constexpr, ONE_X: tl.constexpr,
+    BG: tl.constexpr, LOWP: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     if DEVICE_POS:  # the step's position from device memory (a CUDA graph replays it): the band as `_band`
@@ -330,14 +333,22 @@ def _decode_step_inplace(
     wbase_v = wv + bk * W * DV
     k_new = k + bk * D
     v_new = v + bk * DV
-    kwf, vwf, wok, xkf, xvf, xok = _whole_tiles(
-        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 0, hd, nband, sk, svv, spos, gk, gv, gvalid,
-        b64, bk, lo, NS, NM, od, dm, ov, vm, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, ONE_TILE, ONE_X)
     if FOLD:
         v_old = tl.load(wbase_v + hd * DV + ov, mask=vm, other=0.0).to(tl.float32)
         val0 = tl.load(vold + b64).to(tl.float32)  # the evicted slot held a valid key (gathered before the launch)
 
-    nq = H // Hs  # query heads reading one state: the GQA group (per KV head) or one
+    # the exact part for the KV head's whole GQA group (rows of one group), then each state head's read
+    G = H // Hk
+    nq = G // KG  # query heads reading one state: the group (one state per KV head) or one
+    g = tl.arange(0, BG)
+    gm = g < G
+    hq = b64 * H + hk * G + g
+    qg = _group_rows(q, hq, gm, od, dm, D)
+    num, den = _group_exact(
+        qg, _group_rows(mq, hq, gm, od, dm, D) if HAS_MQ else qg,
+        tl.load(gamma + hk * G + g, mask=gm, other=0.0).to(tl.float32),
+        wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 0, hd, nband, sk, svv, spos, gk, gv, gvalid,
+        b64, bk, lo, NS, NM, od, dm, ov, vm, scale, cap, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, LOWP, IEEE)
     for kg in range(KG):
         hs = hk * KG + kg
         soff = (b64 * Hs + hs) * F
@@ -350,13 +361,8 @@ def _decode_step_inplace(
             age = tl.load(lam + hs).to(tl.float32) if HAS_DECAY else 1.0  # the next token reads S x lambda
             tl.store(kv + soff * DV + of[:, None] * DV + ov[None, :], S * age, mask=smask)  # this program's tile only
         z = tl.load(ksum + soff + of, mask=fm, other=0.0)  # already z + phi(k_old): updated before the launch
-        for gi in range(nq):
-            hq = b64 * H + hs * nq + gi
-            _head_output(q + hq * D, mq + hq * D, fq + hq * F, gamma + hs * nq + gi, o + hq * DV, od, dm, of, fm,
-                         ov, vm, S, z, scale, cap, kwf, vwf, wok, xkf, xvf, xok, wbase_k, wbase_v, wvalid + b64 * W,
-                         k_new, v_new, nv, W, 0, hd,
-                         nband, sk, svv, spos, gk, gv, gvalid, b64, bk, lo, NS, NM, D, DV, HAS_SINKS, HAS_GLOB,
-                         HAS_MQ, BW, BV, BX, ONE_TILE, ONE_X)
+        num, den = _state_read(num, den, fq, b64 * H + hk * G, g, kg * nq, nq, S, z, of, fm, F)
+    _store_output(o, hq, gm, ov, vm, num, den, DV)
 
     # the new token into slot hd: only this program reads this Dv block of slot hd of the value
     # ring (v_old, above; the barrier keeps every thread's read before the overwrite); slot hd of
@@ -389,6 +395,19 @@ def decode_warps() -> int:
     """Warps per decode program: 4 (tiles of up to 64 slots; on the H200 8 was slower at every batch
     once the band was tiled). LOLCATS_DECODE_WARPS=N forces N (for tuning)."""
     return int(os.environ.get("LOLCATS_DECODE_WARPS", "") or 4)
+
+
+def decode_value_block(dv: int) -> int:
+    """Value columns per decode program (a program per (row, KV head, block of them)): 64 unless
+    LOLCATS_DECODE_BV=N (a power of 2, for tuning); at most the head's."""
+    return min(int(os.environ.get("LOLCATS_DECODE_BV", "") or 64), block(dv))
+
+
+def _low_precision(*tensors: torch.Tensor | None) -> bool:
+    """Whether the products can run on 16-bit operands (LOWP): the queries, window and memory all
+    hold one 16-bit dtype, so a 16-bit product loses nothing."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}
 
 
 def _decay_factors(log_decay: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
@@ -431,10 +450,12 @@ def _slot_sinks(pos: torch.Tensor, sink_pos: torch.Tensor) -> torch.Tensor:
     return (pos[None, :, None] == sink_pos[:, None, :]).any(-1)
 
 
-def _selection(state: HybridState, ck, cv, ckf, ok, key_map: KeyMap, memory: Memory, log_decay):
-    """The reference's selection (`_select`) for a step opening an interval, from the P oldest slots
-    (ck, cv, ckf [B, Hk, P, .], validity ok [B, P]) of `state`: (kv, k_sum, glob)."""
-    P, W, p0 = memory.period, state.win_valid.shape[1], state.position
+def _selection(state: HybridState, ck, cv, ckf, ok, key_map: KeyMap, memory: Memory, log_decay, p0):
+    """The reference's selection (`_select`) for a step opening an interval at position p0 (an int, or
+    a device tensor [1]: then no host int enters the computation, and a CUDA graph of it replays at
+    every interval start), from the P oldest slots (ck, cv, ckf [B, Hk, P, .], validity ok [B, P]) of
+    `state`: (kv, k_sum, glob)."""
+    P, W = memory.period, state.win_valid.shape[1]
     pos = p0 - W + torch.arange(P, device=ok.device)
     leaving = ok if state.sink_pos is None else ok & ~_slot_sinks(pos, state.sink_pos)
     dec = None if log_decay is None else _decay_grouped(log_decay, ck.shape[1], 2, state.kv.dtype)
@@ -479,7 +500,8 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     P = memory.period
     if band.select:
         kv, k_sum, glob = _selection(state, state.win_k[:, :, :P], state.win_v[:, :, :P],
-                                     state.key_inputs()[:, :, :P], state.win_valid[:, :P], key_map, memory, log_decay)
+                                     state.key_inputs()[:, :, :P], state.win_valid[:, :P], key_map, memory, log_decay,
+                                     band.p0)
     kv, k_sum = kv.contiguous(), k_sum.contiguous()
     newvalid = (torch.ones(B, dtype=torch.int8, device=q.device) if key_mask is None
                 else key_mask[:, 0].to(torch.int8).contiguous())
@@ -502,7 +524,7 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
     ksum_out = torch.empty(k_sum.shape, dtype=k_sum.dtype, **new)
     wk_out = torch.empty(state.win_k.shape, dtype=state.win_k.dtype, **new)
     wv_out = torch.empty(state.win_v.shape, dtype=state.win_v.dtype, **new)
-    BV = min(64, block(DV))
+    BV = decode_value_block(DV)
     grid = (triton.cdiv(DV, BV), B * Hs)
     k_in = k.to(state.win_k.dtype).contiguous()
     v_in = v.to(state.win_v.dtype).contiguous()
@@ -515,8 +537,8 @@ def decode_step(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap, scale: 
         scale, softcap or 0.0, H, Hk, Hs, H // Hk, W, band.nband, band.lo, es, mem[6], mem[7], D, DV, F,
         lam is not None, band.fold, mem[8], mem[9], mq,
         BW=min(DECODE_TILE, block(W)), BD=block(D), BV=BV, BF=block(F), BX=min(DECODE_TILE, mem[10]),
-        ONE_TILE=block(W) <= DECODE_TILE,
-        ONE_X=mem[10] <= DECODE_TILE, num_warps=decode_warps(),
+        BG=block(H // Hs), IEEE=not q.is_cuda, num_warps=decode_warps(),
+        LOWP=_low_precision(q, memory_query, k_in, v_in, state.win_k, state.win_v, *(sinks or ())[:2], *glob[:3]),
     )
     win_valid = torch.cat([state.win_valid[:, 1:], newvalid[:, None].bool()], 1)
     win_kf = None
@@ -568,8 +590,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
     selection over the P oldest ring slots first (the reference's code, in PyTorch; whether a step
     opens one follows from the host-side position) and copies its result into the state.
     memory_query: as in `decode_step`. position: the state's position as an int64 tensor [1] on the
-    device (it must equal state.position): the kernel then reads the band from it rather than from
-    the host-side int, so a CUDA graph of a step that runs no selection replays at any position.
+    device (it must equal state.position): the kernel then reads the band from it, and the selection
+    the candidates' positions and ages, rather than the host-side int, so a CUDA graph of a step
+    replays at any position (one of a selecting step at any interval start).
     """
     B, _, H, D = q.shape
     Hk, DV = k.shape[2], v.shape[-1]
@@ -588,7 +611,8 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
             return t.gather(2, idx[:, None, :, None].expand(B, Hk, P, t.shape[-1]))
 
         kv, k_sum, glob = _selection(state, oldest(state.win_k), oldest(state.win_v), oldest(ki),
-                                     state.win_valid.gather(1, idx), key_map, memory, log_decay)
+                                     state.win_valid.gather(1, idx), key_map, memory, log_decay,
+                                     band.p0 if position is None else position)
         state.kv.copy_(kv)
         state.k_sum.copy_(k_sum)
         for name, t in zip(GLOBAL_CACHE_FIELDS, glob):
@@ -619,7 +643,7 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         DK = kmi.shape[-1]
     else:
         kmi, DK = wvalid, 1  # unused
-    BV = min(64, block(DV))
+    BV = decode_value_block(DV)
     grid = (triton.cdiv(DV, BV), B * Hk)
     q_in, k_in = q.contiguous(), k.to(state.win_k.dtype).contiguous()
     _decode_step_inplace[grid](
@@ -632,8 +656,9 @@ def decode_step_inplace(q, k, v, fq, gamma, state: HybridState, key_map: KeyMap,
         scale, softcap or 0.0, H, Hk, KG, W, band.nband, band.lo, band.p0, memory.period, mem[6], mem[7], D, DV, F,
         DK, key_mask is not None, has_kf, lam is not None, band.fold, mem[8], mem[9], mq, position is not None,
         BW=min(DECODE_TILE, block(W)), BD=block(D), BV=BV, BF=block(F), BK=block(DK), BX=min(DECODE_TILE, mem[10]),
-        ONE_TILE=block(W) <= DECODE_TILE,
-        ONE_X=mem[10] <= DECODE_TILE, num_warps=decode_warps(),
+        BG=block(H // Hk), IEEE=not q.is_cuda, num_warps=decode_warps(),
+        LOWP=_low_precision(q, memory_query, state.win_k, state.win_v, state.sink_k, state.sink_v, state.glob_k,
+                            state.glob_v, state.glob_kf),
     )
     if lam is not None:  # after the launch (the kernel read z): the next token reads z x lambda
         state.k_sum.view(B, Hs, F).mul_(lam.view(1, Hs, 1))
