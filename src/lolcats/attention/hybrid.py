@@ -1012,13 +1012,15 @@ def _fresh_prefill(q, k, v, fq, fk, gamma, *, window: int, memory: Memory, scale
 # c. recurrent form (and the interval loop the chunked form runs with a global cache)
 
 
-def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory: Memory, p0: int, dec=None):
+def _select(kv, k_sum, ck, cv, ckf, leaving, pos, glob, key_map: KeyMap, memory: Memory, p0: int | torch.Tensor,
+            dec=None):
     """The selection at an interval start p0 (p0 % P == 0): the P slots that leave the band (ck, cv,
     ckf [B, Hk, P, .], positions pos [P], leaving [B, P]: valid and no sink) and the global cache
     `glob` (glob_k, glob_v, glob_kf, glob_valid, glob_pos; Nones without one) are the candidates;
     the M worst recalled by (kv, k_sum) stay cached, the others are folded into (kv, k_sum), each
     weighed by its age at p0 (dec: log lambda as [1, Hk, kg, 1, 1], None without decay).
-    Returns (kv, k_sum, glob). Also what the decode kernels run (in PyTorch) at interval starts.
+    Returns (kv, k_sum, glob). Also what the decode kernels run (in PyTorch) at interval starts, with
+    p0 (and pos) as device tensors where a CUDA graph replays it.
     """
     B, Hk, P = ck.shape[:3]
     acc = kv.dtype

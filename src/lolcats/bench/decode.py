@@ -14,8 +14,8 @@ Runners (`runner` in each row):
            Softmax: a static KV buffer of context + steps slots per layer, masked SDPA (the
            "StaticCache + CUDA graph" baseline, written without transformers' cache classes).
            Linearized: static per-layer HybridState tensors, updated in place (with a global
-           cache, the one step in P that runs the selection eagerly between replays). On CPU the
-           same step runs eagerly (no graph).
+           cache, the one step in P that runs the selection replays a second graph; rows time
+           it apart). On CPU the same steps run eagerly (no graph).
 
 Context state (decode speed does not depend on cache contents):
   softmax     random K/V of shape [B, Hk, context, D] per layer (no prefill);
@@ -237,9 +237,9 @@ def _lolcats_graph(model, batch, context, state1, *, key_maps, steps, warmup, de
 
 
 def _time_selection_step(row: dict, runner: DecodeRunner, device: torch.device) -> None:
-    """With a global cache, one step in P opens a selection interval and runs eagerly (the timed
-    steps above need not include one): decode up to the next such step, time it alone, and give the
-    throughput over a whole interval (P - 1 timed steps' mean and the selection step)."""
+    """With a global cache, one step in P opens a selection interval (its own graph, or eager without
+    graphs; the timed steps above need not include one): decode up to the next such step, time it
+    alone, and give the throughput over a whole interval (P - 1 timed steps' mean and the selection step)."""
     while not runner.selects():
         runner.step()
     ms = timed_loop(runner.step, 1, device) * 1e3

@@ -27,8 +27,9 @@ buffer, so a step is shape-static and can be captured; the ring head is allocate
 `DecodeRunner` adds greedy token selection (argmax written back into the input ids, position + 1)
 and optionally captures the whole step in a `torch.cuda.CUDAGraph`. With memory beyond the window
 the kernel takes the step's band from the position tensor (`hybrid_decode(position=...)`), so one
-graph replays at every position, except with a global cache at the steps that open a selection
-interval (one in P: the selection runs on the host's schedule): the runner runs those eagerly.
+graph replays at every position; with a global cache the steps that open a selection interval (one
+in P, on the host's schedule) replay a second graph, recorded with the selection, which also takes
+its candidates' positions from the position tensor.
 
 Supported families: those whose decoder layer is exactly the Llama layer (llama, mistral without
 sliding window, qwen2, qwen3). All attention layers must be converted, or none.
@@ -218,8 +219,10 @@ class DecodeRunner:
     A step: logits = lean(input_ids, position, cache); input_ids <- argmax(logits); position += 1.
     The runner owns copies of input_ids [B, 1] and position [1]; `cache` is updated in place.
     With a global cache (a selection every P steps, on the host's schedule) the steps at positions
-    t % P == 0 run eagerly between the replays. `host_position` counts on the host what the position
-    tensor holds; the states' `position` ints follow it (a replay advances tensors, not Python ints).
+    t % P == 0 replay a second graph, recorded with the selection (both read the position from the
+    device, so each replays at any position of its kind). `host_position` counts on the host what
+    the position tensor holds; the states' `position` ints follow it (a replay advances tensors, not
+    Python ints).
     """
 
     def __init__(self, lean: LeanDecoder, cache: list, input_ids: torch.Tensor, position: int | torch.Tensor):
@@ -231,7 +234,9 @@ class DecodeRunner:
         self.host_position = int(self.position)
         self.period = selection_period(lean.attentions) if lean.kind == "hybrid" else None
         self.graph = None
+        self.select_graph = None
         self.logits: torch.Tensor | None = None
+        self.select_logits: torch.Tensor | None = None
 
     def _sync_states(self) -> None:
         if self.lean.kind == "hybrid":
@@ -239,7 +244,7 @@ class DecodeRunner:
                 state.position = self.host_position
 
     def selects(self) -> bool:
-        """Whether the next step opens a selection interval (it then runs eagerly)."""
+        """Whether the next step opens a selection interval."""
         return self.period is not None and self.host_position % self.period == 0
 
     def eager_step(self) -> torch.Tensor:
@@ -250,42 +255,54 @@ class DecodeRunner:
         self.host_position += 1
         return logits
 
+    def _record(self, graph: torch.cuda.CUDAGraph, at: int, pool=None) -> torch.Tensor:
+        """Record one step as the host would run it at position `at` (its kind: selecting or not);
+        recording runs nothing, so the host position is put back."""
+        here = self.host_position
+        self.host_position = at
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self.eager_step()
+        self.host_position = here
+        self._sync_states()
+        return logits
+
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then record one step.
-
-        Warm-up steps advance the decoding (contents do not matter for timing), past a selection
-        step if the next one would be (the recorded step must run none). Capturing itself runs
-        nothing. CUDA only.
+        """Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then record a plain step
+        and, with a global cache, a selecting one (in the first graph's memory pool: they never run
+        at once). Warm-up steps advance the decoding (contents do not matter for timing): at least
+        `warmup`, and with a global cache until one selection has run eagerly. CUDA only.
         """
         if self.input_ids.device.type != "cuda":
             raise RuntimeError("CUDA graphs need CUDA tensors")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(max(1, warmup)):
+            steps, selected = 0, self.period is None
+            while steps < max(1, warmup) or not selected:
+                selected = selected or self.selects()
                 self.eager_step()
-            while self.selects():
-                self.eager_step()
+                steps += 1
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the graph's private pool must be able to take memory the warm-up cached
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self.eager_step()
-        self.host_position -= 1  # the recording ran nothing: that step is still to come
-        self._sync_states()
-        self.graph = graph
+        here, pool = self.host_position, None
+        if self.period != 1:  # (every step selects at P = 1)
+            self.graph = torch.cuda.CUDAGraph()
+            self.logits = self._record(self.graph, here + 1 if self.selects() else here)
+            pool = self.graph.pool()
+        if self.period is not None:
+            self.select_graph = torch.cuda.CUDAGraph()
+            start = -(-here // self.period) * self.period  # the next interval start
+            self.select_logits = self._record(self.select_graph, start, pool=pool)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One decode step; returns the logits [B, vocab] (the graph's output buffer after a replay)."""
-        if self.graph is None or self.selects():
-            logits = self.eager_step()
-            if self.graph is None:
-                self.logits = logits
-            return logits
-        self.graph.replay()
+        """One decode step; returns the logits [B, vocab] (a graph's output buffer after a replay)."""
+        graph, logits = (self.select_graph, self.select_logits) if self.selects() else (self.graph, self.logits)
+        if graph is None:  # not captured
+            return self.eager_step()
+        graph.replay()
         self.host_position += 1
         self._sync_states()
-        return self.logits  # type: ignore[return-value]
+        return logits  # type: ignore[return-value]

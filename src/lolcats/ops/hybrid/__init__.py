@@ -129,11 +129,12 @@ def hybrid_decode(
     says which runs).
 
     position (in place, one token): the state's position as an int64 tensor [1] on the device,
-    equal to `state.position`. The in-place kernel then takes the step's band from it instead of
-    baking the host-side int into its launch, so a CUDA graph of the step replays correctly at later
-    positions (with a global cache, except at the steps that open a selection interval, which run
-    the selection on the host's schedule: `bench.decode_step.DecodeRunner` runs those eagerly). The
-    reference forms read `state.position`.
+    equal to `state.position`. The in-place kernel then takes the step's band (and a selection its
+    candidates' positions) from it instead of baking the host-side int into its launch, so a CUDA
+    graph of the step replays correctly at later positions. With a global cache whether a step
+    selects is still the host's decision: a graph of a selecting step replays at interval starts,
+    one of a plain step elsewhere (`bench.decode_step.DecodeRunner` keeps both). The reference
+    forms read `state.position`.
     """
     if _decode_kernel_takes(state, memory) and resolve_backend(backend, q) == "triton":
         from lolcats.ops.hybrid.fused_recurrent import hybrid_decode_triton
