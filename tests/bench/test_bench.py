@@ -23,6 +23,7 @@ from lolcats.bench.state import run_state, state_table
 from lolcats.bench.suite import run_suite
 from lolcats.bench.transfer import run_transfer, transfer_table
 from lolcats.cli import build_parser, main
+from lolcats.compat import cache_argument_name
 from lolcats.plan import PRESETS, ModelShape, decode_state_bytes
 from repo_paths import ROOT
 
@@ -68,7 +69,7 @@ def prefilled(model, batch: int, length: int, seed: int = 0):
     ids = torch.randint(3, 101, (batch, length), generator=gen).to(model.device)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_argument_name(model): cache})
     return cache
 
 
@@ -86,7 +87,7 @@ def test_lean_hybrid_step_equals_model_forward(mode):
     ids = runner.input_ids.clone()
     with torch.no_grad():
         for _ in range(3):  # greedy: the runner feeds its own argmax back, as the loop below does
-            ref = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=ids, use_cache=True, **{cache_argument_name(model): cache}).logits[:, -1]
             got = runner.step()
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
             ids = ref.argmax(-1, keepdim=True)
@@ -111,7 +112,7 @@ def test_lean_softmax_step_equals_model_forward():
     ids = runner.input_ids.clone()
     with torch.no_grad():
         for _ in range(3):
-            ref = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=ids, use_cache=True, **{cache_argument_name(model): cache}).logits[:, -1]
             torch.testing.assert_close(runner.step(), ref, atol=1e-5, rtol=1e-5)
             ids = ref.argmax(-1, keepdim=True)
 
@@ -149,7 +150,7 @@ def test_lean_step_with_the_default_memory_equals_model_forward(mode):
     ids = runner.input_ids.clone()
     with torch.no_grad():
         for _ in range(9):  # two selections (positions 24, 28)
-            ref = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            ref = model(input_ids=ids, use_cache=True, **{cache_argument_name(model): cache}).logits[:, -1]
             torch.testing.assert_close(runner.step(), ref, atol=1e-5, rtol=1e-5)
             ids = ref.argmax(-1, keepdim=True)
     for i in range(2):
@@ -213,6 +214,7 @@ from lolcats import LolcatsConfig, convert
 from lolcats.attention.cache import hybrid_layer_cache
 from lolcats.bench.decode_step import DecodeRunner, LeanDecoder
 from lolcats.bench.models import random_causal_lm
+from lolcats.compat import cache_argument_name
 torch.set_num_threads(1)
 cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=512,
@@ -222,7 +224,7 @@ for mode in ("query", "kv"):
                 LolcatsConfig(window_size=8, feature_dim=8, key_map_sharing=mode))
     cache = DynamicCache(config=m.config)
     with torch.no_grad():
-        m(input_ids=torch.randint(3, 101, (2, 12)), cache=cache, use_cache=True)
+        m(input_ids=torch.randint(3, 101, (2, 12)), use_cache=True, **{cache_argument_name(m): cache})
     st = [hybrid_layer_cache(cache, i).hybrid_state for i in range(2)]
     a, b = [s.map(torch.clone) for s in st], [s.map(torch.clone) for s in st]
     ids = torch.randint(3, 101, (2, 1))
