@@ -22,6 +22,11 @@ Memory beyond the window (`Memory`, the state built for it), the same kernels wi
   query pointer, q's own without it) against glob_kf and sinks that hold key-map inputs (a new sink
   stores the token's key-map input); the band keeps q and the rotated keys.
 
+Both kernels compute the exact part for all the query heads that read one KV head's window at once
+(`_group_exact`: the group is the M side of each tile's products, the band read once in tiles of
+DECODE_TILE slots with a running max, products on 16-bit operands where the state is 16-bit), then
+add each state head's read.
+
 Two kernels:
 
 * `_decode_step` (out of place; the state passed in is left as it was): one program per (batch,
