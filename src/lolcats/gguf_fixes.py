@@ -1,5 +1,7 @@
 """Corrections for GGUF files that some supported transformers versions load wrongly.
 
+`fix_gguf_special_tokens` -- any GGUF tokenizer whose bos/eos/unk/pad token is not the one the file
+names (SmolLM2-135M-Instruct under transformers 5.17: eos and pad became <|im_start|>).
 `fix_gemma3_gguf` -- the Gemma-3 (270M, Q4_K_M) GGUF under transformers 5.17.
 
 Evidence (same file, CPU, float32, transformers 5.17.0 vs 5.24.0, separate processes):
@@ -99,6 +101,46 @@ def build_gemma_gguf_tokenizer(gguf_path: str | os.PathLike):
         tok.chat_template = meta["tokenizer.chat_template"]
     tok.name_or_path = str(Path(gguf_path).parent)
     return tok
+
+
+SPECIAL_TOKEN_KEYS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+
+
+def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
+    """{"bos_token": id, ...}: the special token ids a GGUF file's metadata names (header only)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    out = {}
+    for name, key in SPECIAL_TOKEN_KEYS:
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def fix_gguf_special_tokens(tokenizer, gguf_path: str | os.PathLike):
+    """The tokenizer with its bos/eos/unk/pad tokens set to those the GGUF file names, where they differ.
+
+    transformers 5.17 loads SmolLM2-135M-Instruct's GGUF with eos = pad = <|im_start|> (id 1), where
+    the file says eos_token_id 2 and padding_token_id 2 (<|im_end|>, as 5.24 loads it). The model's
+    config and generation config read 2 in both versions, so generation stopped right; but a
+    tokenizer's eos ends every chat turn of the training data and of the response masks. The
+    vocabulary is right in both, so only the names are set. With a correct tokenizer a no-op.
+    """
+    changed = {}
+    for name, token_id in gguf_special_token_ids(gguf_path).items():
+        if not 0 <= token_id < len(tokenizer):
+            continue
+        want = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, name, None) != want:
+            changed[name] = (getattr(tokenizer, name, None), want)
+            setattr(tokenizer, name, want)
+    if changed:
+        logger.info("set the GGUF tokenizer's special tokens as the file names them: %s",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return tokenizer
 
 
 def gguf_architecture(path: str | os.PathLike) -> str:
