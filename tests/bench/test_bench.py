@@ -272,6 +272,14 @@ def test_decode_bench_rows_and_table():
     assert res["config"]["lolcats_config"]["window_size"] == 8 and "context_state" in res
     table = decode_table(res)
     assert "lolcats-query/graph (eager)" in table and "largest batch that fit" in table
+    # each linearized row against softmax at the same runner and batch, from this run
+    ratios = {(q["runner"], q["batch"]): q for q in res["vs_softmax"]}
+    assert set(ratios) == {(r, b) for r in ("graph", "hf") for b in (1, 2)}
+    for (runner, b), q in ratios.items():
+        lo, so = (next(r for r in rows if r["attention"] == a and r["runner"] == runner and r["batch"] == b)
+                  for a in ("lolcats", "softmax"))
+        assert q["ratio"] == pytest.approx(lo["tokens_per_s"] / so["tokens_per_s"]) and q["context"] == 12
+    assert "linearized / softmax" in table
     json.dumps(res)
 
 
@@ -303,6 +311,23 @@ def test_decode_bench_mechanism_rows():
     assert "selection_step_ms" not in rows[(f"{mem}/hf", 2)] and "selection_step_ms" not in rows[(f"{dec}/graph", 2)]
     assert "with its selection step" in decode_table(res)
     json.dumps(res)
+
+
+def test_softmax_ratios_pair_rows_of_one_runner_context_and_batch():
+    def row(attention, runner, context, batch, status="ok", tps=None):
+        label = f"{attention}/{runner}"
+        return dict(label=label, attention=attention, runner=runner, context=context, batch=batch, status=status,
+                    **({} if tps is None else {"tokens_per_s": tps}))
+
+    rows = [row("lolcats", "graph", 8, 1, tps=30.0), row("lolcats", "graph", 8, 4, tps=100.0),
+            row("lolcats", "graph", 8, 16, tps=300.0), row("lolcats", "hf", 8, 1, tps=5.0),
+            row("softmax", "graph", 8, 1, tps=20.0), row("softmax", "graph", 4, 4, tps=1.0),
+            row("softmax", "graph", 8, 16, status="OOM"), row("softmax", "hf", 8, 1, status="skipped")]
+    got = {(q["runner"], q["batch"]): (q["ratio"], q["softmax_status"]) for q in decode_mod.softmax_ratios(rows)}
+    # batch 4: softmax measured at another context only; hf: softmax skipped
+    assert got == {("graph", 1): (1.5, "ok"), ("graph", 16): (None, "OOM")}
+    table = decode_table({"rows": [], "vs_softmax": decode_mod.softmax_ratios(rows)})
+    assert "1.50x" in table and "softmax OOM" in table
 
 
 def test_decode_sweep_stops_at_oom_and_at_the_deadline(monkeypatch):

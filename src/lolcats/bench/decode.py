@@ -411,7 +411,27 @@ def run_decode(
                        batch_list, device, deadline, emit)
         del model
         free_memory(device)
+    result["vs_softmax"] = softmax_ratios(rows)
     return result
+
+
+def softmax_ratios(rows: list[dict]) -> list[dict]:
+    """Each measured linearized row against the softmax row of the same runner, context and batch
+    (measured in the same run): tokens/s of both and their ratio; softmax "OOM" where it did not fit
+    (ratio None). Linearized rows without a softmax row to compare (not measured) are left out."""
+    softmax = {(r["runner"], r["context"], r["batch"]): r for r in rows if r["attention"] == "softmax"}
+    out = []
+    for r in rows:
+        if r["attention"] != "lolcats" or r.get("status") != "ok":
+            continue
+        base = softmax.get((r["runner"], r["context"], r["batch"]))
+        if base is None or base.get("status") not in ("ok", "OOM"):
+            continue
+        ok = base["status"] == "ok"
+        out.append(dict(label=r["label"], runner=r["runner"], context=r["context"], batch=r["batch"],
+                        tokens_per_s=r["tokens_per_s"], softmax_tokens_per_s=base["tokens_per_s"] if ok else None,
+                        softmax_status=base["status"], ratio=r["tokens_per_s"] / base["tokens_per_s"] if ok else None))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +478,14 @@ def decode_table(result: dict[str, Any]) -> str:
             best = s["best"]
             best_txt = f"{best['tokens_per_s']:,.0f} ({best['batch']})" if best else "-"
             lines.append(f"| {label} | {ctx} | {s['fit'] or '-'} | {s['oom'] or 'none tried'} | {best_txt} |")
+    ratios = result.get("vs_softmax") or []
+    if ratios:
+        lines += ["", "| linearized / runner | context | batch | tokens/s | softmax tokens/s (same run) | linearized / softmax |",
+                  "|---|---|---|---|---|---|"]
+        for q in ratios:
+            soft = "OOM" if q["ratio"] is None else f"{q['softmax_tokens_per_s']:,.0f}"
+            ratio = "softmax OOM" if q["ratio"] is None else f"{q['ratio']:.2f}x"
+            lines.append(f"| {q['label']} | {q['context']} | {q['batch']} | {q['tokens_per_s']:,.0f} | {soft} | {ratio} |")
     note = result.get("context_state")
     if note:
         lines += ["", f"Context state: softmax: {note['softmax']}; linearized: {note['lolcats']}."]
