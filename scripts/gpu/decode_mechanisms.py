@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from lolcats.bench.decode import run_decode  # noqa: E402
-from lolcats.bench.state import MECHANISMS  # noqa: E402
+from lolcats.bench.state import named_mechanisms  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
 
 DEFAULT = "default;sinks 4 + pre-RoPE;sinks 4 + pre-RoPE + global 128 + decay"
@@ -36,11 +36,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    names = [n.strip() for n in args.mechanisms.split(";") if n.strip()]
-    unknown = [n for n in names if n not in MECHANISMS]
-    if unknown:
-        raise SystemExit(f"unknown mechanisms {unknown}; choose from {list(MECHANISMS)}")
-    mechs = {n: MECHANISMS[n] for n in names}
+    try:
+        mechs = named_mechanisms(args.mechanisms, sep=";")
+    except ValueError as e:
+        raise SystemExit(f"--mechanisms: {e}") from None
     results = {}
     for backend in ("torch", "auto"):  # the reference first; "auto": the kernels for CUDA tensors
         os.environ["LOLCATS_BACKEND"] = backend

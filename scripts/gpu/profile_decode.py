@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from lolcats.bench.decode import _expand_state, prefill_hybrid_state  # noqa: E402
 from lolcats.bench.decode_step import DecodeRunner, LeanDecoder  # noqa: E402
 from lolcats.bench.models import random_causal_lm  # noqa: E402
-from lolcats.bench.state import MECHANISMS  # noqa: E402
+from lolcats.bench.state import MECHANISMS, named_mechanisms  # noqa: E402
 from lolcats.config import LolcatsConfig  # noqa: E402
 from lolcats.convert import convert  # noqa: E402
 from lolcats.fileio import atomic_write_json  # noqa: E402
@@ -104,10 +104,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    names = [n.strip() for n in args.mechanisms.split(";") if n.strip()]
-    unknown = [n for n in names if n not in MECHANISMS]
-    if unknown:
-        raise SystemExit(f"unknown mechanisms {unknown}; choose from {list(MECHANISMS)}")
+    try:
+        names = list(named_mechanisms(args.mechanisms, sep=";"))
+    except ValueError as e:
+        raise SystemExit(f"--mechanisms: {e}") from None
     results = []
     for name in names:
         r = profile(name, args)

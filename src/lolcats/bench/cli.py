@@ -119,17 +119,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _mechanisms(names: str | None) -> dict[str, dict[str, Any]] | None:
     """The MECHANISMS rows --mechanisms asks for (None: the flag was not given)."""
-    from lolcats.bench.state import MECHANISMS
+    from lolcats.bench.state import MECHANISMS, named_mechanisms
 
     if names is None:
         return None
     if names == "all":
         return MECHANISMS
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in MECHANISMS]
-    if unknown or not wanted:
-        raise ValueError(f"--mechanisms: unknown name(s) {unknown or [names]}; choose among {list(MECHANISMS)}")
-    return {n: MECHANISMS[n] for n in wanted}
+    try:
+        return named_mechanisms(names)
+    except ValueError as e:
+        raise ValueError(f"--mechanisms: {e}") from None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

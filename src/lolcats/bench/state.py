@@ -18,7 +18,7 @@ from lolcats.attention.hybrid import empty_state
 from lolcats.bench.common import OnRow, dtype_name, resolve_device
 from lolcats.config import MEMORY_PRESETS, LolcatsConfig
 
-__all__ = ["run_state", "state_table"]
+__all__ = ["MECHANISMS", "named_mechanisms", "run_state", "state_table"]
 
 # memory mechanisms compared by `lolcats bench state --mechanisms` (LolcatsConfig changes)
 MECHANISMS: dict[str, dict[str, Any]] = {
@@ -43,6 +43,16 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     # + selections every 128 tokens (the band between them grows to 191 tokens): `lolcats linearize`'s default
     "memory long (linearize's default)": MEMORY_PRESETS["long"],
 }
+
+
+def named_mechanisms(names: str, sep: str = ",") -> dict[str, dict[str, Any]]:
+    """The MECHANISMS rows named in `names` (separated by `sep`), in that order; a ValueError naming
+    the unknown ones (or the empty list) and the known ones."""
+    wanted = [n.strip() for n in names.split(sep) if n.strip()]
+    unknown = [n for n in wanted if n not in MECHANISMS]
+    if unknown or not wanted:
+        raise ValueError(f"unknown name(s) {unknown or [names]}; choose among {list(MECHANISMS)}")
+    return {n: MECHANISMS[n] for n in wanted}
 
 
 def _shape(preset: Any, num_layers: int | None):
