@@ -195,17 +195,20 @@ def test_gguf_special_tokens_are_the_files(tok, gguf_path):
     <|im_end|>, id 2, for both. The fix sets what the file says and leaves a right tokenizer alone."""
     import copy
 
-    from lolcats.gguf_fixes import fix_gguf_special_tokens, gguf_special_token_ids
+    from lolcats.gguf_fixes import fix_gguf_special_tokens, gguf_fields, gguf_special_token_ids
 
-    assert gguf_special_token_ids(gguf_path) == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+    fields = gguf_fields(gguf_path)  # the header, read once
+    assert gguf_special_token_ids(gguf_path) == gguf_special_token_ids(gguf_path, fields)
+    assert gguf_special_token_ids(gguf_path, fields) == {"bos_token": 1, "eos_token": 2, "unk_token": 0,
+                                                         "pad_token": 2}
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
     right = {n: getattr(tok, n) for n in names}
     assert right == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
                      "pad_token": "<|im_end|>"}
-    assert {n: getattr(fix_gguf_special_tokens(copy.deepcopy(tok), gguf_path), n) for n in names} == right
+    assert {n: getattr(fix_gguf_special_tokens(copy.deepcopy(tok), gguf_path, fields), n) for n in names} == right
     broken = copy.deepcopy(tok)
     broken.eos_token = broken.pad_token = "<|im_start|>"  # as 5.17 loads it
-    fixed = fix_gguf_special_tokens(broken, gguf_path)
+    fixed = fix_gguf_special_tokens(broken, gguf_path, fields)
     assert {n: getattr(fixed, n) for n in names} == right and fixed.eos_token_id == fixed.pad_token_id == 2
 
 

@@ -37,6 +37,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# the tokenizer's special-token attributes and their `tokenizer.ggml.*` id keys
+SPECIAL_TOKEN_KEYS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
 
 
 def _gguf_path(model, tokenizer, gguf_path) -> Path | None:
@@ -77,10 +80,7 @@ def build_gemma_gguf_tokenizer(gguf_path: str | os.PathLike):
     # No merges in the file; the scores are not in merge order, the file order is.
     merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
     special = {
-        name: tokens[meta[f"tokenizer.ggml.{key}"]]
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
-        if f"tokenizer.ggml.{key}" in meta
+        name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_TOKEN_KEYS if f"tokenizer.ggml.{key}" in meta
     }
     tok = GemmaTokenizer(
         vocab=vocab, merges=merges,
@@ -103,15 +103,18 @@ def build_gemma_gguf_tokenizer(gguf_path: str | os.PathLike):
     return tok
 
 
-SPECIAL_TOKEN_KEYS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
-
-
-def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
-    """{"bos_token": id, ...}: the special token ids a GGUF file's metadata names (header only)."""
+def gguf_fields(path: str | os.PathLike) -> dict:
+    """A GGUF file's metadata fields (its header; the tensors are not loaded). Reading them costs
+    ~2 s for SmolLM2's file (the vocabulary is parsed): read once, pass them on."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(path)).fields
+    return GGUFReader(str(path)).fields
+
+
+def gguf_special_token_ids(path: str | os.PathLike, fields: dict | None = None) -> dict[str, int]:
+    """{"bos_token": id, ...}: the special token ids a GGUF file's metadata names (`fields`: its
+    `gguf_fields`, read here when not given)."""
+    fields = gguf_fields(path) if fields is None else fields
     out = {}
     for name, key in SPECIAL_TOKEN_KEYS:
         field = fields.get(f"tokenizer.ggml.{key}")
@@ -120,7 +123,7 @@ def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
     return out
 
 
-def fix_gguf_special_tokens(tokenizer, gguf_path: str | os.PathLike):
+def fix_gguf_special_tokens(tokenizer, gguf_path: str | os.PathLike, fields: dict | None = None):
     """The tokenizer with its bos/eos/unk/pad tokens set to those the GGUF file names, where they differ.
 
     transformers 5.17 loads SmolLM2-135M-Instruct's GGUF with eos = pad = <|im_start|> (id 1), where
@@ -128,9 +131,10 @@ def fix_gguf_special_tokens(tokenizer, gguf_path: str | os.PathLike):
     config and generation config read 2 in both versions, so generation stopped right; but a
     tokenizer's eos ends every chat turn of the training data and of the response masks. The
     vocabulary is right in both, so only the names are set. With a correct tokenizer a no-op.
+    `fields`: the file's `gguf_fields`, read here when not given.
     """
     changed = {}
-    for name, token_id in gguf_special_token_ids(gguf_path).items():
+    for name, token_id in gguf_special_token_ids(gguf_path, fields).items():
         if not 0 <= token_id < len(tokenizer):
             continue
         want = tokenizer.convert_ids_to_tokens(token_id)
@@ -143,11 +147,9 @@ def fix_gguf_special_tokens(tokenizer, gguf_path: str | os.PathLike):
     return tokenizer
 
 
-def gguf_architecture(path: str | os.PathLike) -> str:
-    """`general.architecture` of a GGUF file (read from its header; the tensors are not loaded)."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields["general.architecture"]
+def gguf_architecture(path: str | os.PathLike, fields: dict | None = None) -> str:
+    """`general.architecture` of a GGUF file (`fields`: its `gguf_fields`, read here when not given)."""
+    field = (gguf_fields(path) if fields is None else fields)["general.architecture"]
     return bytes(field.parts[field.data[0]]).decode()
 
 

@@ -19,7 +19,7 @@ from lolcats.checkpoint import (
 from lolcats.config import LolcatsConfig
 from lolcats.convert import convert
 from lolcats.errors import ModelNotFoundError, ModelPathError, RemoteCodeError  # noqa: F401 (re-exported)
-from lolcats.gguf_fixes import fix_gemma3_gguf, fix_gguf_special_tokens, gguf_architecture
+from lolcats.gguf_fixes import fix_gemma3_gguf, fix_gguf_special_tokens, gguf_architecture, gguf_fields
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,9 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     where, extra = _from_pretrained_args(local)
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **extra)
     if local.suffix == ".gguf":  # transformers 5.17 builds Gemma-3's GGUF tokenizer wrongly, SmolLM2's eos too
-        _, tok = fix_gemma3_gguf(None, tok, gguf_path=local, model_type=gguf_architecture(local))
-        tok = fix_gguf_special_tokens(tok, local)
+        fields = gguf_fields(local)
+        _, tok = fix_gemma3_gguf(None, tok, gguf_path=local, model_type=gguf_architecture(local, fields))
+        tok = fix_gguf_special_tokens(tok, local, fields)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
