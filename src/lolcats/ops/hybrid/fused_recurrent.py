@@ -290,16 +290,17 @@ def _decode_step(
                          mask=wm[:, None] & dm[None, :])
 
     # the query heads reading this state (the GQA group per KV head, or one): rows of one group
+    nq = H // Hs
     g = tl.arange(0, BG)
-    gm = g < H // Hs
-    hq = b64 * H + hs * (H // Hs) + g
+    gm = g < nq
+    hq = b64 * H + hs * nq + g
     qg = _group_rows(q, hq, gm, od, dm, D)
     num, den = _group_exact(
         qg, _group_rows(mq, hq, gm, od, dm, D) if HAS_MQ else qg,
-        tl.load(gamma + hs * (H // Hs) + g, mask=gm, other=0.0).to(tl.float32),
+        tl.load(gamma + hs * nq + g, mask=gm, other=0.0).to(tl.float32),
         wbase_k, wbase_v, wvalid + b64 * W, k_new, v_new, nv, W, 1, W - 1, nband, sk, svv, spos, gk, gv, gvalid,
         b64, b64 * Hk + hk, lo, NS, NM, od, dm, ov, vm, scale, cap, D, DV, HAS_SINKS, HAS_GLOB, BW, BX, LOWP, IEEE)
-    num, den = _state_read(num, den, fq, b64 * H + hs * (H // Hs), g, 0, H // Hs, S, z, of, fm, F)
+    num, den = _state_read(num, den, fq, b64 * H + hs * nq, g, 0, nq, S, z, of, fm, F)
     _store_output(o, hq, gm, ov, vm, num, den, DV)
 
 
